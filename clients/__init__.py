@@ -1,0 +1,1 @@
+"""Client side of silotune: per-organization data, training and the Flower client app."""

@@ -1,0 +1,99 @@
+"""The base model with its LoRA adapter, kept resident in this process.
+
+Loading the base model is the expensive part of a round (seconds for
+SmolLM2-135M, minutes for a 7B model). In simulation each Ray actor serves
+many virtual organizations, so the model is cached per process — never per
+organization — and each round only swaps the adapter tensors in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from protos import base_model
+from protos.adapter import Adapter, LoraSpec
+
+log = logging.getLogger("silotune.client")
+
+#: how many times this process loaded a base model (tests count real loads)
+LOAD_COUNT = 0
+
+
+@dataclass
+class ResidentModel:
+    name: str
+    lora: LoraSpec
+    tokenizer: Any
+    model: Any              # peft.PeftModel around the frozen base model
+    fingerprint: str
+    layout: dict[str, tuple[int, ...]]
+    lock: threading.Lock    # one round at a time on this model
+
+    def load_adapter(self, adapter: Adapter) -> None:
+        import torch
+        from peft import set_peft_model_state_dict
+
+        state = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in adapter.items()}
+        result = set_peft_model_state_dict(self.model, state)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            raise ValueError(f"adapter tensors the model does not have: {unexpected[:3]}")
+
+    def adapter(self) -> Adapter:
+        return adapter_of(self.model)
+
+
+def adapter_of(peft_model: Any) -> Adapter:
+    """The LoRA tensors of a PeftModel as float32 numpy arrays, by PEFT key."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model)
+    return {name: state[name].detach().to("cpu").float().numpy().copy() for name in sorted(state)}
+
+
+_RESIDENT: dict[tuple[str, LoraSpec], ResidentModel] = {}
+_GUARD = threading.Lock()
+
+
+def get_resident(name: str, lora: LoraSpec) -> ResidentModel:
+    """The process-wide model for (base model, LoRA spec), loaded on first use."""
+    global LOAD_COUNT
+    key = (name, lora)
+    with _GUARD:
+        if key in _RESIDENT:
+            return _RESIDENT[key]
+        from peft import LoraConfig, get_peft_model
+
+        _RESIDENT.clear()  # one base model per process: a new spec replaces the old one
+        model = base_model.load_model(name)
+        LOAD_COUNT += 1
+        fingerprint = base_model.fingerprint(name, model=model)
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha,
+                target_modules=list(lora.target_modules),
+                lora_dropout=lora.dropout,
+                task_type="CAUSAL_LM",
+            ),
+        )
+        peft_model.eval()
+        resident = ResidentModel(
+            name=name,
+            lora=lora,
+            tokenizer=base_model.load_tokenizer(name),
+            model=peft_model,
+            fingerprint=fingerprint,
+            layout={k: tuple(v.shape) for k, v in adapter_of(peft_model).items()},
+            lock=threading.Lock(),
+        )
+        log.info("loaded base model %s (%s) with LoRA r=%d", name, fingerprint, lora.rank)
+        _RESIDENT[key] = resident
+        return resident
+

@@ -1,0 +1,50 @@
+"""Plain data records shared by the silo loaders, the splitter and training.
+
+Kept free of any I/O so that training code (and tests) can build silos in
+memory without touching files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Task = Literal["instruction", "classification"]
+
+#: The task kinds a silo can hold; ``load_silo(task=...)`` also accepts "auto".
+TASKS: tuple[str, ...] = ("instruction", "classification")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One supervised chat turn.
+
+    ``prompt`` is the user message exactly as the model sees it (for
+    classification it is already rendered with the category list), and
+    ``answer`` is what the model is trained to produce. Frozen so examples can
+    be hashed, deduplicated and shared between train/test views safely.
+    """
+
+    prompt: str
+    answer: str
+    label: str | None = None  # class label for classification silos, None for instruction
+
+
+@dataclass
+class Silo:
+    """An organization's validated examples plus what is needed to evaluate them.
+
+    ``labels`` is the full, sorted label set for classification (kept on both
+    halves of a split, so accuracy is computed against the same categories),
+    and ``()`` for instruction silos. ``source`` is the file path or
+    ``"virtual:<dataset>:<partition>/<num_partitions>"`` for simulated orgs;
+    it only serves logging and reports.
+    """
+
+    task: Task
+    examples: list[Example]
+    labels: tuple[str, ...]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.examples)

@@ -1,0 +1,135 @@
+"""A Flower SuperNode as a child process: one organization's connection to the SuperLink.
+
+`flower-supernode` (flwr 1.41) registers with the SuperLink's Fleet API
+(`--superlink host:port`, the SuperLink's single HTTP port), serves its own
+Runtime (ClientAppIo) API on `--host/--port` (default 9094, so a free port is
+always passed), and through its `flower-superexec` child starts one
+`flwr-clientapp` process per message (isolation "subprocess").
+
+The organization's settings reach the ClientApp as `context.node_config`,
+passed here as a dict (e.g. {"silo-path": "/data/silo.jsonl"}) and rendered
+to Flower's `--node-config 'k="v" n=1'` syntax. Runtime dependency
+installation stays off (the SuperNode default; we never pass
+`--allow-runtime-dependency-installation`). Stopping kills the process and
+all its descendants by PID.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from protos.flower_processes import (
+    LOCALHOST,
+    flower_env,
+    flower_executable,
+    free_port,
+    log_tail,
+    render_flwr_config,
+    stop_process_tree,
+    wait_for_port,
+)
+
+
+class SuperNodeProcess:
+    """`flower-supernode` with its log and FLWR_HOME under one directory.
+
+    Layout of `state_dir`: `supernode.log` (stdout+stderr of the SuperNode and
+    of the ClientApp processes it starts), `flwr-home/` (installed FABs).
+    """
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.state_dir: Path | None = None
+        self.port: int | None = None
+        self.log_path: Path | None = None
+        self.stopped_pids: list[int] = []
+
+    def start(
+        self,
+        superlink_fleet_address: str,
+        node_config: Mapping[str, object] | None,
+        state_dir: Path | str,
+        *,
+        insecure: bool = True,
+        max_wait_time: float | None = None,
+        extra_args: Sequence[str] = (),
+        timeout: float = 60.0,
+    ) -> SuperNodeProcess:
+        """Launch the SuperNode; return once its Runtime API port is open.
+
+        The SuperNode connects to the SuperLink afterwards, retrying without
+        limit unless `max_wait_time` (seconds) is given, after which it exits.
+        Use SuperLinkProcess.wait_for_nodes to wait for registration.
+        """
+        if self.proc is not None:
+            raise RuntimeError("SuperNode already started")
+        if not insecure and not extra_args:
+            raise ValueError("TLS needs --root-certificates in extra_args (not built yet)")
+        self.state_dir = Path(state_dir).resolve()
+        flwr_home = self.state_dir / "flwr-home"
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.log_path = self.state_dir / "supernode.log"
+        cmd = [
+            flower_executable("flower-supernode"),
+            "--superlink", superlink_fleet_address,
+            "--host", LOCALHOST,
+            "--port", str(self.port),
+            "--isolation", "subprocess",
+            *(["--insecure"] if insecure else []),
+            *(["--node-config", render_flwr_config(node_config)] if node_config else []),
+            *(["--max-wait-time", str(max_wait_time)] if max_wait_time else []),
+            *extra_args,
+        ]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=flower_env(flwr_home), cwd=self.state_dir,
+            )
+        try:
+            wait_for_port(LOCALHOST, self.port, timeout, proc=self.proc,
+                          log_path=self.log_path, what="flower-supernode")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, grace: float = 10.0) -> list[int]:
+        """SIGTERM, then SIGKILL after `grace` s, to the SuperNode and its descendants."""
+        if self.proc is None:
+            return []
+        self.stopped_pids = stop_process_tree(self.proc.pid, grace=grace)
+        try:
+            self.proc.wait(timeout=5)  # reap our direct child (no zombie)
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc = None
+        return self.stopped_pids
+
+    def __enter__(self) -> SuperNodeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        """PID of the `flower-supernode` process."""
+        if self.proc is None:
+            raise RuntimeError("SuperNode not running")
+        return self.proc.pid
+
+    @property
+    def runtime_address(self) -> str:
+        """host:port of this SuperNode's Runtime (ClientAppIo) HTTP API."""
+        return f"{LOCALHOST}:{self.port}"
+
+    def exited(self) -> int | None:
+        """Exit code if the process has ended by itself, else None."""
+        return None if self.proc is None else self.proc.poll()
+
+    def log_tail(self, lines: int = 60) -> str:
+        """Last lines of supernode.log (SuperNode and ClientApp output)."""
+        return log_tail(self.log_path, lines)

@@ -1,0 +1,133 @@
+"""The LoRA adapter as both sides see it: its configuration and tensor layout.
+
+An adapter travels and is stored as ``dict[str, np.ndarray]`` of float32
+arrays whose keys are exactly PEFT's saved-state keys (what
+``get_peft_model_state_dict`` returns, e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``). Using
+PEFT's own names means a checkpoint *is* a PEFT adapter folder and the trainer
+loads a global adapter with ``set_peft_model_state_dict`` without renaming.
+
+The coordinator needs the layout (names and shapes) without the weights, so it
+is derived from the model config on the ``meta`` device: no memory, no load.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Adapter = dict[str, np.ndarray]
+
+LORA_A = "lora_A"
+LORA_B = "lora_B"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA hyper-parameters shared by every organization in a job.
+
+    Attributes:
+        rank: the LoRA rank r (columns of B, rows of A).
+        alpha: scaling numerator; the update applied is (alpha / rank) * B @ A.
+        target_modules: names of the Linear modules that get an adapter
+            (matched on the last component of the module path, as PEFT does).
+        dropout: LoRA dropout used during local training.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    dropout: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not self.target_modules:
+            raise ValueError("LoRA target_modules must name at least one module")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+    def peft_config_dict(self, base_model_name_or_path: str) -> dict[str, Any]:
+        """The adapter_config.json that PEFT writes for this spec."""
+        from peft import LoraConfig
+
+        cfg = LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            target_modules=list(self.target_modules),
+            lora_dropout=self.dropout,
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=base_model_name_or_path,
+        )
+        out = cfg.to_dict()
+        # to_dict() leaves sets and enums that json cannot write.
+        out["target_modules"] = sorted(self.target_modules)
+        out["peft_type"] = "LORA"
+        out["task_type"] = "CAUSAL_LM"
+        return out
+
+    @classmethod
+    def from_peft_config_dict(cls, cfg: dict[str, Any]) -> "LoraSpec":
+        targets = cfg["target_modules"]
+        if isinstance(targets, str):
+            targets = [targets]
+        return cls(
+            rank=int(cfg["r"]),
+            alpha=float(cfg["lora_alpha"]),
+            target_modules=tuple(sorted(targets)),
+            dropout=float(cfg.get("lora_dropout", 0.0)),
+        )
+
+
+def adapter_layout(model_config: Any, spec: LoraSpec) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the adapter tensors for a transformers config.
+
+    Built on the meta device, so it costs neither memory nor a weight load.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    layout: dict[str, tuple[int, ...]] = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in spec.target_modules:
+            continue
+        if not hasattr(module, "in_features"):
+            continue
+        prefix = f"base_model.model.{name}"
+        layout[f"{prefix}.{LORA_A}.weight"] = (spec.rank, module.in_features)
+        layout[f"{prefix}.{LORA_B}.weight"] = (module.out_features, spec.rank)
+    if not layout:
+        raise ValueError(
+            f"no module of the base model matches target_modules={spec.target_modules}"
+        )
+    return dict(sorted(layout.items()))
+
+
+def init_adapter(layout: dict[str, tuple[int, ...]], seed: int) -> Adapter:
+    """PEFT's default LoRA initialisation, reproducible from a seed.
+
+    A ~ kaiming_uniform(a=sqrt(5)) (as nn.Linear and PEFT do), B = 0, so the
+    initial adapter is a no-op on the base model. The same seed gives the same
+    adapter on every machine, which makes a whole job reproducible.
+    """
+    rng = np.random.default_rng(seed)
+    adapter: Adapter = {}
+    for name, shape in sorted(layout.items()):
+        if f".{LORA_B}." in name:
+            adapter[name] = np.zeros(shape, dtype=np.float32)
+        else:
+            fan_in = shape[1]
+            # kaiming_uniform with a=sqrt(5): bound = sqrt(6 / ((1 + a^2) * fan_in))
+            bound = math.sqrt(6.0 / (6.0 * fan_in))
+            adapter[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+    return adapter
+
+
+def adapter_num_parameters(adapter: Adapter) -> int:
+    return int(sum(a.size for a in adapter.values()))

@@ -1,0 +1,1 @@
+"""Generated protobuf code (protoc via grpcio-tools); regenerate with `make protos`."""

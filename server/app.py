@@ -1,0 +1,61 @@
+"""The ServerApp: silotune's own round loop on Flower's Grid.
+
+``flwr run .`` loads ``app`` from here (pyproject ``[tool.flwr.app.components]``)
+and passes the run config; ``silotune simulate`` builds the same loop with
+``make_server_app`` and its scenario's settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.export import export_specialist
+from server.job import Job, RoundObserver
+from server.job_config import JobConfig
+from server.report import build_report, write_report
+
+log = logging.getLogger("silotune.server")
+
+SPECIALIST_DIR = "specialist"
+
+
+def run_job(grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None) -> Path:
+    """Run (or resume) the job to its last round; export it; write the report."""
+    job = Job(grid, cfg, observer)
+    final = job.run()
+    history = final.run_state["history"]
+    organizations = sorted({org for h in history for org in h["eval"]})
+    provenance = {
+        "job_id": cfg.job_id,
+        "strategy": cfg.strategy,
+        "rounds": final.round,
+        "organizations": organizations,
+        "num_organizations": len(organizations),
+        "base_model_fingerprint": job.fingerprint,
+        "seed": cfg.seed,
+    }
+    run_dir = Path(cfg.run_dir)
+    out = export_specialist(final, run_dir / SPECIALIST_DIR, provenance, overwrite=True)
+    report = build_report(history, {"job_id": cfg.job_id, "model": cfg.model, "strategy": cfg.strategy,
+                                    "specialist": str(out)})
+    write_report(run_dir, report)
+    log.info("specialist exported to %s", out)
+    return out
+
+
+def make_server_app(cfg: JobConfig | None = None, observer: RoundObserver | None = None) -> ServerApp:
+    """A ServerApp for ``cfg``; without one, it reads the Flower run config."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_job(grid, cfg or JobConfig.from_run_config(context.run_config), observer)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,268 @@
+"""One federated job: resume or initialise, run the rounds, export.
+
+Round k (see DESIGN.md, "One round"):
+  sample online organizations (deadline) → push the global adapter →
+  validate each reply as it arrives, feed the strategy, drop it →
+  quorum check → new global → federated evaluation → checkpoint (atomic).
+
+Round 0 is the evaluation of the initial adapter, whose B factors are zero:
+it *is* the base model, so its metrics are the "base" column of the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from protos import base_model, codec
+from protos.adapter import Adapter, adapter_layout, init_adapter
+from protos.errors import RejectReason, UpdateRejected
+from protos.round_config import CONFIG_RECORD
+from server.checkpoint import Checkpoint, CheckpointStore
+from server.exchange import QuorumError, exchange, wait_for_nodes
+from server.job_config import JobConfig
+from strategies import Strategy, build_strategy
+
+log = logging.getLogger("silotune.server")
+
+METRICS_RECORD = "metrics"    # names used by clients/app.py replies
+ORG_RECORD = "organization"
+
+
+class RoundObserver(Protocol):
+    """Progress hooks; the CLI renders them, the default just logs."""
+
+    def round_started(self, server_round: int, sampled: int) -> None: ...
+    def reply(self, server_round: int, org: str, accepted: bool, detail: str) -> None: ...
+    def round_finished(self, server_round: int, summary: dict[str, Any]) -> None: ...
+
+
+class LogObserver:
+    def round_started(self, server_round: int, sampled: int) -> None:
+        log.info("round %d: %d organization(s) sampled", server_round, sampled)
+
+    def reply(self, server_round: int, org: str, accepted: bool, detail: str) -> None:
+        (log.info if accepted else log.warning)(
+            "round %d: %s %s %s", server_round, org, "accepted" if accepted else "REJECTED", detail
+        )
+
+    def round_finished(self, server_round: int, summary: dict[str, Any]) -> None:
+        log.info("round %d done: %s", server_round, {k: v for k, v in summary.items() if k != "eval"})
+
+
+@dataclass
+class JobState:
+    server_round: int
+    adapter: Adapter
+    rng: np.random.Generator
+    history: list[dict[str, Any]] = field(default_factory=list)
+    org_names: dict[str, str] = field(default_factory=dict)   # node id (str) -> organization
+
+    def run_state(self, cfg: JobConfig, fingerprint: str) -> dict[str, Any]:
+        return {
+            "job_id": cfg.job_id,
+            "model": cfg.model,
+            "fingerprint": fingerprint,
+            "strategy": cfg.strategy,
+            "rng": self.rng.bit_generator.state,
+            "history": self.history,
+            "org_names": self.org_names,
+        }
+
+
+class Job:
+    def __init__(self, grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        self.observer = observer or LogObserver()
+        self.store = CheckpointStore(cfg.checkpoint_dir)
+        self.strategy: Strategy = build_strategy(cfg.strategy)
+        self.fingerprint = base_model.fingerprint(cfg.model)
+        self.layout = adapter_layout(base_model.model_config(cfg.model), cfg.lora)
+
+    # ---- state -------------------------------------------------------------
+    def _resume_or_init(self) -> JobState:
+        checkpoint = self.store.latest()
+        if checkpoint is None:
+            rng = np.random.default_rng(self.cfg.seed)
+            state = JobState(0, init_adapter(self.layout, self.cfg.seed), rng)
+            self._evaluate(state)  # round 0: the base model
+            self._checkpoint(state)
+            return state
+        return self._resume(checkpoint)
+
+    def _resume(self, checkpoint: Checkpoint) -> JobState:
+        saved = checkpoint.run_state
+        for key, expected in (("job_id", self.cfg.job_id), ("fingerprint", self.fingerprint),
+                              ("strategy", self.cfg.strategy)):
+            if saved.get(key) != expected:
+                raise RuntimeError(
+                    f"checkpoint {checkpoint.path} belongs to another job ({key}={saved.get(key)!r}, "
+                    f"this job has {expected!r}); use another run-dir"
+                )
+        if checkpoint.lora != self.cfg.lora:
+            raise RuntimeError(f"checkpoint {checkpoint.path} has LoRA {checkpoint.lora}, job has {self.cfg.lora}")
+        rng = np.random.default_rng()
+        rng.bit_generator.state = saved["rng"]
+        self.strategy.load_state_dict(checkpoint.strategy_state)
+        log.info("resuming job %s after round %d from %s", self.cfg.job_id, checkpoint.round, checkpoint.path)
+        return JobState(checkpoint.round, checkpoint.adapter, rng, list(saved["history"]), dict(saved["org_names"]))
+
+    def _checkpoint(self, state: JobState) -> Checkpoint:
+        return self.store.save(
+            state.server_round,
+            state.adapter,
+            self.cfg.lora,
+            self.cfg.model,
+            state.run_state(self.cfg, self.fingerprint),
+            self.strategy.state_dict(),
+        )
+
+    # ---- messages ----------------------------------------------------------
+    def _instruction(self, state: JobState, server_round: int, node_id: int, message_type: str) -> Message:
+        content = codec.encode(
+            state.adapter,
+            kind=codec.Kind.Value("GLOBAL"),
+            job_id=self.cfg.job_id,
+            server_round=server_round,
+            fingerprint=self.fingerprint,
+            lora=self.cfg.lora,
+        )
+        config = self.cfg.round_config(server_round).to_record()
+        for key, value in self.strategy.configure_train(server_round).items():
+            config[key] = value
+        content[CONFIG_RECORD] = config
+        return Message(content=content, dst_node_id=node_id, message_type=message_type,
+                       ttl=self.cfg.round_timeout + 60)
+
+    def _org(self, state: JobState, node_id: int, reply: Message | None = None) -> str:
+        if reply is not None and reply.has_content() and ORG_RECORD in reply.content.config_records:
+            state.org_names[str(node_id)] = str(reply.content.config_records[ORG_RECORD]["name"])
+        return state.org_names.get(str(node_id), f"node-{node_id}")
+
+    # ---- a round -----------------------------------------------------------
+    def _sample(self, state: JobState) -> list[int]:
+        online = wait_for_nodes(self.grid, self.cfg.min_nodes, self.cfg.node_wait_timeout, self.cfg.poll_interval)
+        k = max(self.cfg.min_nodes, math.ceil(self.cfg.fraction_train * len(online)))
+        # choose positions, not ids: node ids exceed int64 and numpy would turn them into floats
+        picks = state.rng.choice(len(online), size=min(k, len(online)), replace=False)
+        return sorted(online[int(i)] for i in picks)
+
+    def _train(self, state: JobState, server_round: int) -> dict[str, Any]:
+        sampled = self._sample(state)
+        self.observer.round_started(server_round, len(sampled))
+        expectation = codec.Expectation(
+            kind=codec.Kind.Value("UPDATE"), job_id=self.cfg.job_id, server_round=server_round,
+            fingerprint=self.fingerprint, lora=self.cfg.lora, layout=self.layout,
+        )
+        self.strategy.begin_round(server_round, state.adapter)
+        accepted: list[str] = []
+        rejected: list[dict[str, str]] = []
+        losses: list[tuple[float, int]] = []
+
+        def on_reply(node_id: int, reply: Message) -> None:
+            org = self._org(state, node_id, reply)
+            try:
+                if reply.has_error():
+                    raise UpdateRejected(RejectReason.CLIENT_ERROR, reply.error.reason)
+                header, update = codec.decode(reply.content)
+                codec.check_header(header, expectation)
+                norm = codec.check_values(update, reference=state.adapter,
+                                          norm_bound=self.cfg.norm_bound or None)
+                self.strategy.accumulate(update, int(header.num_examples))
+            except UpdateRejected as rejection:
+                rejected.append({"org": org, "reason": rejection.reason.value, "detail": rejection.detail})
+                self.observer.reply(server_round, org, False, str(rejection))
+                return
+            accepted.append(org)
+            losses.append((header.metrics.get("train_loss", float("nan")), int(header.num_examples)))
+            self.observer.reply(server_round, org, True, f"n={header.num_examples} |Δ|={norm:.3g}")
+            # `update` goes out of scope here: the coordinator keeps no reply.
+
+        started = time.monotonic()
+        result = exchange(
+            self.grid,
+            [self._instruction(state, server_round, n, MessageType.TRAIN) for n in sampled],
+            on_reply,
+            timeout=self.cfg.round_timeout,
+            poll_interval=self.cfg.poll_interval,
+        )
+        if len(accepted) < self.cfg.quorum:
+            raise QuorumError(
+                f"round {server_round}: {len(accepted)} valid update(s), quorum is {self.cfg.quorum} "
+                f"(rejected: {rejected}; no reply from nodes {result.timed_out}). "
+                "The last checkpoint is intact; restart to retry this round."
+            )
+        state.adapter = self.strategy.finish_round()
+        total = sum(n for _, n in losses)
+        return {
+            "round": server_round,
+            "sampled": len(sampled),
+            "accepted": accepted,
+            "rejected": rejected,
+            "timed_out": [self._org(state, n) for n in result.timed_out],
+            "train_loss": sum(loss * n for loss, n in losses) / total if total else float("nan"),
+            "train_seconds": time.monotonic() - started,
+        }
+
+    def _evaluate(self, state: JobState, summary: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Federated evaluation of the current global adapter on every online organization."""
+        summary = summary if summary is not None else {"round": state.server_round}
+        online = sorted(self.grid.get_node_ids())
+        per_org: dict[str, dict[str, float]] = {}
+
+        def on_reply(node_id: int, reply: Message) -> None:
+            org = self._org(state, node_id, reply)
+            if reply.has_error():
+                log.warning("evaluation failed at %s: %s", org, reply.error.reason)
+                return
+            per_org[org] = {k: float(v) for k, v in reply.content.metric_records[METRICS_RECORD].items()}
+
+        started = time.monotonic()
+        exchange(
+            self.grid,
+            [self._instruction(state, state.server_round, n, MessageType.EVALUATE) for n in online],
+            on_reply,
+            timeout=self.cfg.round_timeout,
+            poll_interval=self.cfg.poll_interval,
+        )
+        summary["eval"] = dict(sorted(per_org.items()))
+        summary["eval_overall"] = overall_metrics(per_org)
+        summary["eval_seconds"] = time.monotonic() - started
+        state.history.append(summary)
+        self.observer.round_finished(state.server_round, summary)
+        return summary
+
+    # ---- the job -----------------------------------------------------------
+    def run(self) -> Checkpoint:
+        state = self._resume_or_init()
+        for server_round in range(state.server_round + 1, self.cfg.num_rounds + 1):
+            summary = self._train(state, server_round)
+            state.server_round = server_round
+            self._evaluate(state, summary)
+            self._checkpoint(state)
+        latest = self.store.latest()
+        assert latest is not None and latest.round == self.cfg.num_rounds
+        return latest
+
+
+def overall_metrics(per_org: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Example-weighted means over organizations (perplexity from the pooled loss)."""
+    total = sum(m.get("num_examples", 0.0) for m in per_org.values())
+    if not total:
+        return {}
+    overall: dict[str, float] = {"num_examples": total}
+    for key in ("loss", "accuracy"):
+        rows = [(m[key], m["num_examples"]) for m in per_org.values() if key in m]
+        if rows:
+            overall[key] = sum(v * n for v, n in rows) / sum(n for _, n in rows)
+    if "loss" in overall:
+        overall["perplexity"] = math.exp(min(overall["loss"], 50.0))
+    return overall

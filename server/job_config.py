@@ -1,0 +1,138 @@
+"""The coordinator's job configuration, read from a Flower run config.
+
+Keys are the `[tool.flwr.app.config]` keys of pyproject.toml (dashed), so
+``flwr run . -c 'num-rounds=3'`` and scenario files use the same names. Every
+key is validated here with a message naming it; an unknown key is an error,
+because a misspelt ``num-round`` silently ignored would waste a day of GPUs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from protos.adapter import LoraSpec
+from protos.round_config import RoundConfig
+
+
+class JobConfigError(ValueError):
+    """A run-config value that cannot be used, with the key named."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    job_id: str = "silotune-demo"
+    model: str = "tiny-llama"
+    num_rounds: int = 2
+    min_nodes: int = 2               # wait for this many organizations online...
+    node_wait_timeout: float = 120.0  # ...at most this long, then stop with a clear error
+    fraction_train: float = 1.0      # share of online organizations sampled per round
+    min_replies: int = 0             # quorum of accepted updates (0: same as min_nodes)
+    round_timeout: float = 600.0     # deadline for replies, per round
+    poll_interval: float = 0.2
+    strategy: str = "fedavg"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "q_proj,v_proj"
+    lora_dropout: float = 0.0
+    local_steps: int = 4
+    batch_size: int = 4
+    learning_rate: float = 5e-4
+    max_length: int = 160
+    test_fraction: float = 0.2
+    eval_max_examples: int = 64
+    update_encoding: str = "fp32"
+    norm_bound: float = 0.0          # 0: no bound on the update norm
+    seed: int = 0
+    run_dir: str = "runs/silotune"
+    sim_dataset: str = "bbc-news"
+    sim_skew: float = 0.8
+    sim_max_records: int = 120
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "JobConfig":
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for raw_key, value in run_config.items():
+            key = raw_key.replace("-", "_")
+            if key not in known:
+                valid = ", ".join(sorted(k.replace("_", "-") for k in known))
+                raise JobConfigError(f"unknown run-config key {raw_key!r}; valid keys: {valid}")
+            values[key] = _coerce(raw_key, value, type(known[key].default))
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        def need(condition: bool, key: str, why: str) -> None:
+            if not condition:
+                raise JobConfigError(f"{key}={getattr(self, key.replace('-', '_'))!r}: {why}")
+
+        need(self.num_rounds >= 1, "num-rounds", "must be >= 1")
+        need(self.min_nodes >= 1, "min-nodes", "must be >= 1")
+        need(0.0 < self.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
+        need(self.min_replies >= 0, "min-replies", "must be >= 0")
+        need(self.round_timeout > 0, "round-timeout", "must be > 0 seconds")
+        need(self.node_wait_timeout > 0, "node-wait-timeout", "must be > 0 seconds")
+        need(self.local_steps >= 1, "local-steps", "must be >= 1")
+        need(self.batch_size >= 1, "batch-size", "must be >= 1")
+        need(self.learning_rate > 0, "learning-rate", "must be > 0")
+        need(self.max_length >= 16, "max-length", "must be >= 16 tokens")
+        need(0.0 < self.test_fraction < 1.0, "test-fraction", "must be in (0, 1)")
+        need(self.update_encoding in ("fp32", "fp16", "int8"), "update-encoding", "one of fp32, fp16, int8")
+        need(self.norm_bound >= 0, "norm-bound", "must be >= 0")
+        need(bool(self.job_id.strip()), "job-id", "must not be empty")
+        try:
+            self.lora
+        except ValueError as err:
+            raise JobConfigError(f"lora settings: {err}") from None
+
+    @property
+    def quorum(self) -> int:
+        return self.min_replies or self.min_nodes
+
+    @property
+    def lora(self) -> LoraSpec:
+        return self.round_config(0).lora
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.run_dir) / "checkpoints"
+
+    def round_config(self, server_round: int) -> RoundConfig:
+        return RoundConfig(
+            job_id=self.job_id,
+            server_round=server_round,
+            model=self.model,
+            lora_rank=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_targets=self.lora_targets,
+            lora_dropout=self.lora_dropout,
+            local_steps=self.local_steps,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            max_length=self.max_length,
+            seed=self.seed,
+            test_fraction=self.test_fraction,
+            eval_max_examples=self.eval_max_examples,
+            update_encoding=self.update_encoding,
+            sim_dataset=self.sim_dataset,
+            sim_skew=self.sim_skew,
+            sim_max_records=self.sim_max_records,
+        )
+
+
+def _coerce(key: str, value: Any, target: type) -> Any:
+    try:
+        if target is bool:
+            return bool(value)
+        if target is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("not a whole number")
+            return int(value)
+        if target is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as err:
+        raise JobConfigError(f"{key}={value!r}: expected {target.__name__} ({err})") from None

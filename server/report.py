@@ -1,0 +1,74 @@
+"""The job's results for people and programs: report.json and a learning curve.
+
+"base" is round 0 (the initial adapter is a no-op, so it scores the base
+model) and "specialist" is the last round, per organization and overall, each
+on that organization's own held-out split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+REPORT_FILE = "report.json"
+CURVE_FILE = "learning_curve.png"
+
+
+def build_report(history: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    if not history:
+        raise ValueError("no evaluated round in the history")
+    base, last = history[0], history[-1]
+    organizations = {
+        org: {"base": base["eval"].get(org, {}), "specialist": metrics}
+        for org, metrics in last["eval"].items()
+    }
+    return {
+        **meta,
+        "rounds": last["round"],
+        "organizations": organizations,
+        "overall": {"base": base.get("eval_overall", {}), "specialist": last.get("eval_overall", {})},
+        "history": history,
+    }
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / REPORT_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=True, allow_nan=True))
+    tmp.replace(path)
+    plot_learning_curve(report["history"], run_dir / CURVE_FILE)
+    return path
+
+
+def plot_learning_curve(history: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [h["round"] for h in history]
+    orgs = sorted({org for h in history for org in h["eval"]})
+    has_accuracy = any("accuracy" in m for h in history for m in h["eval"].values())
+    panels = [("accuracy", "held-out accuracy")] if has_accuracy else []
+    panels.append(("perplexity", "held-out answer perplexity"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for org in orgs:
+            values = [h["eval"].get(org, {}).get(key, math.nan) for h in history]
+            ax.plot(rounds, values, marker="o", label=org, alpha=0.8)
+        overall = [h.get("eval_overall", {}).get(key, math.nan) for h in history]
+        ax.plot(rounds, overall, marker="s", color="black", linewidth=2.5, label="overall")
+        ax.set_xlabel("round (0 = base model)")
+        ax.set_title(title)
+        ax.set_xticks(rounds)
+        ax.grid(alpha=0.3)
+        if key == "perplexity":
+            ax.set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
