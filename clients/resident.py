@@ -52,7 +52,8 @@ def adapter_of(peft_model: Any) -> Adapter:
     """The LoRA tensors of a PeftModel as float32 numpy arrays, by PEFT key."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(peft_model)
+    # save_embedding_layers=False: otherwise PEFT may look the base model up on the Hub
+    state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     return {name: state[name].detach().to("cpu").float().numpy().copy() for name in sorted(state)}
 
 

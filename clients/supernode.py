@@ -26,6 +26,7 @@ from protos.flower_processes import (
     flower_executable,
     free_port,
     log_tail,
+    new_tag,
     render_flwr_config,
     stop_process_tree,
     wait_for_port,
@@ -45,6 +46,7 @@ class SuperNodeProcess:
         self.port: int | None = None
         self.log_path: Path | None = None
         self.stopped_pids: list[int] = []
+        self.tag = new_tag()  # marks every process of this tree (see stop)
 
     def start(
         self,
@@ -86,7 +88,7 @@ class SuperNodeProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=flower_env(flwr_home), cwd=self.state_dir,
+                env=flower_env(flwr_home, tag=self.tag), cwd=self.state_dir,
             )
         try:
             wait_for_port(LOCALHOST, self.port, timeout, proc=self.proc,
@@ -100,7 +102,7 @@ class SuperNodeProcess:
         """SIGTERM, then SIGKILL after `grace` s, to the SuperNode and its descendants."""
         if self.proc is None:
             return []
-        self.stopped_pids = stop_process_tree(self.proc.pid, grace=grace)
+        self.stopped_pids = stop_process_tree(self.proc.pid, grace=grace, tag=self.tag)
         try:
             self.proc.wait(timeout=5)  # reap our direct child (no zombie)
         except subprocess.TimeoutExpired:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,9 @@ class LoraSpec:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        # alpha=8 and alpha=8.0 must be the same spec, and write the same adapter_config.json
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if not self.target_modules:
@@ -131,3 +135,33 @@ def init_adapter(layout: dict[str, tuple[int, ...]], seed: int) -> Adapter:
 
 def adapter_num_parameters(adapter: Adapter) -> int:
     return int(sum(a.size for a in adapter.values()))
+
+
+class AdapterFolderError(ValueError):
+    """A PEFT adapter folder that cannot be used (missing file, not LoRA, bad tensors)."""
+
+
+def read_adapter_folder(folder: str | Path) -> tuple[LoraSpec, str, Adapter]:
+    """(LoRA spec, base model name, tensors) of a PEFT adapter folder.
+
+    Reads any LoRA folder PEFT writes (ours or ``save_pretrained``'s), so the
+    eval and generate commands also work on adapters trained elsewhere.
+    """
+    import json
+
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    config_path = folder / "adapter_config.json"
+    weights_path = folder / "adapter_model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise AdapterFolderError(f"{folder} is not a PEFT adapter folder: {path.name} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterFolderError(f"{config_path} is not valid JSON: {err}") from None
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        raise AdapterFolderError(f"{folder}: peft_type {config.get('peft_type')!r}, only LORA is supported")
+    tensors = {name: value.astype(np.float32) for name, value in load_file(str(weights_path)).items()}
+    return LoraSpec.from_peft_config_dict(config), str(config.get("base_model_name_or_path") or ""), tensors

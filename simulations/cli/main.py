@@ -1,0 +1,51 @@
+"""`silotune` — one command for the three ways in (see DESIGN.md).
+
+  silotune simulate     a federation of virtual organizations (Flower Simulation Engine, Ray)
+  silotune coordinator  a SuperLink + the silotune ServerApp for a job (deployment)
+  silotune agent        an organization's SuperNode, pointed at its silo file
+  silotune export       the specialist from a run's checkpoints, as a PEFT adapter folder
+  silotune eval         score a base model (or base + adapter) on a silo file
+  silotune generate     answer a prompt with a specialist
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from simulations.cli import deploy_commands, model_commands, simulate_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="silotune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    simulate_command.register(commands)
+    deploy_commands.register(commands)
+    model_commands.register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("alembic", "filelock", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, RuntimeError, FileNotFoundError, FileExistsError) as err:
+        # Named, user-facing errors (bad silo, bad scenario, quorum...) without a traceback.
+        print(f"silotune {args.command}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
