@@ -128,6 +128,7 @@ class SuperNodeProcess:
         """host:port of this SuperNode's Runtime (ClientAppIo) HTTP API."""
         return f"{LOCALHOST}:{self.port}"
 
+    @property
     def exited(self) -> int | None:
         """Exit code if the process has ended by itself, else None."""
         return None if self.proc is None else self.proc.poll()

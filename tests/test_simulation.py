@@ -35,6 +35,10 @@ def simulate(cfg: JobConfig, observer: Any = None) -> None:
     run_scenario(Scenario(name="test", num_organizations=ORGS, run_config={}), cfg, observer)
 
 
+class CoordinatorStopped(Exception):
+    """Stands in for the coordinator dying between two rounds."""
+
+
 class Recorder:
     def __init__(self, crash_at: int | None = None) -> None:
         self.started: list[int] = []
@@ -42,7 +46,7 @@ class Recorder:
 
     def round_started(self, server_round: int, sampled: int) -> None:
         if server_round == self.crash_at:
-            raise KeyboardInterrupt(f"coordinator stopped before round {server_round}")
+            raise CoordinatorStopped(f"coordinator stopped before round {server_round}")
         self.started.append(server_round)
 
     def reply(self, server_round: int, org: str, accepted: bool, detail: str) -> None:
@@ -91,7 +95,7 @@ def test_exported_specialist_loads_in_peft_and_equals_the_checkpoint(finished: P
 
 def test_restart_continues_at_the_next_round_and_ends_identical(finished: Path, tmp_path: Path) -> None:
     cfg = job(tmp_path)
-    with pytest.raises(BaseException, match="stopped before round 2"):
+    with pytest.raises(CoordinatorStopped, match="stopped before round 2"):
         simulate(cfg, Recorder(crash_at=2))
     store = CheckpointStore(cfg.checkpoint_dir)
     assert store.rounds()[-1] == 1

@@ -1,0 +1,277 @@
+"""A Flower SuperLink as a child process, and the `flwr` CLI calls that drive it.
+
+flwr 1.41 serves the SuperLink's Fleet API (SuperNodes), Control API (`flwr`
+CLI) and Runtime API (ServerApp processes) over HTTP on a single port
+(`--host`, `--port`); there are no separate fleet/control/serverappio ports
+any more. With `--isolation subprocess` the SuperLink starts a
+`flower-superexec` child, which starts one `flwr-serverapp` per run.
+
+Runs are submitted the way users do it: a connection named
+`CONNECTION_NAME` is written into `$FLWR_HOME/config.toml` and `flwr run`,
+`flwr ls`, `flwr log`, `flwr stop`, `flwr supernode list` are called with
+`--format json` where they have it. Every process started here is stopped by
+PID together with its descendants (protos.flower_processes.stop_process_tree).
+
+Insecure only for now; TLS and node authentication will add flags through
+`extra_args`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from protos.flower_processes import (
+    LOCALHOST,
+    flower_env,
+    flower_executable,
+    free_port,
+    log_tail,
+    new_tag,
+    render_flwr_config,
+    stop_process_tree,
+    wait_for_port,
+)
+
+CONNECTION_NAME = "silotune"
+FINISHED = "finished"  # run status prefix: finished:completed|failed|stopped
+
+
+class FlwrCliError(RuntimeError):
+    """A `flwr` CLI call failed (non-zero exit or `"success": false`)."""
+
+
+class SuperLinkProcess:
+    """`flower-superlink` on 127.0.0.1 with its state under one directory.
+
+    Layout of `state_dir`: `state.db` (nodes and runs, survives restarts),
+    `superlink.log` (stdout+stderr of the SuperLink and of the ServerApp
+    processes it starts), `flwr-home/` (FLWR_HOME: the CLI's config.toml and
+    the installed FABs).
+    """
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.state_dir: Path | None = None
+        self.port: int | None = None
+        self.log_path: Path | None = None
+        self.env: dict[str, str] = {}
+        self.stopped_pids: list[int] = []
+        self.tag = new_tag()  # marks every process of this tree (see stop)
+
+    # ------------------------------------------------------------ lifecycle
+    def start(
+        self,
+        state_dir: Path | str,
+        *,
+        insecure: bool = True,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        timeout: float = 60.0,
+    ) -> SuperLinkProcess:
+        """Launch the SuperLink and wait until its HTTP port accepts connections."""
+        if self.proc is not None:
+            raise RuntimeError("SuperLink already started")
+        if not insecure and not extra_args:
+            raise ValueError("TLS needs --ssl-* flags in extra_args (not built yet)")
+        self.state_dir = Path(state_dir).resolve()
+        flwr_home = self.state_dir / "flwr-home"
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.log_path = self.state_dir / "superlink.log"
+        self.env = flower_env(flwr_home, tag=self.tag)
+        cmd = [
+            flower_executable("flower-superlink"),
+            "--isolation", "subprocess",
+            "--host", LOCALHOST,
+            "--port", str(self.port),
+            "--database", str(self.state_dir / "state.db"),
+            "--disable-runtime-dependency-installation",
+            *(["--insecure"] if insecure else []),
+            *extra_args,
+        ]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
+                cmd, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=self.env, cwd=self.state_dir,
+            )
+        try:
+            wait_for_port(LOCALHOST, self.port, timeout, proc=self.proc,
+                          log_path=self.log_path, what="flower-superlink")
+        except BaseException:
+            self.stop()
+            raise
+        self._write_connection(insecure=insecure)
+        return self
+
+    def stop(self, grace: float = 10.0) -> list[int]:
+        """SIGTERM, then SIGKILL after `grace` s, to the SuperLink and its descendants."""
+        if self.proc is None:
+            return []
+        self.stopped_pids = stop_process_tree(self.proc.pid, grace=grace, tag=self.tag)
+        try:
+            self.proc.wait(timeout=5)  # reap our direct child (no zombie)
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc = None
+        return self.stopped_pids
+
+    def __enter__(self) -> SuperLinkProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        """PID of the `flower-superlink` process."""
+        if self.proc is None:
+            raise RuntimeError("SuperLink not running")
+        return self.proc.pid
+
+    @property
+    def address(self) -> str:
+        """host:port of the single HTTP API (Fleet, Control and Runtime)."""
+        return f"{LOCALHOST}:{self.port}"
+
+    # SuperNodes' `--superlink` and the CLI connection both use the one port.
+    fleet_address = address
+    control_address = address
+
+    def log_tail(self, lines: int = 60) -> str:
+        """Last lines of superlink.log (SuperLink and ServerApp output)."""
+        return log_tail(self.log_path, lines)
+
+    # ----------------------------------------------------------- flwr CLI
+    def _write_connection(self, *, insecure: bool) -> None:
+        """Put `[superlink.silotune]` into $FLWR_HOME/config.toml (the CLI reads it)."""
+        assert self.state_dir is not None
+        config = self.state_dir / "flwr-home" / "config.toml"
+        config.write_text(
+            "[superlink]\n"
+            f'default = "{CONNECTION_NAME}"\n\n'
+            f"[superlink.{CONNECTION_NAME}]\n"
+            f'address = "{self.address}"\n'
+            f"insecure = {'true' if insecure else 'false'}\n",
+            encoding="utf-8",
+        )
+
+    def _flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Run the `flwr` CLI against this SuperLink; raise FlwrCliError on failure."""
+        if self.state_dir is None:
+            raise RuntimeError("SuperLink not started")
+        cmd = [flower_executable("flwr"), *args]
+        res = subprocess.run(
+            cmd, env=self.env, cwd=self.state_dir, capture_output=True,
+            text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False,
+        )
+        if res.returncode != 0:
+            raise FlwrCliError(f"{' '.join(args[:2])} exited {res.returncode}: "
+                               f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
+        return res
+
+    def _flwr_json(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        """`flwr ... --format json`; the JSON is stdout (errors also exit 0)."""
+        res = self._flwr(*args, "--format", "json", timeout=timeout)
+        try:
+            data = json.loads(res.stdout)
+        except json.JSONDecodeError as err:
+            raise FlwrCliError(f"{' '.join(args[:2])}: no JSON in output: "
+                               f"{res.stdout[-2000:]}{res.stderr[-2000:]}") from err
+        if not data.get("success"):
+            raise FlwrCliError(f"{' '.join(args[:2])} failed: "
+                               f"{data.get('error-message', data)}")
+        return data
+
+    def submit_run(
+        self,
+        app_dir: Path | str,
+        run_config: Mapping[str, object] | None = None,
+        *,
+        stream: bool = False,
+        timeout: float = 300.0,
+    ) -> int:
+        """`flwr run <app_dir> silotune --run-config ...`; return the run ID.
+
+        The FAB is built from `app_dir` by the CLI (its .gitignore is
+        honoured; only .py/.toml/.md/.yaml/.yml/.json/.jsonl/LICENSE files;
+        at most 10 MB). Run-config keys must already exist in the app's
+        `[tool.flwr.app.config]`, or the SuperLink refuses the run.
+        With `stream=True` this blocks until the run ends and appends its
+        logs to `state_dir/flwr-run-stream.log`.
+        """
+        args = ["run", str(Path(app_dir).resolve()), CONNECTION_NAME]
+        if run_config:
+            args += ["--run-config", render_flwr_config(run_config)]
+        if not stream:
+            data = self._flwr_json(*args, timeout=timeout)
+            return int(data["run-id"])
+        # `--stream` output is swallowed in JSON mode: parse the plain text.
+        res = self._flwr(*args, "--stream", timeout=timeout)
+        assert self.state_dir is not None
+        with open(self.state_dir / "flwr-run-stream.log", "a", encoding="utf-8") as fh:
+            fh.write(res.stdout + res.stderr)
+        match = re.search(r"Successfully started run (\d+)", res.stdout + res.stderr)
+        if not match:
+            raise FlwrCliError(f"flwr run: no run ID in output: {res.stdout[-2000:]}")
+        return int(match.group(1))
+
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        """The run's row from `flwr ls --run-id N --format json` (status, details, times)."""
+        data = self._flwr_json("ls", CONNECTION_NAME, "--run-id", str(run_id), timeout=60)
+        return data["runs"][0]
+
+    def run_status(self, run_id: int) -> str:
+        """'pending', 'starting', 'running' or 'finished:completed|failed|stopped'."""
+        return str(self.run_info(run_id)["status"])
+
+    def wait_for_run(self, run_id: int, timeout: float = 600.0, poll: float = 1.0) -> str:
+        """Poll until the run is finished; return its final status string."""
+        deadline = time.monotonic() + timeout
+        status = "unknown"
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"SuperLink died while waiting for run {run_id}:\n"
+                                   f"{self.log_tail()}")
+            status = self.run_status(run_id)
+            if status.startswith(FINISHED):
+                return status
+            time.sleep(poll)
+        raise TimeoutError(f"run {run_id} still {status!r} after {timeout:.0f}s. "
+                           f"SuperLink log tail:\n{self.log_tail()}")
+
+    def run_logs(self, run_id: int, timeout: float = 60.0) -> str:
+        """The run's ServerApp log as stored by the SuperLink.
+
+        For a finished run `flwr log N --stream` returns everything and exits;
+        for an unfinished one, `--show` prints what there is (one chunk) without
+        waiting for the end.
+        """
+        finished = self.run_status(run_id).startswith(FINISHED)
+        mode = "--stream" if finished else "--show"
+        res = self._flwr("log", str(run_id), CONNECTION_NAME, mode, timeout=timeout)
+        return res.stdout
+
+    def stop_run(self, run_id: int) -> None:
+        """`flwr stop N`: the run ends as 'finished:stopped'."""
+        self._flwr_json("stop", str(run_id), CONNECTION_NAME, timeout=60)
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        """`flwr supernode list`: dicts with 'node-id', 'status' ('online', ...)."""
+        return list(self._flwr_json("supernode", "list", CONNECTION_NAME, timeout=60)["nodes"])
+
+    def wait_for_nodes(self, count: int, timeout: float = 60.0) -> list[dict[str, Any]]:
+        """Wait until at least `count` SuperNodes are online; return them."""
+        deadline = time.monotonic() + timeout
+        online: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            online = [n for n in self.list_nodes() if n.get("status") == "online"]
+            if len(online) >= count:
+                return online
+            time.sleep(0.5)
+        raise TimeoutError(f"{len(online)}/{count} SuperNodes online after {timeout:.0f}s")

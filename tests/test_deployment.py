@@ -1,0 +1,93 @@
+"""A localhost deployment: a coordinator and two agents as separate processes.
+
+Each organization has its own silo file; the coordinator runs a SuperLink and
+the ServerApp for 2 rounds; afterwards the exported specialist loads with
+`PeftModel.from_pretrained` and its tensors equal the last checkpoint's.
+Every process is started here and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.silo.corpora import load_bbc_news
+from protos.flower_processes import alive, free_port, stop_process_tree
+from server.checkpoint import CheckpointStore
+
+pytestmark = pytest.mark.slow
+
+SILOTUNE = str(Path(sys.executable).with_name("silotune"))
+
+
+def write_silo(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("".join(json.dumps({"text": text, "label": label}) + "\n" for text, label in rows))
+    return path
+
+
+def test_coordinator_and_two_agents_two_rounds(tmp_path: Path) -> None:
+    corpus = load_bbc_news()
+    silos = [write_silo(tmp_path / "bank-a.jsonl", corpus[0:40]), write_silo(tmp_path / "bank-b.jsonl", corpus[-40:])]
+    port = free_port()
+    run_dir = tmp_path / "run"
+    settings = {"model": "tiny-llama", "job-id": "deploy-test", "num-rounds": 2, "min-nodes": 2,
+                "local-steps": 2, "max-length": 96, "eval-max-examples": 8, "round-timeout": 240,
+                "node-wait-timeout": 120, "run-dir": str(run_dir)}
+    coordinator_cmd = [SILOTUNE, "coordinator", "--insecure", "--state-dir", str(tmp_path / "coord"),
+                       "--port", str(port), "--timeout", "500"]
+    for key, value in settings.items():
+        coordinator_cmd += ["--set", f"{key}={value}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("coordinator", "bank-a", "bank-b")}
+    processes: dict[str, subprocess.Popen] = {}
+    try:
+        processes["coordinator"] = subprocess.Popen(coordinator_cmd, stdout=logs["coordinator"],
+                                                    stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        for silo in silos:
+            processes[silo.stem] = subprocess.Popen(
+                [SILOTUNE, "agent", "--insecure", "--coordinator", f"127.0.0.1:{port}", "--data", str(silo),
+                 "--name", silo.stem, "--state-dir", str(tmp_path / silo.stem)],
+                stdout=logs[silo.stem], stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        code = processes["coordinator"].wait(timeout=540)
+        assert code == 0, (tmp_path / "coordinator.log").read_text()[-4000:]
+        for name in ("bank-a", "bank-b"):  # an agent leaves on SIGTERM and stops its SuperNode
+            processes[name].send_signal(signal.SIGTERM)
+            assert processes[name].wait(timeout=60) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    finally:
+        leftovers = []
+        for process in processes.values():
+            if process.poll() is None:
+                leftovers += stop_process_tree(process.pid, grace=5)
+        for handle in logs.values():
+            handle.close()
+    assert leftovers == [] and alive([p.pid for p in processes.values()]) == []
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert sorted(report["organizations"]) == ["bank-a", "bank-b"]
+    assert [h["round"] for h in report["history"]] == [0, 1, 2]
+    assert all(sorted(h["accepted"]) == ["bank-a", "bank-b"] for h in report["history"][1:])
+
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from protos.base_model import load_model
+
+    last = CheckpointStore(run_dir / "checkpoints").latest()
+    assert last is not None and last.round == 2
+    model = PeftModel.from_pretrained(load_model("tiny-llama"), run_dir / "specialist")
+    loaded = get_peft_model_state_dict(model, save_embedding_layers=False)
+    assert sorted(loaded) == sorted(last.adapter)
+    for name, value in last.adapter.items():
+        assert np.array_equal(loaded[name].numpy(), value), name
+    # the raw silo text never reached the coordinator's side
+    for path in (run_dir / "report.json", run_dir / "specialist" / "provenance.json"):
+        text = path.read_text()
+        assert corpus[0][0][:60] not in text and corpus[-1][0][:60] not in text
+    shutil.rmtree(tmp_path / "coord", ignore_errors=True)
