@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,9 @@ from protos import base_model
 from protos.adapter import Adapter, LoraSpec
 
 log = logging.getLogger("silotune.client")
+
+# transformers 5.23 warns about its own deprecated attribute when PEFT wraps a model.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 #: how many times this process loaded a base model (tests count real loads)
 LOAD_COUNT = 0

@@ -8,7 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
+# Not a terminal (CI, `make demo | tee`): rich would wrap tables at 80 columns.
+console = Console(highlight=False, width=None if Console().is_terminal else 120)
 
 
 def _fmt(value: float | None, kind: str) -> str:

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("alembic", "filelock", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Flower prints through its own handler; without this every line shows twice.
+    logging.getLogger("flwr").propagate = False
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
