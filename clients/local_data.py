@@ -20,6 +20,7 @@ log = logging.getLogger("silotune.client")
 
 SILO_PATH_KEY = "silo-path"
 ORG_NAME_KEY = "org-name"
+RANK_KEY = "lora-rank"
 
 
 @dataclass
@@ -40,6 +41,20 @@ def org_name(node_config: Mapping[str, Any]) -> str:
     if "partition-id" in node_config:
         return f"org-{int(node_config['partition-id'])}"
     return "organization"
+
+
+def local_rank(node_config: Mapping[str, Any], cfg: RoundConfig) -> int:
+    """The LoRA rank this organization trains: its own setting, else the job's.
+
+    Deployment: node config ``lora-rank`` (what the organization's GPUs afford).
+    Simulation: ``sim_ranks`` ("4,8,16") assigned round-robin by partition.
+    """
+    if RANK_KEY in node_config:
+        return int(node_config[RANK_KEY])
+    if cfg.sim_ranks and "partition-id" in node_config:
+        ranks = [int(r) for r in cfg.sim_ranks.split(",") if r.strip()]
+        return ranks[int(node_config["partition-id"]) % len(ranks)]
+    return cfg.lora_rank
 
 
 def load_local_silo(node_config: Mapping[str, Any], cfg: RoundConfig) -> Silo:

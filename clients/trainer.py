@@ -30,6 +30,8 @@ class TrainSettings:
     learning_rate: float
     seed: int                      # derive from (job seed, round, organization)
     autocast_bf16: bool = True
+    trained_factors: tuple[str, ...] = ("lora_A", "lora_B")   # FFA-LoRA freezes A
+    proximal_mu: float = 0.0       # FedProx: adds μ/2·‖w − w_global‖² over the trained factors
 
 
 def batch_order(num_examples: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -55,9 +57,12 @@ def train_adapter(
         raise ValueError("no training examples")
     model = resident.model
     resident.load_adapter(global_adapter)
-    params = [p for name, p in model.named_parameters() if "lora_" in name]
+    named = {name: p for name, p in model.named_parameters()
+             if any(f".{factor}." in name for factor in settings.trained_factors)}
+    params = list(named.values())
     for p in params:
         p.requires_grad_(True)
+    anchors = _proximal_anchors(named, global_adapter) if settings.proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
     torch.manual_seed(settings.seed)  # dropout, if any
     pad_id = resident.tokenizer.pad_token_id
@@ -70,7 +75,11 @@ def train_adapter(
             batch = collate([(examples[i].input_ids, examples[i].labels) for i in indices], pad_id)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.autocast_bf16):
                 loss = model(**batch).loss
-            loss.backward()
+            objective = loss
+            if anchors:
+                proximal = sum(((p - anchor) ** 2).sum() for p, anchor in anchors)
+                objective = loss + 0.5 * settings.proximal_mu * proximal
+            objective.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
@@ -89,3 +98,18 @@ def train_adapter(
         "train_tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
     }
     return resident.adapter(), metrics
+
+
+def _proximal_anchors(named: dict, global_adapter: Adapter) -> list:  # type: ignore[type-arg]
+    """(parameter, its value in the global adapter) pairs for the FedProx term.
+
+    PEFT names parameters ``...lora_A.default.weight``; adapter keys drop the
+    adapter name (``...lora_A.weight``).
+    """
+    import torch
+
+    pairs = []
+    for name, parameter in named.items():
+        key = name.replace(".default.", ".")
+        pairs.append((parameter, torch.from_numpy(global_adapter[key]).to(parameter.dtype)))
+    return pairs

@@ -165,3 +165,42 @@ def read_adapter_folder(folder: str | Path) -> tuple[LoraSpec, str, Adapter]:
         raise AdapterFolderError(f"{folder}: peft_type {config.get('peft_type')!r}, only LORA is supported")
     tensors = {name: value.astype(np.float32) for name, value in load_file(str(weights_path)).items()}
     return LoraSpec.from_peft_config_dict(config), str(config.get("base_model_name_or_path") or ""), tensors
+
+
+FACTORS = (LORA_A, LORA_B)
+
+
+def factor_of(name: str) -> str:
+    """'lora_A' or 'lora_B' for a PEFT adapter key."""
+    for factor in FACTORS:
+        if f".{factor}." in name:
+            return factor
+    raise ValueError(f"{name!r} is not a LoRA factor")
+
+
+def parse_factors(text: str) -> tuple[str, ...]:
+    """'lora_A,lora_B' → ('lora_A', 'lora_B'), validated."""
+    factors = tuple(sorted({f.strip() for f in text.split(",") if f.strip()}))
+    if not factors or any(f not in FACTORS for f in factors):
+        raise ValueError(f"factors {text!r}: expected a non-empty subset of {FACTORS}")
+    return factors
+
+
+def select_factors(tensors: dict[str, Any], factors: tuple[str, ...]) -> dict[str, Any]:
+    """Only the tensors of the given factors (FFA-LoRA sends B only, FedSA-LoRA A only)."""
+    return {name: value for name, value in tensors.items() if factor_of(name) in factors}
+
+
+def layout_for_rank(layout: dict[str, tuple[int, ...]], rank: int) -> dict[str, tuple[int, ...]]:
+    """The same adapter at another rank: A is (r, in), B is (out, r)."""
+    return {
+        name: (rank, shape[1]) if factor_of(name) == LORA_A else (shape[0], rank)
+        for name, shape in layout.items()
+    }
+
+
+def spec_for_rank(spec: LoraSpec, rank: int) -> LoraSpec:
+    """An organization's own-rank spec. alpha scales with the rank so that the
+    LoRA scaling alpha/r — and thus what B·A means — is the same for every rank."""
+    return LoraSpec(rank=rank, alpha=spec.alpha * rank / spec.rank,
+                    target_modules=spec.target_modules, dropout=spec.dropout)

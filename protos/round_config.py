@@ -34,10 +34,16 @@ class RoundConfig:
     test_fraction: float = 0.2
     eval_max_examples: int = 64
     update_encoding: str = "fp32"
+    # Set by the strategy (strategies/base.py): what the organizations train and send.
+    proximal_mu: float = 0.0                 # FedProx: μ/2·‖w − w_global‖² on the trained factors
+    train_factors: str = "lora_A,lora_B"     # FFA-LoRA trains B only
+    share_factors: str = "lora_A,lora_B"     # sent up and aggregated; the others stay local (FedSA-LoRA)
+    rank_reduction: str = "none"             # none | truncate | svd: global rank R → an organization's rank
     # Virtual organizations (simulation only; deployment agents bring a silo file).
     sim_dataset: str = "bbc-news"
     sim_skew: float = 0.8
     sim_max_records: int = 120
+    sim_ranks: str = ""                      # e.g. "4,8,16": virtual organization i gets rank ranks[i % 3]
 
     @property
     def lora(self) -> LoraSpec:

@@ -11,6 +11,7 @@ it *is* the base model, so its metrics are the "base" column of the report.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -22,13 +23,14 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from protos import base_model, codec
-from protos.adapter import Adapter, adapter_layout, init_adapter
+from protos.adapter import Adapter, adapter_layout, init_adapter, layout_for_rank, select_factors, spec_for_rank
 from protos.errors import RejectReason, UpdateRejected
-from protos.round_config import CONFIG_RECORD
+from protos.lora_rank import reduce_adapter
+from protos.round_config import CONFIG_RECORD, RoundConfig
 from server.checkpoint import Checkpoint, CheckpointStore
 from server.exchange import QuorumError, exchange, wait_for_nodes
 from server.job_config import JobConfig
-from strategies import Strategy, build_strategy
+from strategies import Strategy
 
 log = logging.getLogger("silotune.server")
 
@@ -83,7 +85,8 @@ class Job:
         self.cfg = cfg
         self.observer = observer or LogObserver()
         self.store = CheckpointStore(cfg.checkpoint_dir)
-        self.strategy: Strategy = build_strategy(cfg.strategy)
+        self.strategy: Strategy = cfg.build_strategy()
+        self.shared_factors = tuple(self.strategy.factor_plan["share"])
         self.fingerprint = base_model.fingerprint(cfg.model)
         self.layout = adapter_layout(base_model.model_config(cfg.model), cfg.lora)
 
@@ -135,12 +138,34 @@ class Job:
             fingerprint=self.fingerprint,
             lora=self.cfg.lora,
         )
-        config = self.cfg.round_config(server_round).to_record()
-        for key, value in self.strategy.configure_train(server_round).items():
-            config[key] = value
-        content[CONFIG_RECORD] = config
+        content[CONFIG_RECORD] = self._round_config(server_round).to_record()
         return Message(content=content, dst_node_id=node_id, message_type=message_type,
                        ttl=self.cfg.round_timeout + 60)
+
+    def _round_config(self, server_round: int) -> RoundConfig:
+        """The job's round config plus what the strategy asks of the organizations."""
+        plan = self.strategy.factor_plan
+        extra = {key.replace("-", "_"): value for key, value in self.strategy.configure_train(server_round).items()}
+        return dataclasses.replace(
+            self.cfg.round_config(server_round),
+            train_factors=",".join(plan["train"]),
+            share_factors=",".join(plan["share"]),
+            rank_reduction=self.strategy.rank_reduction,
+            **extra,
+        )
+
+    def _update_expectation(self, server_round: int, declared_rank: int) -> codec.Expectation:
+        """What a valid update must look like. With heterogeneous ranks an
+        organization may train any rank up to the global one; its tensors are
+        then those of that rank, and only the factors the strategy shares."""
+        rank = self.cfg.lora_r
+        if self.strategy.supports_heterogeneous_ranks and 1 <= declared_rank <= self.cfg.lora_r:
+            rank = declared_rank
+        return codec.Expectation(
+            kind=codec.Kind.Value("UPDATE"), job_id=self.cfg.job_id, server_round=server_round,
+            fingerprint=self.fingerprint, lora=spec_for_rank(self.cfg.lora, rank),
+            layout=select_factors(layout_for_rank(self.layout, rank), self.shared_factors),
+        )
 
     def _org(self, state: JobState, node_id: int, reply: Message | None = None) -> str:
         if reply is not None and reply.has_content() and ORG_RECORD in reply.content.config_records:
@@ -158,10 +183,7 @@ class Job:
     def _train(self, state: JobState, server_round: int) -> dict[str, Any]:
         sampled = self._sample(state)
         self.observer.round_started(server_round, len(sampled))
-        expectation = codec.Expectation(
-            kind=codec.Kind.Value("UPDATE"), job_id=self.cfg.job_id, server_round=server_round,
-            fingerprint=self.fingerprint, lora=self.cfg.lora, layout=self.layout,
-        )
+        references: dict[int, Adapter] = {}  # the global as each rank's organizations start from it
         self.strategy.begin_round(server_round, state.adapter)
         accepted: list[str] = []
         rejected: list[dict[str, str]] = []
@@ -173,8 +195,13 @@ class Job:
                 if reply.has_error():
                     raise UpdateRejected(RejectReason.CLIENT_ERROR, reply.error.reason)
                 header, update = codec.decode(reply.content)
+                expectation = self._update_expectation(server_round, header.adapter.rank)
                 codec.check_header(header, expectation)
-                norm = codec.check_values(update, reference=state.adapter,
+                rank = expectation.lora.rank
+                if rank not in references:
+                    references[rank] = select_factors(
+                        reduce_adapter(state.adapter, rank, self.strategy.rank_reduction), self.shared_factors)
+                norm = codec.check_values(update, reference=references[rank],
                                           norm_bound=self.cfg.norm_bound or None)
                 self.strategy.accumulate(update, int(header.num_examples))
             except UpdateRejected as rejection:

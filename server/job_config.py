@@ -32,6 +32,7 @@ class JobConfig:
     round_timeout: float = 600.0     # deadline for replies, per round
     poll_interval: float = 0.2
     strategy: str = "fedavg"
+    strategy_params: str = ""        # "key=value,key=value", e.g. "mu=0.01" for fedprox
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_targets: str = "q_proj,v_proj"
@@ -49,6 +50,7 @@ class JobConfig:
     sim_dataset: str = "bbc-news"
     sim_skew: float = 0.8
     sim_max_records: int = 120
+    sim_ranks: str = ""              # heterogeneous ranks for virtual organizations, e.g. "4,8,16"
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "JobConfig":
@@ -87,6 +89,34 @@ class JobConfig:
             self.lora
         except ValueError as err:
             raise JobConfigError(f"lora settings: {err}") from None
+        strategy = self.build_strategy()
+        if self.sim_ranks:
+            try:
+                ranks = [int(r) for r in self.sim_ranks.split(",") if r.strip()]
+            except ValueError:
+                raise JobConfigError(f"sim-ranks={self.sim_ranks!r}: expected comma-separated integers") from None
+            need(bool(ranks) and all(1 <= r <= self.lora_r for r in ranks), "sim-ranks",
+                 f"each rank must be in [1, lora-r={self.lora_r}]")
+            need(strategy.supports_heterogeneous_ranks or set(ranks) == {self.lora_r}, "sim-ranks",
+                 f"strategy {self.strategy!r} needs one rank for all; use hetlora or flexlora")
+
+    def strategy_parameters(self) -> dict[str, Any]:
+        """``strategy-params`` parsed: "mu=0.01,server_momentum=0.9" → dict."""
+        params: dict[str, Any] = {}
+        for pair in filter(None, (p.strip() for p in self.strategy_params.split(","))):
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise JobConfigError(f"strategy-params: expected key=value, got {pair!r}")
+            params[key.strip().replace("-", "_")] = _parse_scalar(value.strip())
+        return params
+
+    def build_strategy(self) -> Any:
+        from strategies import build_strategy
+
+        try:
+            return build_strategy(self.strategy, self.strategy_parameters())
+        except (ValueError, TypeError) as err:
+            raise JobConfigError(f"strategy={self.strategy!r}: {err}") from None
 
     @property
     def quorum(self) -> int:
@@ -120,7 +150,20 @@ class JobConfig:
             sim_dataset=self.sim_dataset,
             sim_skew=self.sim_skew,
             sim_max_records=self.sim_max_records,
+            sim_ranks=self.sim_ranks,
         )
+
+
+def _parse_scalar(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _coerce(key: str, value: Any, target: type) -> Any:

@@ -33,10 +33,25 @@ class Strategy(ABC):
     needs_every_update: ClassVar[bool] = False
     #: cap on updates per round for such strategies (None: unbounded)
     max_updates: ClassVar[int | None] = None
+    #: which LoRA factors organizations train, and which they send up to be
+    #: aggregated (the rest stay local): FFA-LoRA trains and sends B only,
+    #: FedSA-LoRA shares A and keeps B local.
+    factor_plan: ClassVar[dict[str, tuple[str, ...]]] = {
+        "train": ("lora_A", "lora_B"),
+        "share": ("lora_A", "lora_B"),
+    }
+    #: how an organization maps the rank-R global to its own rank
+    #: ("none": every organization must train rank R; see protos/lora_rank.py)
+    rank_reduction: ClassVar[str] = "none"
 
     def configure_train(self, server_round: int) -> dict[str, Any]:
-        """Extra round-config entries sent to the organizations (e.g. FedProx mu)."""
+        """Extra round-config entries sent to the organizations (e.g. FedProx's
+        ``proximal_mu``); keys are RoundConfig fields (protos/round_config.py)."""
         return {}
+
+    @property
+    def supports_heterogeneous_ranks(self) -> bool:
+        return self.rank_reduction != "none"
 
     @abstractmethod
     def begin_round(self, server_round: int, global_adapter: Adapter) -> None:

@@ -107,3 +107,26 @@ def test_disabled_adapter_scores_the_base_model(resident, silo) -> None:  # type
     zero_b = evaluate_examples(resident, examples)["loss"]
     assert without == pytest.approx(zero_b, rel=1e-5)
     assert with_adapter != pytest.approx(without, rel=1e-3)
+
+
+def test_frozen_factor_does_not_move(resident, silo) -> None:  # type: ignore[no-untyped-def]
+    """FFA-LoRA: A stays at its initial value; only B trains."""
+    examples = [encode_example(resident.tokenizer, e.prompt, e.answer, 96) for e in silo.examples]
+    start = resident.adapter()
+    trained, _ = train_adapter(resident, start, examples, TrainSettings(
+        local_steps=3, batch_size=4, learning_rate=1e-2, seed=1, trained_factors=("lora_B",)))
+    for name in start:
+        moved = not np.array_equal(trained[name], start[name])
+        assert moved == ("lora_B" in name), name
+
+
+def test_proximal_term_keeps_the_update_near_the_global(resident, silo) -> None:  # type: ignore[no-untyped-def]
+    examples = [encode_example(resident.tokenizer, e.prompt, e.answer, 96) for e in silo.examples]
+    start = resident.adapter()
+
+    def distance(mu: float) -> float:
+        trained, _ = train_adapter(resident, start, examples, TrainSettings(
+            local_steps=10, batch_size=4, learning_rate=2e-2, seed=2, proximal_mu=mu))
+        return float(sum(np.sum((trained[k] - start[k]) ** 2) for k in start))
+
+    assert distance(50.0) < 0.8 * distance(0.0)
