@@ -25,6 +25,7 @@ class RejectReason(str, Enum):
     NUM_EXAMPLES = "num_examples"
     CLIENT_ERROR = "client_error"                # the ClientApp replied with an error
     DUPLICATE = "duplicate"
+    STRATEGY_REFUSED = "strategy_refused"        # e.g. more updates than a robust strategy holds
 
 
 class UpdateRejected(ValueError):

@@ -30,7 +30,7 @@ from protos.round_config import CONFIG_RECORD, RoundConfig
 from server.checkpoint import Checkpoint, CheckpointStore
 from server.exchange import QuorumError, exchange, wait_for_nodes
 from server.job_config import JobConfig
-from strategies import Strategy
+from strategies import AggregationError, Strategy
 
 log = logging.getLogger("silotune.server")
 
@@ -203,7 +203,10 @@ class Job:
                         reduce_adapter(state.adapter, rank, self.strategy.rank_reduction), self.shared_factors)
                 norm = codec.check_values(update, reference=references[rank],
                                           norm_bound=self.cfg.norm_bound or None)
-                self.strategy.accumulate(update, int(header.num_examples))
+                try:
+                    self.strategy.accumulate(update, int(header.num_examples))
+                except AggregationError as refusal:
+                    raise UpdateRejected(RejectReason.STRATEGY_REFUSED, str(refusal)) from None
             except UpdateRejected as rejection:
                 rejected.append({"org": org, "reason": rejection.reason.value, "detail": rejection.detail})
                 self.observer.reply(server_round, org, False, str(rejection))

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from protos.adapter import Adapter
+from protos.lora_rank import reduce_adapter
 
 
 class AggregationError(RuntimeError):
@@ -52,6 +53,11 @@ class Strategy(ABC):
     @property
     def supports_heterogeneous_ranks(self) -> bool:
         return self.rank_reduction != "none"
+
+    def adapter_for_rank(self, global_adapter: Adapter, rank: int) -> Adapter:
+        """The global adapter as an organization training at ``rank`` starts from it —
+        exactly what the organization computes itself under the contract."""
+        return reduce_adapter(global_adapter, rank, self.rank_reduction)
 
     @abstractmethod
     def begin_round(self, server_round: int, global_adapter: Adapter) -> None:
