@@ -10,6 +10,7 @@ so it can never leak into the next round.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,12 @@ class ExchangeResult:
     timed_out: list[int] = field(default_factory=list)   # node ids that did not
 
 
+#: replies materialized at once: pull_messages returns every reply it is asked
+#: for that has arrived, so asking for a few ids at a time keeps the
+#: coordinator's memory at O(PULL_BATCH × P) however many arrive together.
+PULL_BATCH = 4
+
+
 def exchange(
     grid: Grid,
     messages: Iterable[Message],
@@ -34,6 +41,7 @@ def exchange(
     *,
     timeout: float,
     poll_interval: float,
+    pull_batch: int = PULL_BATCH,
 ) -> ExchangeResult:
     messages = list(messages)
     ids = list(grid.push_messages(messages))
@@ -41,12 +49,21 @@ def exchange(
     result = ExchangeResult()
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(pending)):
-            node_id = pending.pop(reply.metadata.reply_to_message_id, None)
-            if node_id is None:
-                continue  # a duplicate delivery of a reply already handled
-            result.replied.append(node_id)
-            on_reply(node_id, reply)
+        asked = list(pending)
+        for start in range(0, len(asked), pull_batch):
+            replies = grid.pull_messages(asked[start : start + pull_batch])
+            for reply in replies:
+                node_id = pending.pop(reply.metadata.reply_to_message_id, None)
+                if node_id is None:
+                    continue  # a duplicate delivery of a reply already handled
+                result.replied.append(node_id)
+                on_reply(node_id, reply)
+            if replies:
+                # Flower's Message objects sit in reference cycles, so their
+                # arrays wait for the cyclic collector, which counts objects,
+                # not bytes: without this, updates of ~P bytes pile up.
+                del replies, reply
+                gc.collect()
         if pending:
             time.sleep(poll_interval)
     result.timed_out = sorted(pending.values())

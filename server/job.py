@@ -129,7 +129,9 @@ class Job:
         )
 
     # ---- messages ----------------------------------------------------------
-    def _instruction(self, state: JobState, server_round: int, node_id: int, message_type: str) -> Message:
+    def _instructions(self, state: JobState, server_round: int, nodes: list[int], message_type: str) -> list[Message]:
+        """One message per node, all sharing ONE encoded copy of the global adapter:
+        the coordinator's memory stays O(P), not O(P × sampled organizations)."""
         content = codec.encode(
             state.adapter,
             kind=codec.Kind.Value("GLOBAL"),
@@ -139,8 +141,8 @@ class Job:
             lora=self.cfg.lora,
         )
         content[CONFIG_RECORD] = self._round_config(server_round).to_record()
-        return Message(content=content, dst_node_id=node_id, message_type=message_type,
-                       ttl=self.cfg.round_timeout + 60)
+        return [Message(content=content, dst_node_id=node, message_type=message_type,
+                        ttl=self.cfg.round_timeout + 60) for node in nodes]
 
     def _round_config(self, server_round: int) -> RoundConfig:
         """The job's round config plus what the strategy asks of the organizations."""
@@ -219,7 +221,7 @@ class Job:
         started = time.monotonic()
         result = exchange(
             self.grid,
-            [self._instruction(state, server_round, n, MessageType.TRAIN) for n in sampled],
+            self._instructions(state, server_round, sampled, MessageType.TRAIN),
             on_reply,
             timeout=self.cfg.round_timeout,
             poll_interval=self.cfg.poll_interval,
@@ -258,7 +260,7 @@ class Job:
         started = time.monotonic()
         exchange(
             self.grid,
-            [self._instruction(state, state.server_round, n, MessageType.EVALUATE) for n in online],
+            self._instructions(state, state.server_round, online, MessageType.EVALUATE),
             on_reply,
             timeout=self.cfg.round_timeout,
             poll_interval=self.cfg.poll_interval,
