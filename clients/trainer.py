@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -21,6 +22,14 @@ from clients.resident import ResidentModel
 from protos.adapter import Adapter
 
 log = logging.getLogger("silotune.client")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This worker's part of each batch when several train one adapter (DDP)."""
+
+    rank: int = 0
+    world: int = 1
 
 
 @dataclass(frozen=True)
@@ -44,17 +53,34 @@ def batch_order(num_examples: int, steps: int, batch_size: int, seed: int) -> li
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
+def _answer_tokens(example: EncodedExample) -> int:
+    """Tokens the loss is taken over (labels are shifted by one inside the model)."""
+    return sum(1 for label in example.labels[1:] if label != -100)
+
+
 def train_adapter(
     resident: ResidentModel,
     global_adapter: Adapter,
     examples: list[EncodedExample],
     settings: TrainSettings,
+    *,
+    shard: Shard = Shard(),
+    wrap: Callable[[Any], Any] | None = None,
 ) -> tuple[Adapter, dict[str, float]]:
-    """Train from ``global_adapter``; return the new adapter and scalar metrics."""
+    """Train from ``global_adapter``; return the new adapter and scalar metrics.
+
+    With ``shard``/``wrap`` (clients/distributed.py) several workers train one
+    adapter: every worker draws the same batch indices and takes every
+    ``world``-th example; its loss is scaled by its share of the batch's answer
+    tokens, so the gradients DDP averages equal the one-worker gradient of the
+    whole batch.
+    """
     import torch
 
     if not examples:
         raise ValueError("no training examples")
+    if settings.batch_size < shard.world:
+        raise ValueError(f"batch size {settings.batch_size} < {shard.world} workers: some would get no example")
     model = resident.model
     resident.load_adapter(global_adapter)
     named = {name: p for name, p in model.named_parameters()
@@ -66,16 +92,21 @@ def train_adapter(
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
     torch.manual_seed(settings.seed)  # dropout, if any
     pad_id = resident.tokenizer.pad_token_id
+    module = wrap(model) if wrap is not None else model
+    device = next(model.parameters()).device
     model.train()
     losses: list[float] = []
     tokens = 0
     started = time.perf_counter()
     try:
         for indices in batch_order(len(examples), settings.local_steps, settings.batch_size, settings.seed):
-            batch = collate([(examples[i].input_ids, examples[i].labels) for i in indices], pad_id)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.autocast_bf16):
-                loss = model(**batch).loss
-            objective = loss
+            mine = indices[shard.rank :: shard.world]
+            batch = collate([(examples[i].input_ids, examples[i].labels) for i in mine], pad_id)
+            batch = {key: value.to(device) for key, value in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.autocast_bf16):
+                loss = module(**batch).loss
+            share = sum(_answer_tokens(examples[i]) for i in mine) / sum(_answer_tokens(examples[i]) for i in indices)
+            objective = loss * (share * shard.world) if shard.world > 1 else loss
             if anchors:
                 proximal = sum(((p - anchor) ** 2).sum() for p, anchor in anchors)
                 objective = loss + 0.5 * settings.proximal_mu * proximal
@@ -111,5 +142,5 @@ def _proximal_anchors(named: dict, global_adapter: Adapter) -> list:  # type: ig
     pairs = []
     for name, parameter in named.items():
         key = name.replace(".default.", ".")
-        pairs.append((parameter, torch.from_numpy(global_adapter[key]).to(parameter.dtype)))
+        pairs.append((parameter, torch.from_numpy(global_adapter[key]).to(parameter.device, parameter.dtype)))
     return pairs

@@ -1,0 +1,80 @@
+"""Several devices of one organization train one adapter: Ray Train + DDP.
+
+Flower only splits GPUs *between* virtual organizations; an organization with
+several GPUs (or CPU hosts) trains its own adapter across them here, with Ray
+Train's TorchTrainer (``ScalingConfig(num_workers=N, use_gpu=...)``) and
+PyTorch DDP (gloo on CPU, nccl on GPU). Each worker runs the same trainer as a
+single process (clients/trainer.py) on its shard of every batch; gradients are
+all-reduced, so N workers produce the same adapter as one worker on the same
+data and seed, up to floating-point reduction order.
+"""
+
+from __future__ import annotations
+
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from clients.formatting import EncodedExample
+from clients.trainer import TrainSettings
+from protos.adapter import Adapter, LoraSpec
+
+_RESULT = "result.pkl"
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: load the resident model, train its shard under DDP."""
+    import ray.train
+    import ray.train.torch
+
+    from clients.resident import get_resident
+    from clients.trainer import Shard, train_adapter
+
+    context = ray.train.get_context()
+    resident = get_resident(config["model"], config["spec"])
+    device = ray.train.torch.get_device()
+    resident.model.to(device)
+
+    def wrap(model: Any) -> Any:
+        # DDP over the trainable (LoRA) parameters; move_to_device done above
+        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp")
+
+    adapter, metrics = train_adapter(
+        resident, config["global_adapter"], config["examples"], config["settings"],
+        shard=Shard(context.get_world_rank(), context.get_world_size()), wrap=wrap,
+    )
+    if context.get_world_rank() == 0:
+        Path(config["out_dir"], _RESULT).write_bytes(pickle.dumps((adapter, metrics)))
+
+
+def train_adapter_distributed(
+    model: str,
+    spec: LoraSpec,
+    global_adapter: Adapter,
+    examples: list[EncodedExample],
+    settings: TrainSettings,
+    *,
+    num_workers: int,
+    use_gpu: bool = False,
+) -> tuple[Adapter, dict[str, float]]:
+    """Train one adapter on ``num_workers`` devices of this organization."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    with tempfile.TemporaryDirectory(prefix="silotune-ddp-") as out_dir:
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={
+                "model": model, "spec": spec, "global_adapter": global_adapter,
+                "examples": examples, "settings": settings, "out_dir": out_dir,
+            },
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(storage_path=str(Path(out_dir) / "ray"), name="silotune-ddp"),
+        )
+        trainer.fit()
+        adapter, metrics = pickle.loads(Path(out_dir, _RESULT).read_bytes())
+    metrics["train_workers"] = float(num_workers)
+    return adapter, metrics
