@@ -1,0 +1,151 @@
+"""The client agent: everything one organization runs to take part.
+
+``Agent.start()``:
+1. validates the silo file (a bad file fails here, with its named error);
+2. starts the organization's Ray — or joins the one named by ``RAY_ADDRESS`` —
+   and on it the resident trainer (clients/resident_trainer.py), which loads
+   the base model once and serves every round;
+3. starts the Flower SuperNode with node config ``silo-path``, ``org-name``,
+   ``ray-address`` and ``trainer-actor``, so each ClientApp process forwards
+   its instruction to the resident trainer.
+``Agent.stop()`` stops what it started: the SuperNode (by PID, with its
+children) and the Ray it started (not a Ray it merely joined).
+
+``resident=False`` skips Ray: each ClientApp process then loads the model
+itself (what a laptop or a test may prefer).
+
+Run directly: ``python -m clients.agent --data silo.jsonl --coordinator HOST:PORT --insecure``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from clients.local_data import ORG_NAME_KEY, RANK_KEY, SILO_PATH_KEY
+from clients.resident_trainer import NAMESPACE, RAY_ADDRESS_KEY, TRAINER_ACTOR_KEY, actor_name, start_resident_trainer
+from clients.silo import Silo, load_silo
+from clients.supernode import SuperNodeProcess
+
+log = logging.getLogger("silotune.agent")
+
+
+class Agent:
+    def __init__(
+        self,
+        data: str | Path,
+        coordinator: str,
+        *,
+        name: str | None = None,
+        state_dir: str | Path | None = None,
+        resident: bool = True,
+        gpus: float = 0.0,
+        rank: int | None = None,
+        supernode_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.data = Path(data).resolve()
+        self.coordinator = coordinator
+        self.name = name or self.data.stem
+        self.state_dir = Path(state_dir or f"runs/agent-{self.name}").resolve()
+        self.resident = resident
+        self.gpus = gpus
+        self.rank = rank
+        self.supernode_options = supernode_options or {"insecure": True}
+        self.silo: Silo | None = None
+        self.supernode: SuperNodeProcess | None = None
+        self._started_ray = False
+        self._actor: Any = None
+
+    def start(self) -> "Agent":
+        self.silo = load_silo(self.data)
+        node_config: dict[str, Any] = {SILO_PATH_KEY: str(self.data), ORG_NAME_KEY: self.name}
+        if self.rank is not None:
+            node_config[RANK_KEY] = self.rank
+        try:
+            if self.resident:
+                node_config.update(self._start_resident())
+            self.supernode = SuperNodeProcess().start(self.coordinator, node_config, self.state_dir,
+                                                      **self.supernode_options)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_resident(self) -> dict[str, Any]:
+        import ray
+
+        address = os.environ.get("RAY_ADDRESS")
+        self._started_ray = not address
+        ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
+                 num_gpus=None if address else self.gpus or None)
+        self._actor = start_resident_trainer(self.name, num_gpus=self.gpus)
+        ray.get(self._actor.base_model_loads.remote())  # the actor is up before the SuperNode asks
+        gcs = ray.get_runtime_context().gcs_address
+        log.info("resident trainer %s on Ray %s (%s)", actor_name(self.name), gcs,
+                 "started here" if self._started_ray else "joined")
+        return {RAY_ADDRESS_KEY: gcs, TRAINER_ACTOR_KEY: actor_name(self.name)}
+
+    def base_model_loads(self) -> int | None:
+        import ray
+
+        return ray.get(self._actor.base_model_loads.remote()) if self._actor is not None else None
+
+    def stop(self) -> None:
+        if self.supernode is not None:
+            self.supernode.stop()
+            self.supernode = None
+        if self._actor is not None or self._started_ray:
+            import ray
+
+            if self._actor is not None:
+                ray.kill(self._actor)
+                self._actor = None
+            if self._started_ray:
+                ray.shutdown()  # stops the Ray processes this agent started
+                self._started_ray = False
+
+    def serve(self) -> int:
+        """Run until SIGTERM/SIGINT or until the SuperNode exits."""
+        stop = {"now": False}
+
+        def request_stop(signum: int, frame: object) -> None:
+            stop["now"] = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        try:
+            while not stop["now"] and self.supernode is not None and self.supernode.exited is None:
+                time.sleep(0.5)
+            code = self.supernode.exited if self.supernode is not None else None
+            if code is not None and not stop["now"]:
+                raise RuntimeError(f"SuperNode exited with code {code}:\n{self.supernode.log_tail()}")  # type: ignore[union-attr]
+            return 0
+        finally:
+            self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clients.agent", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--coordinator", required=True)
+    parser.add_argument("--name")
+    parser.add_argument("--state-dir")
+    parser.add_argument("--insecure", action="store_true", required=True)
+    parser.add_argument("--no-resident", action="store_true", help="no Ray: each round loads the model")
+    parser.add_argument("--gpus", type=float, default=0.0)
+    parser.add_argument("--rank", type=int)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    agent = Agent(args.data, args.coordinator, name=args.name, state_dir=args.state_dir,
+                  resident=not args.no_resident, gpus=args.gpus, rank=args.rank).start()
+    return agent.serve()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""What an organization does with one instruction, independent of where it runs.
+
+``train`` and ``evaluate`` take the instruction's content (a Flower RecordDict),
+this node's config and its persistent state, and return the reply's content.
+The ClientApp runs them in its own process, or hands them to the
+organization's resident trainer (a long-lived Ray actor that keeps the base
+model loaded: clients/resident_trainer.py) — the same code either way.
+
+Every reply carries ``base_model_loads`` and ``resident_pid`` in its metrics,
+so that a deployment can show (not assume) that the base model was loaded
+once per organization rather than once per round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from clients import resident as resident_module
+from clients.evaluation import evaluate_examples
+from clients.local_data import LocalData, local_data, local_rank
+from clients.resident import ResidentModel, get_resident
+from clients.trainer import TrainSettings, train_adapter
+from protos import codec
+from protos.adapter import Adapter, LoraSpec, layout_for_rank, parse_factors, select_factors, spec_for_rank
+from protos.lora_rank import reduce_adapter
+from protos.round_config import CONFIG_RECORD, RoundConfig
+
+log = logging.getLogger("silotune.client")
+
+METRICS_RECORD = "metrics"
+ORG_RECORD = "organization"
+LOCAL_FACTORS_STATE = "silotune.local-factors"
+
+
+@dataclass
+class Instruction:
+    cfg: RoundConfig
+    spec: LoraSpec            # this organization's own spec (its rank)
+    resident: ResidentModel
+    adapter: Adapter          # the global, at this organization's rank, with its local factors
+    data: LocalData
+
+
+def _receive(content: RecordDict, node_config: dict, state: RecordDict) -> Instruction:
+    cfg = RoundConfig.from_record(content.config_records[CONFIG_RECORD])
+    spec = spec_for_rank(cfg.lora, local_rank(node_config, cfg))
+    resident = get_resident(cfg.model, spec)
+    header, global_adapter = codec.decode(content)
+    codec.check_header(
+        header,
+        codec.Expectation(
+            kind=codec.Kind.Value("GLOBAL"),
+            job_id=cfg.job_id,
+            server_round=cfg.server_round,
+            fingerprint=resident.fingerprint,
+            lora=cfg.lora,
+            layout=layout_for_rank(resident.layout, cfg.lora.rank),
+        ),
+    )
+    codec.check_values(global_adapter)
+    adapter = reduce_adapter(global_adapter, spec.rank, cfg.rank_reduction)
+    adapter.update(_local_factors(state))
+    data = local_data(node_config, cfg, resident.tokenizer)
+    return Instruction(cfg, spec, resident, adapter, data)
+
+
+def _local_factors(state: RecordDict) -> Adapter:
+    record = state.array_records.get(LOCAL_FACTORS_STATE)
+    return {name: array.numpy() for name, array in record.items()} if record else {}
+
+
+def _keep_local_factors(state: RecordDict, adapter: Adapter, shared: tuple[str, ...]) -> None:
+    local = {name: value for name, value in adapter.items() if name not in select_factors(adapter, shared)}
+    if local:
+        state[LOCAL_FACTORS_STATE] = ArrayRecord(array_dict={k: Array(v) for k, v in local.items()})
+
+
+def _org_seed(seed: int, server_round: int, org: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{server_round}:{org}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _process_metrics() -> dict[str, float]:
+    return {"base_model_loads": float(resident_module.LOAD_COUNT), "resident_pid": float(os.getpid())}
+
+
+def train(content: RecordDict, node_config: dict, state: RecordDict) -> RecordDict:
+    """Train locally; the reply holds the shared factors, a header and scalar metrics."""
+    ins = _receive(content, node_config, state)
+    cfg = ins.cfg
+    shared = parse_factors(cfg.share_factors)
+    with ins.resident.lock:
+        settings = TrainSettings(
+            local_steps=cfg.local_steps,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            seed=_org_seed(cfg.seed, cfg.server_round, ins.data.org_name),
+            trained_factors=parse_factors(cfg.train_factors),
+            proximal_mu=cfg.proximal_mu,
+        )
+        adapter, metrics = train_adapter(ins.resident, ins.adapter, ins.data.train, settings)
+    _keep_local_factors(state, adapter, shared)
+    log.info("%s round %d: loss %.4f (%d steps, rank %d)", ins.data.org_name, cfg.server_round,
+             metrics["train_loss"], int(metrics["train_steps"]), ins.spec.rank)
+    reply = codec.encode(
+        select_factors(adapter, shared),
+        kind=codec.Kind.Value("UPDATE"),
+        job_id=cfg.job_id,
+        server_round=cfg.server_round,
+        fingerprint=ins.resident.fingerprint,
+        lora=ins.spec,
+        num_examples=len(ins.data.train),
+        metrics={**metrics, **_process_metrics()},
+        encoding=codec.encoding_from_name(cfg.update_encoding),
+    )
+    reply[ORG_RECORD] = ConfigRecord({"name": ins.data.org_name})
+    return reply
+
+
+def evaluate(content: RecordDict, node_config: dict, state: RecordDict) -> RecordDict:
+    """Score the global adapter (with local factors) on the local test split."""
+    ins = _receive(content, node_config, state)
+    data = ins.data
+    with ins.resident.lock:
+        ins.resident.load_adapter(ins.adapter)
+        limit = ins.cfg.eval_max_examples
+        metrics = evaluate_examples(
+            ins.resident,
+            data.test[:limit],
+            data.test_labels[:limit] if data.test_labels is not None else None,
+            data.silo.labels,
+        )
+    return RecordDict({METRICS_RECORD: MetricRecord({**metrics, **_process_metrics()}),
+                       ORG_RECORD: ConfigRecord({"name": data.org_name})})
+
+
+HANDLERS = {"train": train, "evaluate": evaluate}
