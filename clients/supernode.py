@@ -12,6 +12,15 @@ to Flower's `--node-config 'k="v" n=1'` syntax. Runtime dependency
 installation stays off (the SuperNode default; we never pass
 `--allow-runtime-dependency-installation`). Stopping kills the process and
 all its descendants by PID.
+
+Security: `insecure=True` (this class's default, for tests and local
+experiments) connects over plain HTTP without node authentication. With
+`insecure=False`, `root_certificates` (the federation's CA certificate,
+`--root-certificates`) makes the connection HTTPS and verifies the
+SuperLink's certificate, and `auth_private_key` (the organization's OpenSSH
+ECDSA key, `--auth-supernode-private-key`) signs every Fleet request, so a
+SuperLink with `--enable-supernode-auth` accepts this node only if the
+matching public key was registered (`flwr supernode register`).
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ class SuperNodeProcess:
         state_dir: Path | str,
         *,
         insecure: bool = True,
+        root_certificates: Path | str | None = None,
+        auth_private_key: Path | str | None = None,
         max_wait_time: float | None = None,
         extra_args: Sequence[str] = (),
         timeout: float = 60.0,
@@ -63,12 +74,22 @@ class SuperNodeProcess:
 
         The SuperNode connects to the SuperLink afterwards, retrying without
         limit unless `max_wait_time` (seconds) is given, after which it exits.
+        A SuperLink with node authentication that does not know this node's
+        key refuses it at once, and the SuperNode exits (see `exited`).
         Use SuperLinkProcess.wait_for_nodes to wait for registration.
         """
         if self.proc is not None:
             raise RuntimeError("SuperNode already started")
-        if not insecure and not extra_args:
-            raise ValueError("TLS needs --root-certificates in extra_args (not built yet)")
+        if insecure and (root_certificates is not None or auth_private_key is not None):
+            raise ValueError("insecure=True excludes root_certificates and auth_private_key")
+        if not insecure and root_certificates is None and not extra_args:
+            raise ValueError("insecure=False needs root_certificates (the federation's CA "
+                             "certificate; see server.pki / `silotune pki init`)")
+        security: list[str] = []
+        if root_certificates is not None:
+            security += ["--root-certificates", str(Path(root_certificates).resolve())]
+        if auth_private_key is not None:
+            security += ["--auth-supernode-private-key", str(Path(auth_private_key).resolve())]
         self.state_dir = Path(state_dir).resolve()
         flwr_home = self.state_dir / "flwr-home"
         flwr_home.mkdir(parents=True, exist_ok=True)
@@ -81,6 +102,7 @@ class SuperNodeProcess:
             "--port", str(self.port),
             "--isolation", "subprocess",
             *(["--insecure"] if insecure else []),
+            *security,
             *(["--node-config", render_flwr_config(node_config)] if node_config else []),
             *(["--max-wait-time", str(max_wait_time)] if max_wait_time else []),
             *extra_args,

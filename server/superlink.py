@@ -12,8 +12,15 @@ Runs are submitted the way users do it: a connection named
 `--format json` where they have it. Every process started here is stopped by
 PID together with its descendants (protos.flower_processes.stop_process_tree).
 
-Insecure only for now; TLS and node authentication will add flags through
-`extra_args`.
+Security (see server/pki.py and server/enrollment.py): with `tls=` the
+SuperLink serves HTTPS (`--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile`; the
+one port carries Fleet, Control and Runtime APIs, so all three are
+encrypted), the CLI connection gets `root-certificates` instead of
+`insecure = true`, and with `node_auth=True` the SuperLink runs with
+`--enable-supernode-auth`: only SuperNodes whose public key was registered
+with `flwr supernode register` (`register_node`) may connect. `insecure=True`
+(the default of this class, for tests and local experiments) is plain HTTP
+without node authentication.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from protos.flower_processes import (
     LOCALHOST,
@@ -39,11 +46,83 @@ from protos.flower_processes import (
 )
 
 CONNECTION_NAME = "silotune"
+BIND_ALL = ("0.0.0.0", "::", "[::]")
 FINISHED = "finished"  # run status prefix: finished:completed|failed|stopped
 
 
 class FlwrCliError(RuntimeError):
     """A `flwr` CLI call failed (non-zero exit or `"success": false`)."""
+
+
+def flwr_cli_env(state_dir: Path | str) -> dict[str, str]:
+    """Environment for `flwr` CLI calls against the SuperLink whose state is `state_dir`.
+
+    FLWR_HOME is `state_dir/flwr-home`, where `SuperLinkProcess.start` wrote
+    the connection (address, TLS root certificate) as `[superlink.silotune]`;
+    so another process (e.g. `silotune pki enroll`) can drive a running
+    SuperLink knowing only its state dir.
+    """
+    return flower_env(Path(state_dir).resolve() / "flwr-home")
+
+
+def run_flwr(
+    state_dir: Path | str, *args: str, env: Mapping[str, str] | None = None, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """Run the `flwr` CLI with `state_dir`'s FLWR_HOME; raise FlwrCliError on failure."""
+    cmd = [flower_executable("flwr"), *args]
+    res = subprocess.run(
+        cmd, env=dict(env) if env is not None else flwr_cli_env(state_dir),
+        cwd=Path(state_dir).resolve(), capture_output=True,
+        text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False,
+    )
+    if res.returncode != 0:
+        raise FlwrCliError(f"{' '.join(args[:2])} exited {res.returncode}: "
+                           f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
+    return res
+
+
+def run_flwr_json(
+    state_dir: Path | str, *args: str, env: Mapping[str, str] | None = None, timeout: float = 120.0
+) -> dict[str, Any]:
+    """`flwr ... --format json`; the JSON is stdout (errors also exit 0)."""
+    try:
+        res = run_flwr(state_dir, *args, "--format", "json", env=env, timeout=timeout)
+    except FlwrCliError as err:
+        # Some failures (e.g. an invalid key) exit non-zero with JSON on stdout.
+        detail = _json_error(str(err))
+        raise FlwrCliError(f"{' '.join(args[:2])} failed: {detail}" if detail else str(err)) from None
+    try:
+        data = json.loads(res.stdout)
+    except json.JSONDecodeError as err:
+        raise FlwrCliError(f"{' '.join(args[:2])}: no JSON in output: "
+                           f"{res.stdout[-2000:]}{res.stderr[-2000:]}") from err
+    if not data.get("success"):
+        raise FlwrCliError(f"{' '.join(args[:2])} failed: "
+                           f"{data.get('error-message', data)}")
+    return data
+
+
+def _json_error(text: str) -> str | None:
+    match = re.search(r'\{"success": false.*?\}', text)
+    if not match:
+        return None
+    try:
+        return str(json.loads(match.group(0)).get("error-message")) or None
+    except json.JSONDecodeError:
+        return None
+
+
+def toml_string(value: str) -> str:
+    """A TOML basic string (for paths in config.toml)."""
+    return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+
+
+class ServerTls(Protocol):
+    """The SuperLink's TLS files (server.pki.ServerFiles is one)."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
 
 
 class SuperLinkProcess:
@@ -61,6 +140,9 @@ class SuperLinkProcess:
         self.port: int | None = None
         self.log_path: Path | None = None
         self.env: dict[str, str] = {}
+        self.host: str = LOCALHOST
+        self.tls: ServerTls | None = None
+        self.node_auth = False
         self.stopped_pids: list[int] = []
         self.tag = new_tag()  # marks every process of this tree (see stop)
 
@@ -70,29 +152,56 @@ class SuperLinkProcess:
         state_dir: Path | str,
         *,
         insecure: bool = True,
+        tls: ServerTls | None = None,
+        node_auth: bool = False,
+        host: str = LOCALHOST,
         port: int | None = None,
         extra_args: Sequence[str] = (),
         timeout: float = 60.0,
     ) -> SuperLinkProcess:
-        """Launch the SuperLink and wait until its HTTP port accepts connections."""
+        """Launch the SuperLink and wait until its HTTP port accepts connections.
+
+        `insecure=True`: plain HTTP, no node authentication (as before).
+        `insecure=False` needs `tls` (anything with `ca_cert`, `cert`, `key`
+        paths, e.g. server.pki.ServerFiles); `node_auth=True` adds
+        `--enable-supernode-auth` (Flower requires TLS for it). `host` is the
+        bind address (127.0.0.1 by default; 0.0.0.0 to accept remote agents):
+        the CLI and the ServerApp always dial it over loopback for a bind-all
+        address, so the certificate must name 127.0.0.1 (pki adds it).
+        """
         if self.proc is not None:
             raise RuntimeError("SuperLink already started")
-        if not insecure and not extra_args:
-            raise ValueError("TLS needs --ssl-* flags in extra_args (not built yet)")
+        if insecure and (tls is not None or node_auth):
+            raise ValueError("insecure=True excludes tls= and node_auth=True")
+        if not insecure and tls is None and not extra_args:
+            raise ValueError("insecure=False needs tls= (CA certificate, server certificate "
+                             "and key; see server.pki)")
+        if node_auth and tls is None:
+            raise ValueError("node_auth=True needs tls= (Flower refuses node auth without TLS)")
         self.state_dir = Path(state_dir).resolve()
         flwr_home = self.state_dir / "flwr-home"
         flwr_home.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
+        self.host = host
+        self.port = port or free_port(LOCALHOST if host in BIND_ALL else host)
         self.log_path = self.state_dir / "superlink.log"
         self.env = flower_env(flwr_home, tag=self.tag)
+        self.tls = tls
+        self.node_auth = node_auth
+        tls_args: list[str] = []
+        if tls is not None:
+            tls_args = ["--ssl-ca-certfile", str(Path(tls.ca_cert).resolve()),
+                        "--ssl-certfile", str(Path(tls.cert).resolve()),
+                        "--ssl-keyfile", str(Path(tls.key).resolve())]
         cmd = [
             flower_executable("flower-superlink"),
             "--isolation", "subprocess",
-            "--host", LOCALHOST,
+            "--host", host,
             "--port", str(self.port),
             "--database", str(self.state_dir / "state.db"),
             "--disable-runtime-dependency-installation",
             *(["--insecure"] if insecure else []),
+            *tls_args,
+            *(["--enable-supernode-auth"] if node_auth else []),
             *extra_args,
         ]
         with open(self.log_path, "ab") as log:
@@ -101,7 +210,7 @@ class SuperLinkProcess:
                 stdin=subprocess.DEVNULL, env=self.env, cwd=self.state_dir,
             )
         try:
-            wait_for_port(LOCALHOST, self.port, timeout, proc=self.proc,
+            wait_for_port(self.dial_host, self.port, timeout, proc=self.proc,
                           log_path=self.log_path, what="flower-superlink")
         except BaseException:
             self.stop()
@@ -135,9 +244,14 @@ class SuperLinkProcess:
         return self.proc.pid
 
     @property
+    def dial_host(self) -> str:
+        """The host this machine dials to reach the SuperLink (loopback for a bind-all host)."""
+        return LOCALHOST if self.host in BIND_ALL else self.host
+
+    @property
     def address(self) -> str:
-        """host:port of the single HTTP API (Fleet, Control and Runtime)."""
-        return f"{LOCALHOST}:{self.port}"
+        """host:port of the single HTTP API (Fleet, Control and Runtime), as dialled locally."""
+        return f"{self.dial_host}:{self.port}"
 
     # SuperNodes' `--superlink` and the CLI connection both use the one port.
     fleet_address = address
@@ -149,44 +263,36 @@ class SuperLinkProcess:
 
     # ----------------------------------------------------------- flwr CLI
     def _write_connection(self, *, insecure: bool) -> None:
-        """Put `[superlink.silotune]` into $FLWR_HOME/config.toml (the CLI reads it)."""
+        """Put `[superlink.silotune]` into $FLWR_HOME/config.toml (the CLI reads it).
+
+        With TLS the connection names the CA certificate (`root-certificates`,
+        an absolute path, as the CLI requires) and `insecure = false`.
+        """
         assert self.state_dir is not None
         config = self.state_dir / "flwr-home" / "config.toml"
-        config.write_text(
-            "[superlink]\n"
-            f'default = "{CONNECTION_NAME}"\n\n'
-            f"[superlink.{CONNECTION_NAME}]\n"
-            f'address = "{self.address}"\n'
-            f"insecure = {'true' if insecure else 'false'}\n",
-            encoding="utf-8",
-        )
+        lines = [
+            "[superlink]",
+            f'default = "{CONNECTION_NAME}"',
+            "",
+            f"[superlink.{CONNECTION_NAME}]",
+            f'address = "{self.address}"',
+            f"insecure = {'true' if insecure else 'false'}",
+        ]
+        if self.tls is not None:
+            lines.append(f"root-certificates = {toml_string(str(Path(self.tls.ca_cert).resolve()))}")
+        config.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     def _flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run the `flwr` CLI against this SuperLink; raise FlwrCliError on failure."""
         if self.state_dir is None:
             raise RuntimeError("SuperLink not started")
-        cmd = [flower_executable("flwr"), *args]
-        res = subprocess.run(
-            cmd, env=self.env, cwd=self.state_dir, capture_output=True,
-            text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False,
-        )
-        if res.returncode != 0:
-            raise FlwrCliError(f"{' '.join(args[:2])} exited {res.returncode}: "
-                               f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
-        return res
+        return run_flwr(self.state_dir, *args, env=self.env, timeout=timeout)
 
     def _flwr_json(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
         """`flwr ... --format json`; the JSON is stdout (errors also exit 0)."""
-        res = self._flwr(*args, "--format", "json", timeout=timeout)
-        try:
-            data = json.loads(res.stdout)
-        except json.JSONDecodeError as err:
-            raise FlwrCliError(f"{' '.join(args[:2])}: no JSON in output: "
-                               f"{res.stdout[-2000:]}{res.stderr[-2000:]}") from err
-        if not data.get("success"):
-            raise FlwrCliError(f"{' '.join(args[:2])} failed: "
-                               f"{data.get('error-message', data)}")
-        return data
+        if self.state_dir is None:
+            raise RuntimeError("SuperLink not started")
+        return run_flwr_json(self.state_dir, *args, env=self.env, timeout=timeout)
 
     def submit_run(
         self,
@@ -275,3 +381,20 @@ class SuperLinkProcess:
                 return online
             time.sleep(0.5)
         raise TimeoutError(f"{len(online)}/{count} SuperNodes online after {timeout:.0f}s")
+
+    # ------------------------------------------------------- node auth
+    def register_node(self, public_key: Path | str, name: str | None = None) -> int:
+        """`flwr supernode register PUBKEY`: allow the holder of that key to connect.
+
+        `public_key` is an OpenSSH ECDSA public key on a NIST curve. Returns
+        the node ID the SuperLink assigned; the SuperNode that signs with the
+        matching private key gets this ID when it connects.
+        """
+        args = ["supernode", "register", str(Path(public_key).resolve()), CONNECTION_NAME]
+        if name:
+            args += ["--name", name]
+        return int(self._flwr_json(*args, timeout=60)["node-id"])
+
+    def unregister_node(self, node_id: int) -> None:
+        """`flwr supernode unregister NODE_ID`: that key can no longer connect."""
+        self._flwr_json("supernode", "unregister", str(node_id), CONNECTION_NAME, timeout=60)

@@ -6,6 +6,7 @@
   silotune export       the specialist from a run's checkpoints, as a PEFT adapter folder
   silotune eval         score a base model (or base + adapter) on a silo file
   silotune generate     answer a prompt with a specialist
+  silotune pki          CA, coordinator certificate, organization keys, enrollment
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from simulations.cli import deploy_commands, model_commands, simulate_command
+from simulations.cli import deploy_commands, model_commands, pki_commands, simulate_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate_command.register(commands)
     deploy_commands.register(commands)
     model_commands.register(commands)
+    pki_commands.register(commands)
     return parser
 
 
