@@ -46,7 +46,7 @@ from protos.flower_processes import (
 )
 
 CONNECTION_NAME = "silotune"
-BIND_ALL = ("0.0.0.0", "::", "[::]")
+BIND_ALL = ("0.0.0.0", "::", "[::]")  # bind-all hosts, dialled over 127.0.0.1
 FINISHED = "finished"  # run status prefix: finished:completed|failed|stopped
 
 
@@ -251,7 +251,8 @@ class SuperLinkProcess:
     @property
     def address(self) -> str:
         """host:port of the single HTTP API (Fleet, Control and Runtime), as dialled locally."""
-        return f"{self.dial_host}:{self.port}"
+        host = self.dial_host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     # SuperNodes' `--superlink` and the CLI connection both use the one port.
     fleet_address = address
