@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.silotune-installed
 
-.PHONY: install demo demo-qa test test-fast protos clean
+.PHONY: install demo demo-qa test test-fast faults protos clean
 
 # torch first: a bare `torch` requirement with no torch installed pulls the
 # CUDA build (several GB). GPU users: install the CUDA build of torch 2.13.0
@@ -33,10 +33,16 @@ demo-qa: install
 	$(VENV)/bin/silotune simulate --scenario qa --run-dir runs/demo-qa
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -m "not faults_long"
 
 test-fast: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+# The whole fault-injection suite (tests/faults/): coordinator SIGKILLs, agent
+# kills and restarts, stragglers, quorum loss; about 40 minutes on a 2-core CPU.
+# `make test` runs only its time-bounded part (everything not marked faults_long).
+faults: install
+	$(PY) -m pytest -q -p no:cacheprovider tests/faults
 
 # Regenerate the Python code of the update contract (committed; a test fails when stale).
 protos: install

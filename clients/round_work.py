@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from clients import attacks
 from clients import resident as resident_module
 from clients.evaluation import evaluate_examples
 from clients.local_data import LocalData, local_data, local_rank
@@ -107,8 +108,9 @@ def train(content: RecordDict, node_config: dict, state: RecordDict) -> RecordDi
     _keep_local_factors(state, adapter, shared)
     log.info("%s round %d: loss %.4f (%d steps, rank %d)", ins.data.org_name, cfg.server_round,
              metrics["train_loss"], int(metrics["train_steps"]), ins.spec.rank)
+    sent = attacks.maybe_attack(node_config, cfg.sim_attack, cfg.seed, ins.adapter, adapter)  # simulation experiments only
     reply = codec.encode(
-        select_factors(adapter, shared),
+        select_factors(sent, shared),
         kind=codec.Kind.Value("UPDATE"),
         job_id=cfg.job_id,
         server_round=cfg.server_round,

@@ -44,6 +44,7 @@ class RoundConfig:
     sim_skew: float = 0.8
     sim_max_records: int = 120
     sim_ranks: str = ""                      # e.g. "4,8,16": virtual organization i gets rank ranks[i % 3]
+    sim_attack: str = ""                     # experiments only: "sign-flip:0.2" (clients/attacks.py)
 
     @property
     def lora(self) -> LoraSpec:

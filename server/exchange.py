@@ -3,9 +3,13 @@
 Flower's ``Grid.send_and_receive`` returns only when every reply is in and
 holds them all; this pulls whatever has arrived every ``poll_interval``
 seconds, hands each reply to ``on_reply`` (which validates it, feeds the
-strategy and drops it), and gives up on the rest at the deadline. A reply
-that arrives after the deadline belongs to message ids nobody pulls again,
-so it can never leak into the next round.
+strategy and drops it), and gives up on the rest at the deadline.
+
+A reply that arrives after the deadline is never handed to ``on_reply``:
+Flower keeps it on the SuperLink until its instruction's id is pulled or the
+instruction's TTL runs out, so the ids given up on go to a ``LateReplies``
+and later exchanges pull them, log each late reply as discarded and drop it
+(see ``LateReplies``).
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import gc
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 log = logging.getLogger("silotune.server")
@@ -34,6 +39,68 @@ class ExchangeResult:
 PULL_BATCH = 4
 
 
+#: how often (seconds) an exchange also pulls the replies given up on earlier
+LATE_PULL_INTERVAL = 1.0
+
+# Flower's own "there is no reply and there will be none" answers to a pull
+_NO_REPLY_CODES = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE)
+
+
+class LateReplies:
+    """Instructions whose deadline passed, and what became of their replies.
+
+    A SuperNode still busy with an instruction when the deadline passes (a
+    straggler) pushes its reply whenever it is done, and the SuperLink keeps
+    that reply until someone pulls the instruction's id or the instruction's
+    TTL runs out. ``exchange`` hands the ids it gives up on to ``abandon``;
+    every later exchange calls ``collect``, which pulls them, logs each reply
+    that turned up ("discarded") and drops it. A late reply never reaches an
+    ``on_reply``, so it is never counted in the round it belonged to nor in a
+    later one (whose header round id would reject it anyway). Flower's own
+    "no reply" answers (node unavailable, message expired) are dropped quietly.
+    """
+
+    def __init__(self) -> None:
+        self._ids: dict[str, tuple[str, str, float]] = {}   # message id -> (node, what, expiry)
+        self.discarded: list[dict[str, Any]] = []           # {"node", "instruction", "error"}, oldest first
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def abandon(self, pending: dict[str, str], what: str, ttl: float) -> None:
+        """``pending``: message id -> the node's name (organization or node id)."""
+        expires = time.monotonic() + ttl
+        for message_id, node in pending.items():
+            self._ids[message_id] = (node, what, expires)
+
+    def collect(self, grid: Grid, pull_batch: int = PULL_BATCH) -> None:
+        now = time.monotonic()
+        for message_id in [m for m, (_, _, expires) in self._ids.items() if expires < now]:
+            del self._ids[message_id]  # expired on the SuperLink too: no reply can come any more
+        asked = list(self._ids)
+        for start in range(0, len(asked), pull_batch):
+            replies = grid.pull_messages(asked[start : start + pull_batch])
+            for reply in replies:
+                entry = self._ids.pop(reply.metadata.reply_to_message_id, None)
+                if entry is None:
+                    continue
+                node, what, _ = entry
+                if reply.has_error() and reply.error.code in _NO_REPLY_CODES:
+                    log.debug("no late reply from %s to %s: %s", node, what, reply.error.reason)
+                    continue
+                kind = f"error reply ({reply.error.reason})" if reply.has_error() else "reply"
+                log.warning("late %s from %s to %s arrived after its deadline: discarded", kind, node, what)
+                self.discarded.append({"node": node, "instruction": what, "error": reply.has_error()})
+            if replies:
+                del replies
+                gc.collect()
+
+    def take_discarded(self) -> list[dict[str, Any]]:
+        """The discarded replies logged since the last call."""
+        taken, self.discarded = self.discarded, []
+        return taken
+
+
 def exchange(
     grid: Grid,
     messages: Iterable[Message],
@@ -42,13 +109,31 @@ def exchange(
     timeout: float,
     poll_interval: float,
     pull_batch: int = PULL_BATCH,
+    late: LateReplies | None = None,
+    what: str = "instruction",
+    on_pushed: Callable[[], None] | None = None,
+    node_name: Callable[[int], str] = lambda node_id: f"node {node_id}",
 ) -> ExchangeResult:
+    """Push ``messages``, feed replies to ``on_reply`` until all are in or ``timeout`` passes.
+
+    With ``late``: replies given up on earlier are pulled and discarded along
+    the way, and this exchange's own given-up ids are added to it
+    (``what`` names them in the log, e.g. "the round 3 train instruction";
+    ``node_name`` names a node id there). ``on_pushed`` runs once the messages
+    are pushed, before any pull.
+    """
     messages = list(messages)
     ids = list(grid.push_messages(messages))
     pending = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages) if mid}
+    if on_pushed is not None:
+        on_pushed()
     result = ExchangeResult()
     deadline = time.monotonic() + timeout
+    next_late = time.monotonic()
     while pending and time.monotonic() < deadline:
+        if late and time.monotonic() >= next_late:
+            late.collect(grid, pull_batch)
+            next_late = time.monotonic() + LATE_PULL_INTERVAL
         asked = list(pending)
         for start in range(0, len(asked), pull_batch):
             replies = grid.pull_messages(asked[start : start + pull_batch])
@@ -68,7 +153,11 @@ def exchange(
             time.sleep(poll_interval)
     result.timed_out = sorted(pending.values())
     if result.timed_out:
-        log.warning("deadline of %.0fs passed: no reply from nodes %s", timeout, result.timed_out)
+        log.warning("deadline of %gs passed: no reply from %s to %s", timeout,
+                    ", ".join(node_name(n) for n in result.timed_out), what)
+        if late is not None:
+            late.abandon({mid: node_name(n) for mid, n in pending.items()}, what,
+                         max((m.metadata.ttl for m in messages), default=timeout))
     return result
 
 

@@ -28,7 +28,8 @@ from protos.errors import RejectReason, UpdateRejected
 from protos.lora_rank import reduce_adapter
 from protos.round_config import CONFIG_RECORD, RoundConfig
 from server.checkpoint import Checkpoint, CheckpointStore
-from server.exchange import QuorumError, exchange, wait_for_nodes
+from server.exchange import ExchangeResult, LateReplies, QuorumError, exchange, wait_for_nodes
+from server.fault_points import fault_point
 from server.job_config import JobConfig
 from strategies import AggregationError, Strategy
 
@@ -89,6 +90,7 @@ class Job:
         self.shared_factors = tuple(self.strategy.factor_plan["share"])
         self.fingerprint = base_model.fingerprint(cfg.model)
         self.layout = adapter_layout(base_model.model_config(cfg.model), cfg.lora)
+        self.late = LateReplies()  # instructions past their deadline whose replies are discarded
 
     # ---- state -------------------------------------------------------------
     def _resume_or_init(self) -> JobState:
@@ -119,6 +121,7 @@ class Job:
         return JobState(checkpoint.round, checkpoint.adapter, rng, list(saved["history"]), dict(saved["org_names"]))
 
     def _checkpoint(self, state: JobState) -> Checkpoint:
+        fault_point("checkpoint-write", state.server_round)
         return self.store.save(
             state.server_round,
             state.adapter,
@@ -183,7 +186,43 @@ class Job:
         return sorted(online[int(i)] for i in picks)
 
     def _train(self, state: JobState, server_round: int) -> dict[str, Any]:
+        """Train round ``server_round``; below quorum, retry it with a fresh sample
+        up to ``round-retries`` times, then stop with a QuorumError."""
+        started = time.monotonic()
+        attempts = self.cfg.round_retries + 1
+        for attempt in range(1, attempts + 1):
+            sampled, result, accepted, rejected, losses = self._attempt(state, server_round)
+            if len(accepted) >= self.cfg.quorum:
+                break
+            problem = (f"round {server_round}: {len(accepted)} valid update(s), quorum is {self.cfg.quorum} "
+                       f"(rejected: {rejected}; no reply from nodes {result.timed_out})")
+            if attempt == attempts:
+                raise QuorumError(
+                    f"{problem}; gave up after {attempt} attempt(s) (round-retries={self.cfg.round_retries}). "
+                    "The last checkpoint is intact; restart to retry this round."
+                )
+            log.warning("%s: retrying the round with a fresh sample (retry %d of %d)",
+                        problem, attempt, self.cfg.round_retries)
+        fault_point("before-aggregate", server_round)
+        state.adapter = self.strategy.finish_round()
+        fault_point("after-aggregate", server_round)
+        total = sum(n for _, n in losses)
+        return {
+            "round": server_round,
+            "sampled": len(sampled),
+            "attempts": attempt,
+            "accepted": accepted,
+            "rejected": rejected,
+            "timed_out": [self._org(state, n) for n in result.timed_out],
+            "train_loss": sum(loss * n for loss, n in losses) / total if total else float("nan"),
+            "train_seconds": time.monotonic() - started,
+        }
+
+    def _attempt(self, state: JobState, server_round: int) -> tuple[
+            list[int], ExchangeResult, list[str], list[dict[str, str]], list[tuple[float, int]]]:
+        """One try at a round: sample, push, fold in the valid replies until the deadline."""
         sampled = self._sample(state)
+        fault_point("sampled", server_round)
         self.observer.round_started(server_round, len(sampled))
         references: dict[int, Adapter] = {}  # the global as each rank's organizations start from it
         self.strategy.begin_round(server_round, state.adapter)
@@ -216,33 +255,21 @@ class Job:
             accepted.append(org)
             losses.append((header.metrics.get("train_loss", float("nan")), int(header.num_examples)))
             self.observer.reply(server_round, org, True, f"n={header.num_examples} |Δ|={norm:.3g}")
+            fault_point("mid-pull", server_round)
             # `update` goes out of scope here: the coordinator keeps no reply.
 
-        started = time.monotonic()
         result = exchange(
             self.grid,
             self._instructions(state, server_round, sampled, MessageType.TRAIN),
             on_reply,
             timeout=self.cfg.round_timeout,
             poll_interval=self.cfg.poll_interval,
+            late=self.late,
+            what=f"the round {server_round} train instruction",
+            on_pushed=lambda: fault_point("after-push", server_round),
+            node_name=lambda node_id: self._org(state, node_id),
         )
-        if len(accepted) < self.cfg.quorum:
-            raise QuorumError(
-                f"round {server_round}: {len(accepted)} valid update(s), quorum is {self.cfg.quorum} "
-                f"(rejected: {rejected}; no reply from nodes {result.timed_out}). "
-                "The last checkpoint is intact; restart to retry this round."
-            )
-        state.adapter = self.strategy.finish_round()
-        total = sum(n for _, n in losses)
-        return {
-            "round": server_round,
-            "sampled": len(sampled),
-            "accepted": accepted,
-            "rejected": rejected,
-            "timed_out": [self._org(state, n) for n in result.timed_out],
-            "train_loss": sum(loss * n for loss, n in losses) / total if total else float("nan"),
-            "train_seconds": time.monotonic() - started,
-        }
+        return sampled, result, accepted, rejected, losses
 
     def _evaluate(self, state: JobState, summary: dict[str, Any] | None = None) -> dict[str, Any]:
         """Federated evaluation of the current global adapter on every online organization."""
@@ -264,6 +291,10 @@ class Job:
             on_reply,
             timeout=self.cfg.round_timeout,
             poll_interval=self.cfg.poll_interval,
+            late=self.late,
+            what=f"the round {state.server_round} evaluate instruction",
+            on_pushed=lambda: fault_point("mid-evaluate", state.server_round),
+            node_name=lambda node_id: self._org(state, node_id),
         )
         summary["eval"] = dict(sorted(per_org.items()))
         summary["eval_overall"] = overall_metrics(per_org)
@@ -279,7 +310,9 @@ class Job:
             summary = self._train(state, server_round)
             state.server_round = server_round
             self._evaluate(state, summary)
+            summary["late_replies"] = self.late.take_discarded()
             self._checkpoint(state)
+            fault_point("after-checkpoint", server_round)
         latest = self.store.latest()
         assert latest is not None and latest.round == self.cfg.num_rounds
         return latest

@@ -16,6 +16,10 @@ from protos.adapter import LoraSpec
 from protos.round_config import RoundConfig
 
 
+#: simulated attacks (clients/attacks.py; a test checks both lists agree)
+SIM_ATTACKS = ("sign-flip", "scale10", "flip10")
+
+
 class JobConfigError(ValueError):
     """A run-config value that cannot be used, with the key named."""
 
@@ -30,6 +34,7 @@ class JobConfig:
     fraction_train: float = 1.0      # share of online organizations sampled per round
     min_replies: int = 0             # quorum of accepted updates (0: same as min_nodes)
     round_timeout: float = 600.0     # deadline for replies, per round
+    round_retries: int = 0           # a round below quorum is retried this often (fresh sample), then stops
     poll_interval: float = 0.2
     strategy: str = "fedavg"
     strategy_params: str = ""        # "key=value,key=value", e.g. "mu=0.01" for fedprox
@@ -51,6 +56,7 @@ class JobConfig:
     sim_skew: float = 0.8
     sim_max_records: int = 120
     sim_ranks: str = ""              # heterogeneous ranks for virtual organizations, e.g. "4,8,16"
+    sim_attack: str = ""             # EXPERIMENTS ONLY: "sign-flip:0.2" makes 20% of virtual organizations attackers
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "JobConfig":
@@ -76,6 +82,7 @@ class JobConfig:
         need(0.0 < self.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
         need(self.min_replies >= 0, "min-replies", "must be >= 0")
         need(self.round_timeout > 0, "round-timeout", "must be > 0 seconds")
+        need(self.round_retries >= 0, "round-retries", "must be >= 0")
         need(self.node_wait_timeout > 0, "node-wait-timeout", "must be > 0 seconds")
         need(self.local_steps >= 1, "local-steps", "must be >= 1")
         need(self.batch_size >= 1, "batch-size", "must be >= 1")
@@ -99,6 +106,15 @@ class JobConfig:
                  f"each rank must be in [1, lora-r={self.lora_r}]")
             need(strategy.supports_heterogeneous_ranks or set(ranks) == {self.lora_r}, "sim-ranks",
                  f"strategy {self.strategy!r} needs one rank for all; use hetlora or flexlora")
+        if self.sim_attack:
+            kind, _, fraction = self.sim_attack.partition(":")
+            try:
+                share = float(fraction)
+            except ValueError:
+                share = -1.0
+            need(kind in SIM_ATTACKS and 0.0 < share < 1.0, "sim-attack",
+                 f"expected KIND:FRACTION with KIND one of {', '.join(SIM_ATTACKS)} and 0 < FRACTION < 1, "
+                 "e.g. 'sign-flip:0.2' (simulation experiments only; see clients/attacks.py)")
 
     def strategy_parameters(self) -> dict[str, Any]:
         """``strategy-params`` parsed: "mu=0.01,server_momentum=0.9" → dict."""
@@ -151,6 +167,7 @@ class JobConfig:
             sim_skew=self.sim_skew,
             sim_max_records=self.sim_max_records,
             sim_ranks=self.sim_ranks,
+            sim_attack=self.sim_attack,
         )
 
 
