@@ -101,5 +101,5 @@ def test_bad_silo_is_a_named_error_without_traceback(tmp_path: Path) -> None:
 
 
 def test_deployment_commands_require_explicit_insecure() -> None:
-    result = silotune("agent", "--coordinator", "127.0.0.1:1", "--data", "x.jsonl")
+    result = silotune("agent", "start", "--coordinator", "127.0.0.1:1", "--data", "x.jsonl")
     assert result.returncode == 2 and "--insecure" in result.stderr

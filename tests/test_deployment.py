@@ -53,7 +53,7 @@ def test_coordinator_and_two_agents_two_rounds(tmp_path: Path) -> None:
                                                     stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
         for silo in silos:
             processes[silo.stem] = subprocess.Popen(
-                [SILOTUNE, "agent", "--insecure", "--coordinator", f"127.0.0.1:{port}", "--data", str(silo),
+                [SILOTUNE, "agent", "start", "--no-resident", "--insecure", "--coordinator", f"127.0.0.1:{port}", "--data", str(silo),
                  "--name", silo.stem, "--state-dir", str(tmp_path / silo.stem)],
                 stdout=logs[silo.stem], stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
         code = processes["coordinator"].wait(timeout=540)

@@ -387,17 +387,17 @@ def test_secure_by_default_deployment_commands_refuse_missing_credentials(
 ) -> None:
     silo = tmp_path / "silo.jsonl"
     silo.write_text('{"text": "a", "label": "b"}\n')
-    assert silotune_main(["agent", "--coordinator", "127.0.0.1:1", "--data", str(silo)]) == 2
+    assert silotune_main(["agent", "start", "--coordinator", "127.0.0.1:1", "--data", str(silo)]) == 2
     assert "--ca-cert" in capsys.readouterr().err
     pki.init_ca(tmp_path / "pki", days=5)
     pki.issue_server_cert(tmp_path / "pki", [])
     org = pki.create_org_key(tmp_path / "keys", "bank-a")
     # the server certificate is not a CA certificate
-    assert silotune_main(["agent", "--coordinator", "127.0.0.1:1", "--data", str(silo),
+    assert silotune_main(["agent", "start", "--coordinator", "127.0.0.1:1", "--data", str(silo),
                           "--ca-cert", str(tmp_path / "pki" / "server.pem"),
                           "--private-key", str(org.private_key)]) == 2
     assert "PkiWrongCA" in capsys.readouterr().err
-    assert silotune_main(["agent", "--insecure", "--ca-cert", "x", "--coordinator", "127.0.0.1:1",
+    assert silotune_main(["agent", "start", "--insecure", "--ca-cert", "x", "--coordinator", "127.0.0.1:1",
                           "--data", str(silo)]) == 2
     assert "drop --ca-cert" in capsys.readouterr().err
     state = tmp_path / "coord"

@@ -48,7 +48,7 @@ def test_resident_trainer_loads_the_base_model_once_per_agent(tmp_path: Path) ->
         processes["coordinator"] = subprocess.Popen(command, stdout=logs["coordinator"], stderr=subprocess.STDOUT,
                                                     env=env, cwd=tmp_path)
         for name, path in silos.items():
-            agent = [sys.executable, "-m", "clients.agent", "--insecure", "--data", str(path), "--name", name,
+            agent = [SILOTUNE, "agent", "start", "--insecure", "--data", str(path), "--name", name,
                      "--coordinator", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / name)]
             if name == "plain-org":
                 agent.append("--no-resident")

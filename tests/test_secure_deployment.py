@@ -123,7 +123,7 @@ def test_enrolled_agent_joins_unenrolled_and_plaintext_agents_are_refused(tmp_pa
         assert "enrolled bank-a" in read_flat(tmp_path / "coordinator.log")
         for name, security in agent_cmds.items():  # the refused ones first
             processes[name] = subprocess.Popen(
-                [SILOTUNE, "agent", "--coordinator", address, "--data", str(silos[name]), "--name", name,
+                [SILOTUNE, "agent", "start", "--no-resident", "--coordinator", address, "--data", str(silos[name]), "--name", name,
                  "--state-dir", str(tmp_path / name), *security],
                 stdout=logs[name], stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
 

@@ -1,4 +1,4 @@
-"""`silotune coordinator` and `silotune agent`: a real Flower deployment.
+"""`silotune coordinator`: a real Flower deployment (the agent side: agent_commands.py).
 
 coordinator: a SuperLink (state in SQLite under --state-dir) and, submitted to
 it, the silotune ServerApp with the job's run config; it waits for the job,
@@ -63,19 +63,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=3600.0, help="give up on the run after this long")
     p.set_defaults(handler=coordinator)
 
-    p = commands.add_parser("agent", help="run an organization's SuperNode next to its silo file")
-    p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink")
-    p.add_argument("--data", required=True, help="this organization's silo file (.jsonl, .csv, .parquet)")
-    p.add_argument("--ca-cert", help="the federation's CA certificate (ca.pem) to verify the coordinator")
-    p.add_argument("--private-key", help="this organization's node key (ORG.key from `silotune pki org-key`)")
-    p.add_argument("--insecure", action="store_true",
-                   help="opt out of TLS and node authentication (local experiments only)")
-    p.add_argument("--name", help="organization name shown in the coordinator's report")
-    p.add_argument("--state-dir", help="logs and Flower state (default: runs/agent-<name>)")
-    p.add_argument("--max-wait-time", type=float,
-                   help="give up if the coordinator cannot be reached for this many seconds (default: retry)")
-    p.set_defaults(handler=agent)
-
 
 def default_app_dir() -> Path:
     """The checkout this silotune runs from: the folder holding its pyproject.toml."""
@@ -115,14 +102,14 @@ def coordinator(args: argparse.Namespace) -> int:
                                   host=args.bind, port=args.port) as superlink:
         if tls is None:
             console.print(f"SuperLink pid {superlink.pid} listening on {superlink.address} (plain HTTP); "
-                          f"agents: silotune agent --insecure --coordinator {superlink.address} --data FILE")
+                          f"agents: silotune agent start --insecure --coordinator {superlink.address} --data FILE")
         else:
             for name, key_path in to_enroll:
                 row = enroll(state_dir, name, key_path)
                 console.print(f"enrolled {row.name}: node {row.node_id}, key {row.fingerprint}")
             console.print(
                 f"SuperLink pid {superlink.pid} listening on {args.bind}:{superlink.port} (TLS, node auth); "
-                f"agents: silotune agent --coordinator HOST:{superlink.port} --ca-cert {tls.ca_cert} "
+                f"agents: silotune agent start --coordinator HOST:{superlink.port} --ca-cert {tls.ca_cert} "
                 f"--private-key ORG.key --data FILE; enroll more with: silotune pki enroll "
                 f"--coordinator-dir {state_dir} --name ORG --public-key ORG.pub")
         run_id = superlink.submit_run(args.app_dir or default_app_dir(), run_config)
@@ -174,48 +161,3 @@ def check_coordinator_tls(address: str, ca_cert: Path, timeout: float = 5.0) -> 
                        "does it run --insecure? Then the agent needs --insecure too") from err
     except OSError:
         return False
-
-
-def agent(args: argparse.Namespace) -> int:
-    from clients.silo import load_silo
-    from clients.supernode import SuperNodeProcess
-
-    if args.insecure:
-        if args.ca_cert or args.private_key:
-            raise ValueError("--insecure turns TLS and node authentication off: drop --ca-cert/--private-key")
-        security: dict[str, object] = {"insecure": True}
-    else:
-        if not args.ca_cert or not args.private_key:
-            raise ValueError(AGENT_NEEDS_KEYS)
-        from server.pki import agent_files
-
-        ca_cert, private_key, fingerprint = agent_files(args.ca_cert, args.private_key)
-        security = {"insecure": False, "root_certificates": ca_cert, "auth_private_key": private_key}
-    split_address(args.coordinator)
-    data = Path(args.data).resolve()
-    silo = load_silo(data)  # named SiloError now rather than inside a round
-    name = args.name or data.stem
-    if args.insecure:
-        console.print(INSECURE_WARNING)
-    else:
-        verified = check_coordinator_tls(args.coordinator, ca_cert)
-        console.print(f"node key {fingerprint} (the coordinator must have enrolled it); coordinator "
-                      + ("certificate verified" if verified else "not reachable yet, the SuperNode will retry"))
-    console.print(f"organization {name}: {len(silo)} {silo.task} examples in {data} (they stay here)")
-    state_dir = Path(args.state_dir or f"runs/agent-{name}").resolve()
-    stop = {"now": False}
-
-    def request_stop(signum: int, frame: object) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    with SuperNodeProcess().start(args.coordinator, {"silo-path": str(data), "org-name": name},
-                                  state_dir, max_wait_time=args.max_wait_time,
-                                  **security) as supernode:  # type: ignore[arg-type]
-        console.print(f"SuperNode pid {supernode.pid} → {args.coordinator}; Ctrl-C to leave the federation")
-        while not stop["now"] and supernode.exited is None:
-            time.sleep(0.5)
-        if supernode.exited is not None:
-            raise RuntimeError(f"SuperNode exited with code {supernode.exited}:\n{supernode.log_tail()}")
-    return 0

@@ -2,7 +2,8 @@
 
   silotune simulate     a federation of virtual organizations (Flower Simulation Engine, Ray)
   silotune coordinator  a SuperLink + the silotune ServerApp for a job (deployment)
-  silotune agent        an organization's SuperNode, pointed at its silo file
+  silotune agent start  an organization's resident trainer + SuperNode, next to its silo file
+  silotune agent check  validate and summarize a silo file before joining
   silotune export       the specialist from a run's checkpoints, as a PEFT adapter folder
   silotune eval         score a base model (or base + adapter) on a silo file
   silotune generate     answer a prompt with a specialist
@@ -15,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from simulations.cli import deploy_commands, model_commands, pki_commands, simulate_command
+from simulations.cli import agent_commands, deploy_commands, model_commands, pki_commands, simulate_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     simulate_command.register(commands)
     deploy_commands.register(commands)
+    agent_commands.register(commands)
     model_commands.register(commands)
     pki_commands.register(commands)
     return parser

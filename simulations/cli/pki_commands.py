@@ -96,7 +96,7 @@ def org_key(args: argparse.Namespace) -> int:
 
     files = create_org_key(args.dir, args.name, force=args.force)
     console.print(f"private key {files.private_key} (mode 0600): stays here; "
-                  f"silotune agent --private-key {files.private_key}")
+                  f"silotune agent start --private-key {files.private_key}")
     console.print(f"public key fingerprint {files.fingerprint}: send the public key to the coordinator's operator")
     print(files.public_key)  # plain last line: the public key path, for scripts
     return 0
