@@ -272,9 +272,16 @@ class Job:
         return sampled, result, accepted, rejected, losses
 
     def _evaluate(self, state: JobState, summary: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Federated evaluation of the current global adapter on every online organization."""
+        """Federated evaluation of the current global adapter on the online organizations
+        (all of them, or a ``fraction-evaluate`` sample for large fleets)."""
         summary = summary if summary is not None else {"round": state.server_round}
         online = sorted(self.grid.get_node_ids())
+        if self.cfg.fraction_evaluate < 1.0 and online:
+            # its own generator, seeded by the round: training's sampling sequence
+            # (and so a resumed run's) does not depend on evaluation
+            k = max(1, math.ceil(self.cfg.fraction_evaluate * len(online)))
+            picks = np.random.default_rng([self.cfg.seed, state.server_round, 1]).choice(len(online), k, replace=False)
+            online = sorted(online[int(i)] for i in picks)
         per_org: dict[str, dict[str, float]] = {}
 
         def on_reply(node_id: int, reply: Message) -> None:

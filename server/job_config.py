@@ -32,6 +32,7 @@ class JobConfig:
     min_nodes: int = 2               # wait for this many organizations online...
     node_wait_timeout: float = 120.0  # ...at most this long, then stop with a clear error
     fraction_train: float = 1.0      # share of online organizations sampled per round
+    fraction_evaluate: float = 1.0   # share evaluated after each round (large fleets: a sample)
     min_replies: int = 0             # quorum of accepted updates (0: same as min_nodes)
     round_timeout: float = 600.0     # deadline for replies, per round
     round_retries: int = 0           # a round below quorum is retried this often (fresh sample), then stops
@@ -80,6 +81,7 @@ class JobConfig:
         need(self.num_rounds >= 1, "num-rounds", "must be >= 1")
         need(self.min_nodes >= 1, "min-nodes", "must be >= 1")
         need(0.0 < self.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
+        need(0.0 < self.fraction_evaluate <= 1.0, "fraction-evaluate", "must be in (0, 1]")
         need(self.min_replies >= 0, "min-replies", "must be >= 0")
         need(self.round_timeout > 0, "round-timeout", "must be > 0 seconds")
         need(self.round_retries >= 0, "round-retries", "must be >= 0")

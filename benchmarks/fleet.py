@@ -1,0 +1,171 @@
+"""A fleet of virtual organizations on this machine: wall time, overhead, memory.
+
+    python benchmarks/fleet.py                    # 1000 organizations, 10% per round (scenario "fleet")
+    python benchmarks/fleet.py --organizations 100
+
+Measures, in one process:
+* bare local training: ``train_adapter`` on one organization's data with the
+  resident tiny model, on ONE thread (as each Ray actor trains), median over
+  organizations — the work a client-round cannot avoid;
+* the fleet: the same ClientApp and ServerApp on Flower's Simulation Engine
+  (Ray actors, one CPU each); per round the training phase's wall time, from
+  push to the last accepted reply;
+* overhead per client-round = (train-phase wall time × actors) / clients
+  sampled − bare training time: everything the federation adds per client
+  (messages, encode/decode, validation, Ray scheduling, data loading);
+* peak memory: RSS of this process and all its descendants (Ray actors,
+  raylet, GCS) summed, polled every 0.25 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class PeakMemory(threading.Thread):
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = 0
+        self.peak_actor = 0
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total, actor = 0, 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    rss = proc.memory_info().rss
+                    total += rss
+                    if "ClientAppActor" in " ".join(proc.cmdline()):
+                        actor = max(actor, rss)
+                except psutil.Error:
+                    pass
+            self.peak, self.peak_actor = max(self.peak, total), max(self.peak_actor, actor)
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Timer:
+    """RoundObserver that records each round's training phase."""
+
+    def __init__(self) -> None:
+        self.rounds: list[dict[str, Any]] = []
+        self._started = 0.0
+
+    def round_started(self, server_round: int, sampled: int) -> None:
+        self._started = time.perf_counter()
+        self.rounds.append({"round": server_round, "sampled": sampled, "accepted": 0})
+
+    def reply(self, server_round: int, org: str, accepted: bool, detail: str) -> None:
+        self.rounds[-1]["accepted"] += int(accepted)
+        self.rounds[-1]["train_s"] = time.perf_counter() - self._started
+
+    def round_finished(self, server_round: int, summary: dict[str, Any]) -> None:
+        if self.rounds and self.rounds[-1]["round"] == server_round:
+            self.rounds[-1]["eval_s"] = summary.get("eval_seconds", 0.0)
+
+
+def bare_training_seconds(cfg: Any, organizations: int, samples: int = 20) -> float:
+    import torch
+
+    from clients.formatting import encode_example
+    from clients.resident import get_resident
+    from clients.silo import split_silo, virtual_silo
+    from clients.trainer import TrainSettings, train_adapter
+
+    torch.set_num_threads(1)
+    resident = get_resident(cfg.model, cfg.lora)
+    start = resident.adapter()
+    times = []
+    for pid in range(samples):
+        silo = virtual_silo(cfg.sim_dataset, pid, organizations, skew=cfg.sim_skew,
+                            max_records=cfg.sim_max_records, seed=cfg.seed)
+        train = split_silo(silo, cfg.test_fraction, cfg.seed)[0]
+        examples = [encode_example(resident.tokenizer, e.prompt, e.answer, cfg.max_length) for e in train.examples]
+        settings = TrainSettings(cfg.local_steps, cfg.batch_size, cfg.learning_rate, seed=pid)
+        begun = time.perf_counter()
+        train_adapter(resident, start, examples, settings)
+        times.append(time.perf_counter() - begun)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return statistics.median(times[2:])  # the first calls warm up kernels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--organizations", type=int, default=1000)
+    parser.add_argument("--run-dir", default="runs/fleet-benchmark")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    args = parser.parse_args()
+
+    from simulations.runner import backend_config, run_scenario
+    from simulations.scenario import load_scenario
+
+    scenario = load_scenario("fleet")
+    scenario.num_organizations = args.organizations
+    cfg = scenario.job_config({"run-dir": args.run_dir,
+                               "min-nodes": max(1, args.organizations // 10)})
+    bare = bare_training_seconds(cfg, args.organizations)
+    actors = int(backend_config(scenario)["init_args"]["num_cpus"] // backend_config(scenario)["client_resources"]["num_cpus"])
+
+    import shutil
+    shutil.rmtree(args.run_dir, ignore_errors=True)
+    memory, timer = PeakMemory(), Timer()
+    memory.start()
+    began = time.perf_counter()
+    run_scenario(scenario, cfg, timer)
+    wall = time.perf_counter() - began
+    memory.stop()
+
+    rows = []
+    for r in timer.rounds:
+        per_client = r["train_s"] * actors / r["sampled"]
+        rows.append((r["round"], r["sampled"], r["accepted"], r["train_s"], per_client, per_client - bare,
+                     r.get("eval_s", 0.0)))
+    steady = [row[5] for row in rows[1:]] or [rows[0][5]]
+    overhead = statistics.median(steady)
+    lines = [
+        f"## Fleet: {args.organizations} virtual organizations, {cfg.fraction_train:.0%} per round "
+        f"({dt.date.today().isoformat()})",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB; {actors} Ray actors × 1 CPU; model {cfg.model}, "
+        f"{cfg.local_steps} local steps × batch {cfg.batch_size}. Command: `python benchmarks/fleet.py "
+        f"--organizations {args.organizations}`.",
+        "",
+        "| round | sampled | accepted | train phase (s) | actor-s per client-round | overhead over bare (s) | eval (s) |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.3f} | {r[5]:+.3f} | {r[6]:.1f} |" for r in rows],
+        "",
+        f"- bare local training per client (1 thread, median): **{bare:.3f} s**",
+        f"- overhead per client-round (median of rounds after the first): **{overhead:.3f} s** "
+        f"(target ≤ 0.1 s: {'met' if overhead <= 0.1 else 'NOT met'})",
+        f"- whole run wall time: **{wall:.0f} s** (Ray start, round 0 evaluation, {len(rows)} rounds, export)",
+        f"- peak memory, all processes: **{memory.peak / 2**30:.2f} GiB**; largest actor: "
+        f"{memory.peak_actor / 2**20:.0f} MiB (the model is cached per actor, not per organization)",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with results.open("a") as handle:
+        handle.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
