@@ -203,7 +203,10 @@ def check_header(header: pb.UpdateHeader, expected: Expectation) -> None:
             RejectReason.BASE_MODEL_MISMATCH,
             f"base model {header.base_model_fingerprint!r}, expected {expected.fingerprint!r}",
         )
-    got = lora_spec_from_proto(header.adapter)
+    try:
+        got = lora_spec_from_proto(header.adapter)
+    except ValueError as err:  # rank 0, no target module, dropout out of range
+        raise _reject(RejectReason.ADAPTER_CONFIG_MISMATCH, f"adapter config invalid: {err}") from None
     if got != expected.lora:
         raise _reject(RejectReason.ADAPTER_CONFIG_MISMATCH, f"adapter {got}, expected {expected.lora}")
     names = {t.name: tuple(int(d) for d in t.shape) for t in header.tensors}

@@ -24,7 +24,8 @@ class RejectReason(str, Enum):
     NORM_BOUND = "norm_bound"
     NUM_EXAMPLES = "num_examples"
     CLIENT_ERROR = "client_error"                # the ClientApp replied with an error
-    DUPLICATE = "duplicate"
+    DUPLICATE = "duplicate"                      # a node's second reply in a round; an update already accepted
+    OVERSIZED = "oversized"                      # more bytes than max-update-bytes, refused before decoding
     STRATEGY_REFUSED = "strategy_refused"        # e.g. more updates than a robust strategy holds
 
 

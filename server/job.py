@@ -31,12 +31,14 @@ from server.checkpoint import Checkpoint, CheckpointStore
 from server.exchange import ExchangeResult, LateReplies, QuorumError, exchange, wait_for_nodes
 from server.fault_points import fault_point
 from server.job_config import JobConfig
+from server.validation import UpdateValidator, derived_max_update_bytes
 from strategies import AggregationError, Strategy
 
 log = logging.getLogger("silotune.server")
 
 METRICS_RECORD = "metrics"    # names used by clients/app.py replies
 ORG_RECORD = "organization"
+MAX_ORG_NAME = 128
 
 
 class RoundObserver(Protocol):
@@ -91,6 +93,8 @@ class Job:
         self.fingerprint = base_model.fingerprint(cfg.model)
         self.layout = adapter_layout(base_model.model_config(cfg.model), cfg.lora)
         self.late = LateReplies()  # instructions past their deadline whose replies are discarded
+        self.validator = UpdateValidator(   # sender, size, duplicates: what the codec cannot check alone
+            cfg.max_update_bytes or derived_max_update_bytes(select_factors(self.layout, self.shared_factors)))
 
     # ---- state -------------------------------------------------------------
     def _resume_or_init(self) -> JobState:
@@ -174,7 +178,9 @@ class Job:
 
     def _org(self, state: JobState, node_id: int, reply: Message | None = None) -> str:
         if reply is not None and reply.has_content() and ORG_RECORD in reply.content.config_records:
-            state.org_names[str(node_id)] = str(reply.content.config_records[ORG_RECORD]["name"])
+            name = reply.content.config_records[ORG_RECORD].get("name")
+            if isinstance(name, str) and 0 < len(name) <= MAX_ORG_NAME and name.isprintable():  # from the network
+                state.org_names[str(node_id)] = name
         return state.org_names.get(str(node_id), f"node-{node_id}")
 
     # ---- a round -----------------------------------------------------------
@@ -226,6 +232,7 @@ class Job:
         self.observer.round_started(server_round, len(sampled))
         references: dict[int, Adapter] = {}  # the global as each rank's organizations start from it
         self.strategy.begin_round(server_round, state.adapter)
+        self.validator.begin_round(server_round)
         accepted: list[str] = []
         rejected: list[dict[str, str]] = []
         losses: list[tuple[float, int]] = []
@@ -233,11 +240,13 @@ class Job:
         def on_reply(node_id: int, reply: Message) -> None:
             org = self._org(state, node_id, reply)
             try:
+                self.validator.admit(node_id, reply)  # sender, one reply per node, size: before decoding
                 if reply.has_error():
                     raise UpdateRejected(RejectReason.CLIENT_ERROR, reply.error.reason)
                 header, update = codec.decode(reply.content)
                 expectation = self._update_expectation(server_round, header.adapter.rank)
                 codec.check_header(header, expectation)
+                digest = self.validator.check_fresh(update)  # not an update already accepted
                 rank = expectation.lora.rank
                 if rank not in references:
                     references[rank] = select_factors(
@@ -248,6 +257,7 @@ class Job:
                     self.strategy.accumulate(update, int(header.num_examples))
                 except AggregationError as refusal:
                     raise UpdateRejected(RejectReason.STRATEGY_REFUSED, str(refusal)) from None
+                self.validator.accepted(digest)
             except UpdateRejected as rejection:
                 rejected.append({"org": org, "reason": rejection.reason.value, "detail": rejection.detail})
                 self.observer.reply(server_round, org, False, str(rejection))

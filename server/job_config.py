@@ -51,6 +51,7 @@ class JobConfig:
     eval_max_examples: int = 64
     update_encoding: str = "fp32"
     norm_bound: float = 0.0          # 0: no bound on the update norm
+    max_update_bytes: int = 0        # a reply above this is refused before decoding (0: 2x the fp32 update + 64 KiB)
     seed: int = 0
     run_dir: str = "runs/silotune"
     sim_dataset: str = "bbc-news"
@@ -93,6 +94,7 @@ class JobConfig:
         need(0.0 < self.test_fraction < 1.0, "test-fraction", "must be in (0, 1)")
         need(self.update_encoding in ("fp32", "fp16", "int8"), "update-encoding", "one of fp32, fp16, int8")
         need(self.norm_bound >= 0, "norm-bound", "must be >= 0")
+        need(self.max_update_bytes >= 0, "max-update-bytes", "must be >= 0 (0: derived from the adapter size)")
         need(bool(self.job_id.strip()), "job-id", "must not be empty")
         try:
             self.lora
