@@ -1,0 +1,151 @@
+"""An organization's side of one secure-aggregation session.
+
+Bonawitz et al. 2017 ("Practical Secure Aggregation for Privacy-Preserving
+Machine Learning"), honest-but-curious coordinator, four exchanges:
+
+1. ``advertise`` — two fresh X25519 public keys (mask, encryption);
+2. ``share_keys(roster)`` — with everyone's keys (U1): a fresh self-mask seed
+   b; Shamir shares of b and of the mask private key for every member of U1,
+   each sealed for its holder (ChaCha20-Poly1305 under the pair's HKDF key);
+   plus a commitment SHA-256(session ‖ b) so a reconstruction can be checked;
+3. ``mask(shares for me, update, weight)`` — the senders of those shares and
+   this organization form U2; the update is quantized (``ring.RingSpec``) and
+   masked: y = q + PRG(b) + Σ_{j∈U2, j≠i} ±PRG(s_ij), + for i < j and − for
+   i > j, so the pairwise masks cancel in the sum over U2;
+4. ``unmask(survivors, dropped)`` — the organizations whose masked input
+   arrived (U3) and the rest of U2: this organization returns the shares of
+   b for every survivor and of the mask private key for every dropped one,
+   never both for the same organization, so an input that arrives late (its
+   sender declared dropped) stays hidden behind its self-mask.
+
+Each stage runs once, in order; anything inconsistent raises SecAggError.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+
+from protos.secagg import keys, shamir
+from protos.secagg.errors import SecAggError, ThresholdError
+from protos.secagg.messages import PublicKeys, SealedShares, UnmaskShares, pairwise_sign, seed_commitment
+from protos.secagg.prg import apply_masks
+from protos.secagg.session import Session
+
+#: values quantized at a time (float64 temporaries of this many elements)
+QUANTIZE_CHUNK = 1 << 20
+
+
+class MaskingClient:
+    """One organization in one session; see the module docstring for the stages."""
+
+    def __init__(self, session: Session, index: int) -> None:
+        session.validate()
+        if index not in session.participants:
+            raise SecAggError(f"index {index} is not a participant of this session")
+        self.session = session
+        self.index = index
+        self._mask_private, mask_public = keys.generate()
+        self._encryption_private, encryption_public = keys.generate()
+        self.public_keys = PublicKeys(mask_public, encryption_public)
+        self._stage = 1
+        self._roster: dict[int, PublicKeys] = {}
+        self._seed = b""
+        self._held: dict[int, tuple[bytes, bytes]] = {}   # owner -> (seed share, mask-key share) held here
+        self._u2: frozenset[int] = frozenset()
+
+    def _enter(self, stage: int, name: str) -> None:
+        if self._stage != stage:
+            raise SecAggError(f"{name}: this organization is at stage {self._stage} of the protocol, not {stage}")
+        self._stage = stage + 1
+
+    # ---- 1 -----------------------------------------------------------------
+    def advertise(self) -> PublicKeys:
+        self._enter(1, "advertise")
+        return self.public_keys
+
+    # ---- 2 -----------------------------------------------------------------
+    def share_keys(self, roster: Mapping[int, PublicKeys]) -> SealedShares:
+        self._enter(2, "share_keys")
+        t = self.session.threshold
+        if not set(roster) <= set(self.session.participants):
+            raise SecAggError("the roster names organizations outside the session")
+        if roster.get(self.index) != self.public_keys:
+            raise SecAggError("the roster does not hold this organization's own keys")
+        if len(roster) < t:
+            raise ThresholdError(f"{len(roster)} organization(s) advertised keys, the threshold is {t}")
+        all_keys = [k for pk in roster.values() for k in (pk.mask, pk.encryption)]
+        if len(set(all_keys)) != len(all_keys):
+            raise SecAggError("two advertised public keys are identical")
+        self._roster = dict(roster)
+        self._seed = os.urandom(shamir.SECRET_BYTES)
+        members = sorted(roster)
+        seed_shares = shamir.split(self._seed, t, members)
+        key_shares = shamir.split(self._mask_private, t, members)
+        sealed: dict[int, bytes] = {}
+        sid = self.session.session_id
+        for j in members:
+            if j == self.index:
+                self._held[j] = (seed_shares[j], key_shares[j])
+                continue
+            key = keys.pair_key(self._encryption_private, roster[j].encryption, sid, keys.SHARE_ENCRYPTION,
+                                self.index, j)
+            sealed[j] = keys.seal(key, seed_shares[j] + key_shares[j], sid, self.index, j)
+        return SealedShares(sealed, seed_commitment(sid, self._seed))
+
+    # ---- 3 -----------------------------------------------------------------
+    def mask(self, sealed_for_me: Mapping[int, bytes], update: np.ndarray, weight: int) -> np.ndarray:
+        """The masked ring vector of ``update`` (flat, P values) weighted by ``weight``."""
+        self._enter(3, "mask")
+        session, ring, sid = self.session, self.session.ring, self.session.session_id
+        if not set(sealed_for_me) <= set(self._roster) - {self.index}:
+            raise SecAggError("shares arrived from organizations outside the roster")
+        if len(sealed_for_me) + 1 < session.threshold:
+            raise ThresholdError(f"{len(sealed_for_me) + 1} organization(s) shared keys, "
+                                 f"the threshold is {session.threshold}")
+        update = np.asarray(update).reshape(-1)
+        if update.size != session.length:
+            raise SecAggError(f"update of {update.size} values, the session expects {session.length}")
+        size = shamir.SHARE_BYTES
+        for src, sealed in sealed_for_me.items():
+            key = keys.pair_key(self._encryption_private, self._roster[src].encryption, sid,
+                                keys.SHARE_ENCRYPTION, src, self.index)
+            plain = keys.open_sealed(key, sealed, sid, src, self.index)
+            if len(plain) != 2 * size:
+                raise SecAggError(f"shares from {src} have {len(plain)} bytes, expected {2 * size}")
+            self._held[src] = (plain[:size], plain[size:])
+        self._u2 = frozenset(sealed_for_me) | {self.index}
+
+        vector = np.empty(session.vector_length, dtype=ring.dtype)
+        for start in range(0, session.length, QUANTIZE_CHUNK):
+            stop = min(start + QUANTIZE_CHUNK, session.length)
+            ring.quantize(update[start:stop], weight, out=vector[start:stop])
+        vector[-1] = ring.encode_weight(weight)
+        masks = [(keys.self_mask_seed(self._seed, sid, self.index), 1)]
+        for j in sorted(self._u2 - {self.index}):
+            seed = keys.pair_key(self._mask_private, self._roster[j].mask, sid, keys.MASK, self.index, j)
+            masks.append((seed, pairwise_sign(self.index, j)))
+        apply_masks(vector, masks, ring.ring_bits, session.prg)
+        return vector
+
+    # ---- 4 -----------------------------------------------------------------
+    def unmask(self, survivors: list[int], dropped: list[int]) -> UnmaskShares:
+        self._enter(4, "unmask")
+        alive, gone = set(survivors), set(dropped)
+        if alive & gone:
+            raise SecAggError(f"organizations {sorted(alive & gone)[:5]} are listed both as survivors and as "
+                              "dropped: revealing both of their secrets would unmask their input")
+        if alive | gone != self._u2:
+            raise SecAggError("survivors and dropped organizations do not make up the organizations that "
+                              "shared keys with this one")
+        if self.index not in alive:
+            raise SecAggError("this organization is listed as dropped")
+        if len(alive) < self.session.threshold:
+            raise ThresholdError(f"{len(alive)} masked input(s) arrived, the threshold is "
+                                 f"{self.session.threshold}: refusing to reveal shares")
+        return UnmaskShares(
+            seed={i: self._held[i][0] for i in sorted(alive)},
+            mask_key={j: self._held[j][1] for j in sorted(gone)},
+        )

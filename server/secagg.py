@@ -1,0 +1,209 @@
+"""The coordinator's side of a secure-aggregation session: route keys and
+shares, sum the masked inputs as they arrive, unmask the sum.
+
+Stages (each closed by the call that starts the next; see
+protos/secagg/client.py for the organizations' side):
+
+1. ``add_keys`` per organization → ``roster()``: U1, broadcast to U1;
+2. ``add_shares`` per organization → ``routing()``: U2 (those that sent
+   shares); each member of U2 gets the sealed shares addressed to it;
+3. ``add_masked`` per organization: the masked ring vector is added to a
+   running sum mod 2^k and dropped (memory O(P) whatever N) →
+   ``unmask_request()``: survivors U3 and dropped U2 \\ U3;
+4. ``add_unmask`` per survivor → ``finish()``: from any t responders,
+   reconstruct every survivor's self-mask seed and every dropped
+   organization's mask private key, subtract the survivors' self-masks and
+   the pairwise masks survivors share with dropped organizations, all in one
+   chunked pass over the sum, and dequantize: the weighted mean.
+
+Every reconstruction is checked (a mask key against its advertised public
+key, a seed against its commitment), so bad shares give a named error, not a
+wrong model. Fewer than t organizations at stage 3 or 4 → ThresholdError.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from protos.secagg import keys, shamir
+from protos.secagg.errors import SecAggError, ThresholdError
+from protos.secagg.messages import PublicKeys, SealedShares, UnmaskShares, pairwise_sign, seed_commitment
+from protos.secagg.prg import apply_masks
+from protos.secagg.session import Session
+
+log = logging.getLogger("silotune.server")
+
+#: values dequantized at a time (int64/float64 temporaries of this many elements)
+DEQUANTIZE_CHUNK = 1 << 20
+
+
+@dataclass
+class SecAggResult:
+    mean: np.ndarray             # float32, P values: Σ nᵢ·clip(xᵢ) / Σ nᵢ within the quantization error
+    weight_sum: int              # Σ nᵢ over the survivors
+    survivors: list[int]         # U3
+    dropped: list[int]           # U2 \ U3: masked but never arrived
+    error_bound: float           # the largest |mean − exact weighted mean of the clipped inputs|
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class SecAggCoordinator:
+    """One session at the coordinator."""
+
+    def __init__(self, session: Session) -> None:
+        session.validate()
+        self.session = session
+        self._stage = 1
+        self._keys: dict[int, PublicKeys] = {}
+        self._sealed: dict[int, dict[int, bytes]] = {}     # src -> dst -> sealed
+        self._commitments: dict[int, bytes] = {}
+        self._sum: np.ndarray | None = None
+        self._u2: list[int] = []
+        self._u3: list[int] = []
+        self._dropped: list[int] = []
+        self._unmask: dict[int, UnmaskShares] = {}
+
+    def _at(self, stage: int, what: str) -> None:
+        if self._stage != stage:
+            raise SecAggError(f"{what}: the session is at stage {self._stage}, not {stage}")
+
+    # ---- 1 -----------------------------------------------------------------
+    def add_keys(self, index: int, public: PublicKeys) -> None:
+        self._at(1, "add_keys")
+        if index not in self.session.participants:
+            raise SecAggError(f"keys from {index}, not a participant")
+        if index in self._keys:
+            raise SecAggError(f"{index} advertised keys twice")
+        if len(public.mask) != keys.KEY_BYTES or len(public.encryption) != keys.KEY_BYTES:
+            raise SecAggError(f"{index}: public keys must be {keys.KEY_BYTES} bytes")
+        self._keys[index] = public
+
+    def roster(self) -> dict[int, PublicKeys]:
+        """U1's keys, to broadcast; closes stage 1."""
+        self._at(1, "roster")
+        self._need(len(self._keys), "organization(s) advertised keys")
+        everyone = [k for pk in self._keys.values() for k in (pk.mask, pk.encryption)]
+        if len(set(everyone)) != len(everyone):
+            raise SecAggError("two organizations advertised the same public key")
+        self._stage = 2
+        return dict(sorted(self._keys.items()))
+
+    # ---- 2 -----------------------------------------------------------------
+    def add_shares(self, src: int, shares: SealedShares) -> None:
+        self._at(2, "add_shares")
+        if src not in self._keys:
+            raise SecAggError(f"shares from {src}, not in the roster")
+        if src in self._sealed:
+            raise SecAggError(f"{src} sent shares twice")
+        if set(shares.sealed) != set(self._keys) - {src}:
+            raise SecAggError(f"{src} did not send one share to every other member of the roster")
+        if len(shares.seed_commitment) != 32:
+            raise SecAggError(f"{src}: seed commitment must be 32 bytes")
+        self._sealed[src] = dict(shares.sealed)
+        self._commitments[src] = shares.seed_commitment
+
+    def routing(self) -> dict[int, dict[int, bytes]]:
+        """For each member of U2, the sealed shares addressed to it by the rest of U2; closes stage 2."""
+        self._at(2, "routing")
+        self._need(len(self._sealed), "organization(s) shared keys")
+        u2 = sorted(self._sealed)
+        routed = {dst: {src: self._sealed[src][dst] for src in u2 if src != dst} for dst in u2}
+        self._sealed.clear()
+        self._sum = np.zeros(self.session.vector_length, dtype=self.session.ring.dtype)
+        self._u2 = u2
+        self._stage = 3
+        return routed
+
+    # ---- 3 -----------------------------------------------------------------
+    def add_masked(self, index: int, vector: np.ndarray) -> None:
+        """Fold one masked input into the running sum; the input is not kept."""
+        self._at(3, "add_masked")
+        assert self._sum is not None
+        if index not in self._commitments:
+            raise SecAggError(f"masked input from {index}, which did not share keys")
+        if index in self._u3:
+            raise SecAggError(f"{index} sent a second masked input")
+        ring = self.session.ring
+        if vector.dtype != ring.dtype or vector.shape != self._sum.shape:
+            raise SecAggError(f"masked input of {vector.dtype} {vector.shape}, expected {ring.dtype} "
+                              f"{self._sum.shape}")
+        if ring.ring_bits < ring.dtype.itemsize * 8 and int(vector.max()) > ring.modulus_mask:
+            raise SecAggError(f"masked input from {index} holds values outside Z_2^{ring.ring_bits}")
+        np.add(self._sum, vector, out=self._sum)
+        self._u3.append(index)
+
+    def unmask_request(self) -> tuple[list[int], list[int]]:
+        """(survivors U3, dropped U2 \\ U3), to send to every survivor; closes stage 3."""
+        self._at(3, "unmask_request")
+        self._need(len(self._u3), "masked input(s) arrived")
+        self._stage = 4
+        survivors = sorted(self._u3)
+        self._dropped = sorted(set(self._u2) - set(survivors))
+        return survivors, list(self._dropped)
+
+    # ---- 4 -----------------------------------------------------------------
+    def add_unmask(self, index: int, shares: UnmaskShares) -> None:
+        self._at(4, "add_unmask")
+        if index not in self._u3:
+            raise SecAggError(f"unmask shares from {index}, not a survivor")
+        if index in self._unmask:
+            raise SecAggError(f"{index} sent unmask shares twice")
+        if set(shares.seed) != set(self._u3) or set(shares.mask_key) != set(self._dropped):
+            raise SecAggError(f"{index} did not answer the unmask request it was sent")
+        self._unmask[index] = shares
+
+    def finish(self) -> SecAggResult:
+        """Unmask and dequantize the sum; closes the session."""
+        self._at(4, "finish")
+        started = time.perf_counter()
+        self._need(len(self._unmask), "organization(s) sent unmask shares")
+        self._stage = 5
+        session, ring, sid = self.session, self.session.ring, self.session.session_id
+        total, survivors, dropped = self._sum, sorted(self._u3), list(self._dropped)
+        assert total is not None
+        self._sum = None
+        reconstruct = shamir.Reconstructor(sorted(self._unmask), session.threshold)
+        masks: list[tuple[bytes, int]] = []
+        for i in survivors:
+            seed = reconstruct.combine({h: s.seed[i] for h, s in self._unmask.items()})
+            if seed_commitment(sid, seed) != self._commitments[i]:
+                raise SecAggError(f"the self-mask seed of {i} does not match its commitment: inconsistent shares")
+            masks.append((keys.self_mask_seed(seed, sid, i), -1))
+        for u in dropped:
+            private = reconstruct.combine({h: s.mask_key[u] for h, s in self._unmask.items()})
+            if X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw() != self._keys[u].mask:
+                raise SecAggError(f"the mask key of dropped {u} does not match its public key: inconsistent shares")
+            for v in survivors:
+                seed = keys.pair_key(private, self._keys[v].mask, sid, keys.MASK, u, v)
+                masks.append((seed, -pairwise_sign(v, u)))  # v added sign(v, u)·PRG(s_uv): remove it
+        reconstructed = time.perf_counter()
+        apply_masks(total, masks, ring.ring_bits, session.prg)
+        unmasked = time.perf_counter()
+        weight_sum = ring.decode_weight(int(total[-1]))
+        if not 1 <= weight_sum <= len(survivors) * ring.max_weight:
+            raise SecAggError(f"the unmasked weight sum is {weight_sum}: the masks did not cancel")
+        mean = np.empty(session.length, dtype=np.float32)
+        for start in range(0, session.length, DEQUANTIZE_CHUNK):
+            stop = min(start + DEQUANTIZE_CHUNK, session.length)
+            mean[start:stop] = ring.dequantize_mean(total[start:stop], weight_sum)
+        del total
+        log.info("secure aggregation: %d survivor(s), %d dropped, %d mask(s) removed",
+                 len(survivors), len(dropped), len(masks))
+        return SecAggResult(
+            mean=mean, weight_sum=weight_sum, survivors=survivors, dropped=dropped,
+            error_bound=ring.mean_error_bound(len(survivors), weight_sum),
+            timings={"reconstruct_s": reconstructed - started, "unmask_s": unmasked - reconstructed,
+                     "dequantize_s": time.perf_counter() - unmasked},
+        )
+
+    def _need(self, count: int, what: str) -> None:
+        if count < self.session.threshold:
+            raise ThresholdError(
+                f"{count} {what}, the threshold is {self.session.threshold}: the sum cannot be unmasked "
+                f"(at most N - t = {len(self.session.participants) - self.session.threshold} may drop)"
+            )
