@@ -6,6 +6,7 @@ import inspect
 from typing import Any
 
 from strategies.base import Strategy
+from strategies.dp_fedavg import DpFedAvg
 from strategies.exact_lora import ExactLora
 from strategies.fedadagrad import FedAdagrad
 from strategies.fedadam import FedAdam
@@ -22,13 +23,14 @@ from strategies.median import Median
 from strategies.norm_bounded import NormBounded
 from strategies.trimmed_mean import TrimmedMean
 
-# listed by family (classic, robust, LoRA-specific), the order error messages show
+# listed by family (classic, robust, LoRA-specific, private), the order error messages show
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in (
         FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad,
         Median, TrimmedMean, Krum, NormBounded,
         ExactLora, HetLora, FlexLora, FfaLora, FedSaLora,
+        DpFedAvg,
     )
 }
 

@@ -10,7 +10,7 @@ import pytest
 from strategies import STRATEGIES, Strategy, build_strategy
 
 NAMES = ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed-mean", "krum",
-         "norm-bounded", "exact-lora", "hetlora", "flexlora", "ffa-lora", "fedsa-lora"]
+         "norm-bounded", "exact-lora", "hetlora", "flexlora", "ffa-lora", "fedsa-lora", "dp-fedavg"]
 
 BAD = [
     ("fedprox", "mu", -0.01), ("fedprox", "mu", float("nan")), ("fedprox", "mu", "0.1"),
@@ -24,6 +24,8 @@ BAD = [
     ("krum", "num_malicious", -1), ("krum", "num_to_select", 0), ("krum", "num_malicious", True),
     ("norm-bounded", "clip_norm", 0.0), ("norm-bounded", "clip_norm", -1.0),
     ("exact-lora", "residual", "yes"), ("exact-lora", "max_updates", -3), ("flexlora", "max_updates", 0),
+    ("dp-fedavg", "clip_norm", 0.0), ("dp-fedavg", "noise_multiplier", -1.0),
+    ("dp-fedavg", "noise_placement", "client"), ("dp-fedavg", "noise_seed", -2),
 ]
 
 
