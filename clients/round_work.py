@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from clients import attacks
+from clients import attacks, privacy
 from clients import resident as resident_module
 from clients.evaluation import evaluate_examples
 from clients.local_data import LocalData, local_data, local_rank
@@ -106,6 +106,10 @@ def train(content: RecordDict, node_config: dict, state: RecordDict) -> RecordDi
         )
         adapter, metrics = train_adapter(ins.resident, ins.adapter, ins.data.train, settings)
     _keep_local_factors(state, adapter, shared)
+    if cfg.dp_clip > 0:  # differential privacy at the organization: clip (and noise) what is sent
+        adapter = privacy.privatize(ins.adapter, adapter, tuple(select_factors(adapter, shared)), cfg.dp_clip,
+                                    cfg.dp_noise, privacy.noise_generator(node_config, cfg.server_round, ins.data.org_name))
+        metrics = {**metrics, "dp_clip": cfg.dp_clip, "dp_noise": cfg.dp_noise}
     log.info("%s round %d: loss %.4f (%d steps, rank %d)", ins.data.org_name, cfg.server_round,
              metrics["train_loss"], int(metrics["train_steps"]), ins.spec.rank)
     sent = attacks.maybe_attack(node_config, cfg.sim_attack, cfg.seed, ins.adapter, adapter)  # simulation experiments only

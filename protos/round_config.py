@@ -39,6 +39,8 @@ class RoundConfig:
     train_factors: str = "lora_A,lora_B"     # FFA-LoRA trains B only
     share_factors: str = "lora_A,lora_B"     # sent up and aggregated; the others stay local (FedSA-LoRA)
     rank_reduction: str = "none"             # none | truncate | svd: global rank R → an organization's rank
+    dp_clip: float = 0.0                     # DP at the organization (clients/privacy.py): clip the delta to this L2 norm (0: off)
+    dp_noise: float = 0.0                    # ...then add N(0, (dp_noise·dp_clip)²) to each coordinate (0: clip only)
     # Virtual organizations (simulation only; deployment agents bring a silo file).
     sim_dataset: str = "bbc-news"
     sim_skew: float = 0.8

@@ -1,0 +1,54 @@
+"""DP at the organization: clip the shared delta, add N(0, (zC)²), keep local factors as they are."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clients.privacy import noise_generator, privatize
+from protos.round_config import RoundConfig
+
+
+def _adapters(scale: float) -> tuple[dict, dict]:
+    rng = np.random.default_rng(0)
+    start = {"m.lora_A": rng.standard_normal((300, 200)).astype(np.float32),
+             "m.lora_B": rng.standard_normal((200, 300)).astype(np.float32)}
+    trained = {k: v + np.float32(scale) for k, v in start.items()}
+    return start, trained
+
+
+def test_clip_only() -> None:
+    start, trained = _adapters(0.01)   # delta norm 0.01·√120000 ≈ 3.46
+    out = privatize(start, trained, ["m.lora_A", "m.lora_B"], 1.0, 0.0, np.random.default_rng(0))
+    norm = np.sqrt(sum(float(np.sum((out[k].astype(np.float64) - start[k]) ** 2)) for k in start))
+    assert norm == pytest.approx(1.0, rel=1e-4)
+    small = privatize(start, trained, ["m.lora_A", "m.lora_B"], 10.0, 0.0, np.random.default_rng(0))
+    assert all(np.allclose(small[k], trained[k]) for k in start)   # under the bound: unchanged
+
+
+def test_noise_std_and_local_factors() -> None:
+    start, trained = _adapters(0.0)
+    z, clip = 0.7, 0.5
+    out = privatize(start, trained, ["m.lora_B"], clip, z, np.random.default_rng(42))
+    assert out["m.lora_A"] is trained["m.lora_A"]   # a factor kept local is not touched
+    noise = (out["m.lora_B"].astype(np.float64) - start["m.lora_B"]).ravel()
+    expected = z * clip
+    assert abs(noise.std() - expected) < 4 * expected / np.sqrt(2 * noise.size)
+    assert abs(noise.mean()) < 4 * expected / np.sqrt(noise.size)
+    with pytest.raises(ValueError):
+        privatize(start, trained, ["m.lora_B"], 0.0, 1.0, np.random.default_rng(0))
+
+
+def test_noise_is_secret_unless_the_node_sets_a_seed() -> None:
+    draw = lambda cfg: noise_generator(cfg, 3, "org-a").standard_normal(4)  # noqa: E731
+    assert not np.array_equal(draw({}), draw({}))
+    assert np.array_equal(draw({"dp-noise-seed": 5}), draw({"dp-noise-seed": 5}))
+    assert not np.array_equal(draw({"dp-noise-seed": 5}), noise_generator({"dp-noise-seed": 5}, 4, "org-a").standard_normal(4))
+
+
+def test_round_config_carries_the_settings() -> None:
+    cfg = RoundConfig(job_id="j", server_round=1, model="tiny-llama", lora_rank=4, lora_alpha=8.0,
+                      lora_targets="q_proj", dp_clip=0.5, dp_noise=1.1)
+    back = RoundConfig.from_record(cfg.to_record())
+    assert (back.dp_clip, back.dp_noise) == (0.5, 1.1)
+    assert RoundConfig(job_id="j", server_round=1, model="m", lora_rank=4, lora_alpha=8.0, lora_targets="q").dp_clip == 0.0
