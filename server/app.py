@@ -38,10 +38,17 @@ def run_job(grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None) -
         "base_model_fingerprint": job.fingerprint,
         "seed": cfg.seed,
     }
+    if job.privacy is not None:  # the (ε, δ) spent, for whoever receives the adapter
+        provenance["differential_privacy"] = job.privacy.provenance()
+    if job.stop_reason:
+        provenance["stopped_early"] = job.stop_reason
     run_dir = Path(cfg.run_dir)
     out = export_specialist(final, run_dir / SPECIALIST_DIR, provenance, overwrite=True)
-    report = build_report(history, {"job_id": cfg.job_id, "model": cfg.model, "strategy": cfg.strategy,
-                                    "specialist": str(out)})
+    meta = {"job_id": cfg.job_id, "model": cfg.model, "strategy": cfg.strategy, "specialist": str(out)}
+    for key in ("differential_privacy", "stopped_early"):
+        if key in provenance:
+            meta[key] = provenance[key]
+    report = build_report(history, meta)
     write_report(run_dir, report)
     log.info("specialist exported to %s", out)
     return out

@@ -31,6 +31,7 @@ from server.checkpoint import Checkpoint, CheckpointStore
 from server.exchange import ExchangeResult, LateReplies, QuorumError, exchange, wait_for_nodes
 from server.fault_points import fault_point
 from server.job_config import JobConfig
+from server.privacy import PrivacyBudgetExhausted, PrivacyLedger
 from server.validation import UpdateValidator, derived_max_update_bytes
 from strategies import AggregationError, Strategy
 
@@ -93,6 +94,10 @@ class Job:
         self.fingerprint = base_model.fingerprint(cfg.model)
         self.layout = adapter_layout(base_model.model_config(cfg.model), cfg.lora)
         self.late = LateReplies()  # instructions past their deadline whose replies are discarded
+        # differentially private strategies: the (ε, δ) ledger, in every checkpoint; None otherwise
+        self.privacy = PrivacyLedger.for_job(self.strategy, cfg.dp_epsilon_max, cfg.dp_delta)
+        self.stop_reason: str | None = None  # why the job ended before num-rounds (privacy budget)
+        self._online = 0  # organizations online at the last sampling
         self.validator = UpdateValidator(   # sender, size, duplicates: what the codec cannot check alone
             cfg.max_update_bytes or derived_max_update_bytes(select_factors(self.layout, self.shared_factors)))
 
@@ -121,17 +126,22 @@ class Job:
         rng = np.random.default_rng()
         rng.bit_generator.state = saved["rng"]
         self.strategy.load_state_dict(checkpoint.strategy_state)
+        if self.privacy is not None:
+            self.privacy.load_state_dict(saved.get("privacy"))
         log.info("resuming job %s after round %d from %s", self.cfg.job_id, checkpoint.round, checkpoint.path)
         return JobState(checkpoint.round, checkpoint.adapter, rng, list(saved["history"]), dict(saved["org_names"]))
 
     def _checkpoint(self, state: JobState) -> Checkpoint:
         fault_point("checkpoint-write", state.server_round)
+        run_state = state.run_state(self.cfg, self.fingerprint)
+        if self.privacy is not None:
+            run_state["privacy"] = self.privacy.state_dict()
         return self.store.save(
             state.server_round,
             state.adapter,
             self.cfg.lora,
             self.cfg.model,
-            state.run_state(self.cfg, self.fingerprint),
+            run_state,
             self.strategy.state_dict(),
         )
 
@@ -189,6 +199,7 @@ class Job:
         k = max(self.cfg.min_nodes, math.ceil(self.cfg.fraction_train * len(online)))
         # choose positions, not ids: node ids exceed int64 and numpy would turn them into floats
         picks = state.rng.choice(len(online), size=min(k, len(online)), replace=False)
+        self._online = len(online)
         return sorted(online[int(i)] for i in picks)
 
     def _train(self, state: JobState, server_round: int) -> dict[str, Any]:
@@ -211,6 +222,8 @@ class Job:
                         problem, attempt, self.cfg.round_retries)
         fault_point("before-aggregate", server_round)
         state.adapter = self.strategy.finish_round()
+        if self.privacy is not None:
+            self.privacy.released()
         fault_point("after-aggregate", server_round)
         total = sum(n for _, n in losses)
         return {
@@ -222,12 +235,15 @@ class Job:
             "timed_out": [self._org(state, n) for n in result.timed_out],
             "train_loss": sum(loss * n for loss, n in losses) / total if total else float("nan"),
             "train_seconds": time.monotonic() - started,
+            **({"privacy": self.privacy.round_summary()} if self.privacy is not None else {}),
         }
 
     def _attempt(self, state: JobState, server_round: int) -> tuple[
             list[int], ExchangeResult, list[str], list[dict[str, str]], list[tuple[float, int]]]:
         """One try at a round: sample, push, fold in the valid replies until the deadline."""
         sampled = self._sample(state)
+        if self.privacy is not None:  # stops the job here, before anything is pushed, if over budget
+            self.privacy.before_round(server_round, len(sampled), self._online)
         fault_point("sampled", server_round)
         self.observer.round_started(server_round, len(sampled))
         references: dict[int, Adapter] = {}  # the global as each rank's organizations start from it
@@ -324,14 +340,19 @@ class Job:
     def run(self) -> Checkpoint:
         state = self._resume_or_init()
         for server_round in range(state.server_round + 1, self.cfg.num_rounds + 1):
-            summary = self._train(state, server_round)
+            try:
+                summary = self._train(state, server_round)
+            except PrivacyBudgetExhausted as stop:
+                log.error("%s", stop)
+                self.stop_reason = str(stop)
+                break
             state.server_round = server_round
             self._evaluate(state, summary)
             summary["late_replies"] = self.late.take_discarded()
             self._checkpoint(state)
             fault_point("after-checkpoint", server_round)
         latest = self.store.latest()
-        assert latest is not None and latest.round == self.cfg.num_rounds
+        assert latest is not None and (latest.round == self.cfg.num_rounds or self.stop_reason)
         return latest
 
 

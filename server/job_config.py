@@ -51,6 +51,8 @@ class JobConfig:
     eval_max_examples: int = 64
     update_encoding: str = "fp32"
     norm_bound: float = 0.0          # 0: no bound on the update norm
+    dp_epsilon_max: float = 0.0      # DP strategies: stop before a round that would spend more ε (0: no budget)
+    dp_delta: float = 1e-5           # the δ at which ε is reported and the budget is checked
     max_update_bytes: int = 0        # a reply above this is refused before decoding (0: 2x the fp32 update + 64 KiB)
     seed: int = 0
     run_dir: str = "runs/silotune"
@@ -95,12 +97,18 @@ class JobConfig:
         need(self.update_encoding in ("fp32", "fp16", "int8"), "update-encoding", "one of fp32, fp16, int8")
         need(self.norm_bound >= 0, "norm-bound", "must be >= 0")
         need(self.max_update_bytes >= 0, "max-update-bytes", "must be >= 0 (0: derived from the adapter size)")
+        need(self.dp_epsilon_max >= 0, "dp-epsilon-max", "must be >= 0 (0: no budget)")
+        need(0.0 < self.dp_delta < 1.0, "dp-delta", "must be in (0, 1)")
         need(bool(self.job_id.strip()), "job-id", "must not be empty")
         try:
             self.lora
         except ValueError as err:
             raise JobConfigError(f"lora settings: {err}") from None
         strategy = self.build_strategy()
+        from strategies.dp_fedavg import PrivateStrategy
+
+        need(self.dp_epsilon_max == 0 or isinstance(strategy, PrivateStrategy), "dp-epsilon-max",
+             f"a privacy budget needs a differentially private strategy (dp-fedavg), not {self.strategy!r}")
         if self.sim_ranks:
             try:
                 ranks = [int(r) for r in self.sim_ranks.split(",") if r.strip()]

@@ -27,6 +27,7 @@ class FedAvg(Strategy):
     """
 
     name = "fedavg"
+    linear = True  # the weighted mean is the result: secure aggregation can feed it
 
     def __init__(self) -> None:
         self._sum: dict[str, np.ndarray] | None = None
