@@ -52,3 +52,44 @@ def test_round_config_carries_the_settings() -> None:
     back = RoundConfig.from_record(cfg.to_record())
     assert (back.dp_clip, back.dp_noise) == (0.5, 1.1)
     assert RoundConfig(job_id="j", server_round=1, model="m", lora_rank=4, lora_alpha=8.0, lora_targets="q").dp_clip == 0.0
+
+
+def test_the_train_path_clips_and_noises_what_is_sent() -> None:
+    """Through the real round work (tiny model, one step): the delta sent is clipped to C,
+    the noise is N(0, (zC)²) on top, and nothing changes when DP is off."""
+    import dataclasses
+
+    from flwr.app import RecordDict
+
+    from clients import round_work
+    from protos import base_model, codec
+    from protos.adapter import adapter_layout, init_adapter
+    from protos.round_config import CONFIG_RECORD
+    from server.job_config import JobConfig
+
+    cfg = JobConfig(model="tiny-llama", job_id="dp", lora_r=4, local_steps=1, batch_size=2,
+                    max_length=64, sim_max_records=20, learning_rate=0.05)
+    start = init_adapter(adapter_layout(base_model.model_config(cfg.model), cfg.lora), seed=0)
+    start = {k: v + np.float32(0.01) for k, v in start.items()}
+    node = {"partition-id": 0, "num-partitions": 3, "dp-noise-seed": 11}
+
+    def sent_delta(dp_clip: float, dp_noise: float) -> dict[str, np.ndarray]:
+        content = codec.encode(start, kind=codec.Kind.Value("GLOBAL"), job_id=cfg.job_id, server_round=1,
+                               fingerprint=base_model.fingerprint(cfg.model), lora=cfg.lora)
+        content[CONFIG_RECORD] = dataclasses.replace(cfg.round_config(1), dp_clip=dp_clip,
+                                                     dp_noise=dp_noise).to_record()
+        _, update = codec.decode(round_work.train(content, node, RecordDict()))
+        return {k: v.astype(np.float64) - start[k] for k, v in update.items()}
+
+    def norm(delta: dict[str, np.ndarray]) -> float:
+        return float(np.sqrt(sum(np.sum(d * d) for d in delta.values())))
+
+    raw = sent_delta(0.0, 0.0)
+    clip = norm(raw) / 4
+    clipped = sent_delta(clip, 0.0)
+    assert norm(clipped) == pytest.approx(clip, rel=1e-3)
+    for key, value in raw.items():
+        np.testing.assert_allclose(clipped[key], value / 4, atol=1e-6)
+    noised = sent_delta(clip, 2.0)
+    noise = np.concatenate([(noised[k] - clipped[k]).ravel() for k in raw])
+    assert abs(noise.std() - 2.0 * clip) < 5 * 2.0 * clip / np.sqrt(2 * noise.size)
