@@ -27,6 +27,7 @@ class RejectReason(str, Enum):
     DUPLICATE = "duplicate"                      # a node's second reply in a round; an update already accepted
     OVERSIZED = "oversized"                      # more bytes than max-update-bytes, refused before decoding
     STRATEGY_REFUSED = "strategy_refused"        # e.g. more updates than a robust strategy holds
+    SECURE_AGGREGATION = "secure_aggregation"    # a secure-aggregation message that does not verify
 
 
 class UpdateRejected(ValueError):

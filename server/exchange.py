@@ -109,6 +109,7 @@ def exchange(
     timeout: float,
     poll_interval: float,
     pull_batch: int = PULL_BATCH,
+    collect_garbage: bool = True,
     late: LateReplies | None = None,
     what: str = "instruction",
     on_pushed: Callable[[], None] | None = None,
@@ -120,7 +121,9 @@ def exchange(
     the way, and this exchange's own given-up ids are added to it
     (``what`` names them in the log, e.g. "the round 3 train instruction";
     ``node_name`` names a node id there). ``on_pushed`` runs once the messages
-    are pushed, before any pull.
+    are pushed, before any pull. ``collect_garbage=False`` skips the cyclic
+    collection after each batch, for replies of a few KiB (secure aggregation's
+    key and share exchanges), where it would cost more than it frees.
     """
     messages = list(messages)
     ids = list(grid.push_messages(messages))
@@ -143,7 +146,7 @@ def exchange(
                     continue  # a duplicate delivery of a reply already handled
                 result.replied.append(node_id)
                 on_reply(node_id, reply)
-            if replies:
+            if replies and collect_garbage:
                 # Flower's Message objects sit in reference cycles, so their
                 # arrays wait for the cyclic collector, which counts objects,
                 # not bytes: without this, updates of ~P bytes pile up.

@@ -7,6 +7,13 @@ that keeps O(P) running state keeps the coordinator's memory flat in the
 number of replies. A strategy that mathematically needs every update at once
 (median, Krum) sets ``needs_every_update`` and ``max_updates``.
 
+A strategy whose new global depends on the round's updates only through
+their example-weighted mean (FedAvg and the server optimizers built on it,
+FFA-LoRA, FedSA-LoRA) sets ``linear``: secure aggregation, which shows the
+coordinator that mean and nothing else, hands it over through
+``accumulate_secure``. The others (robust, exact-product, heterogeneous-rank
+strategies) need each update and refuse secure aggregation.
+
 ``state_dict`` / ``load_state_dict`` hold whatever must survive a coordinator
 restart between rounds (server-optimizer moments, momentum); it is written
 into every checkpoint.
@@ -41,6 +48,9 @@ class Strategy(ABC):
         "train": ("lora_A", "lora_B"),
         "share": ("lora_A", "lora_B"),
     }
+    #: True when finish_round depends on the updates only through their
+    #: example-weighted mean and total weight (then secure aggregation works)
+    linear: ClassVar[bool] = False
     #: how an organization maps the rank-R global to its own rank
     #: ("none": every organization must train rank R; see protos/lora_rank.py)
     rank_reduction: ClassVar[str] = "none"
@@ -70,6 +80,20 @@ class Strategy(ABC):
     @abstractmethod
     def finish_round(self) -> Adapter:
         """The new global adapter. Raises AggregationError if nothing was accumulated."""
+
+    def accumulate_secure(self, mean: Adapter, weight_sum: int, count: int) -> None:
+        """Fold in a securely aggregated round: the example-weighted ``mean`` of
+        ``count`` updates whose weights sum to ``weight_sum``. For a linear
+        strategy this is exactly what ``count`` accumulate() calls would do."""
+        if not self.linear:
+            raise AggregationError(
+                f"strategy {self.name!r} needs every individual update, which secure aggregation hides; "
+                "use a linear strategy (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, ffa-lora, "
+                "fedsa-lora) or turn secure-aggregation off"
+            )
+        if count < 1 or weight_sum < 1:
+            raise AggregationError("a secure aggregate of no update")
+        self.accumulate(mean, weight_sum)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Arrays that must survive a restart between rounds."""

@@ -33,6 +33,8 @@ class FedAvgM(Strategy):
 
     name = "fedavgm"
 
+    linear = True  # momentum on mean − global
+
     def __init__(self, server_learning_rate: float = 1.0, server_momentum: float = 0.9) -> None:
         self.server_learning_rate = check_float(
             "fedavgm", "server_learning_rate", server_learning_rate, low=0.0, low_open=True

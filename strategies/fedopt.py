@@ -38,6 +38,8 @@ class FedOpt(Strategy):
         tau: adaptivity / numerical floor τ > 0.
     """
 
+    linear = True  # Δ = mean − global: the mean is all it needs
+
     def __init__(self, eta: float, beta_1: float, beta_2: float, tau: float) -> None:
         owner = self.name
         self.eta = check_float(owner, "eta", eta, low=0.0, low_open=True)

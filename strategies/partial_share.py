@@ -25,6 +25,8 @@ def shared_part(adapter: Adapter, share: tuple[str, ...]) -> Adapter:
 class PartialShare(Strategy):
     """FedAvg over the shared factors; subclasses set ``factor_plan``."""
 
+    linear = True  # FedAvg over the shared factors
+
     def __init__(self) -> None:
         self._mean = FedAvg()
         self._global: Adapter | None = None

@@ -61,6 +61,58 @@ class MaskingClient:
             raise SecAggError(f"{name}: this organization is at stage {self._stage} of the protocol, not {stage}")
         self._stage = stage + 1
 
+    # ---- persistence between messages ---------------------------------------
+    def export_state(self) -> dict[str, bytes | int | str | list]:
+        """Everything this organization must keep between stages, as flat values
+        (a Flower ConfigRecord in the node's own context.state: a ClientApp process
+        may not outlive one message). It holds private keys: it never leaves the node."""
+        held = sorted(self._held)
+        return {
+            "session": self.session.to_json(),
+            "index": self.index,
+            "stage": self._stage,
+            "mask_private": self._mask_private,
+            "encryption_private": self._encryption_private,
+            "mask_public": self.public_keys.mask,
+            "encryption_public": self.public_keys.encryption,
+            "roster": sorted(self._roster),
+            "roster_mask": [self._roster[i].mask for i in sorted(self._roster)],
+            "roster_encryption": [self._roster[i].encryption for i in sorted(self._roster)],
+            "seed": self._seed,
+            "held": held,
+            "held_seed": [self._held[i][0] for i in held],
+            "held_key": [self._held[i][1] for i in held],
+            "u2": sorted(self._u2),
+        }
+
+    @classmethod
+    def restore(cls, values: Mapping[str, object]) -> "MaskingClient":
+        try:
+            client = cls.__new__(cls)
+            client.session = Session.from_json(str(values["session"]))
+            client.index = int(values["index"])  # type: ignore[arg-type]
+            client._stage = int(values["stage"])  # type: ignore[arg-type]
+            client._mask_private = bytes(values["mask_private"])  # type: ignore[arg-type]
+            client._encryption_private = bytes(values["encryption_private"])  # type: ignore[arg-type]
+            client.public_keys = PublicKeys(bytes(values["mask_public"]),  # type: ignore[arg-type]
+                                            bytes(values["encryption_public"]))  # type: ignore[arg-type]
+            client._roster = {int(i): PublicKeys(bytes(m), bytes(e)) for i, m, e in zip(
+                values["roster"], values["roster_mask"], values["roster_encryption"], strict=True)}  # type: ignore[call-overload]
+            client._seed = bytes(values["seed"])  # type: ignore[arg-type]
+            client._held = {int(i): (bytes(a), bytes(b)) for i, a, b in zip(
+                values["held"], values["held_seed"], values["held_key"], strict=True)}  # type: ignore[call-overload]
+            client._u2 = frozenset(int(i) for i in values["u2"])  # type: ignore[union-attr]
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, SecAggError):
+                raise
+            raise SecAggError(f"saved secure-aggregation state does not parse: {err}") from None
+        return client
+
+    @property
+    def stage(self) -> int:
+        """The next stage this organization expects (1..4; 5 once done)."""
+        return self._stage
+
     # ---- 1 -----------------------------------------------------------------
     def advertise(self) -> PublicKeys:
         self._enter(1, "advertise")

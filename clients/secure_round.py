@@ -1,0 +1,99 @@
+"""An organization's answers to the four secure-aggregation exchanges.
+
+The ClientApp sends every TRAIN message that carries a secure-aggregation
+record here (clients/app.py). The protocol state — private keys, the shares
+held for others — lives in this node's own ``context.state`` between
+messages (a ClientApp process may not outlive one message) and is deleted
+once the organization has answered the unmask request.
+
+At the mask stage the organization trains exactly as in a plain round
+(``train``: clients/round_work.py, in process or on the resident trainer,
+DP clipping/noise included), then, instead of sending the update, takes its
+delta from the global over the shared factors, quantizes and masks it
+(protos/secagg/client.py) and sends only the masked vector: no header with
+its example count, no per-organization metrics. An example count above the
+session's max weight counts as the max weight.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from flwr.app import ConfigRecord, RecordDict
+
+from protos import codec
+from protos.secagg import MaskingClient, SecAggError, wire
+from protos.secagg.layout import flatten, layout_of
+
+log = logging.getLogger("silotune.client")
+
+ORG_RECORD = "organization"   # as in clients/round_work.py
+
+
+def is_secure(content: RecordDict) -> bool:
+    return wire.is_secagg(content)
+
+
+def _load(state: RecordDict, session_id: bytes) -> MaskingClient:
+    record = state.config_records.get(wire.STATE_RECORD)
+    if record is None:
+        raise SecAggError("no secure-aggregation session in progress at this organization")
+    client = MaskingClient.restore(dict(record))
+    if client.session.session_id != session_id:
+        raise SecAggError("a message for another secure-aggregation session than the one in progress")
+    return client
+
+
+def _save(state: RecordDict, client: MaskingClient) -> None:
+    state[wire.STATE_RECORD] = ConfigRecord(client.export_state())
+
+
+def handle(content: RecordDict, state: RecordDict, train: Callable[[RecordDict], RecordDict]) -> RecordDict:
+    """The reply to one secure-aggregation instruction (raises SecAggError if it does not verify)."""
+    stage, session_id, record = wire.stage_of(content)
+    if stage == wire.ADVERTISE:
+        session, index = wire.parse_advertise_instruction(record)
+        client = MaskingClient(session, index)
+        reply = RecordDict({wire.SECAGG_RECORD: wire.advertise_reply(session_id, index, client.advertise())})
+        _save(state, client)
+        return reply
+    client = _load(state, session_id)
+    if stage == wire.SHARE_KEYS:
+        shares = client.share_keys(wire.parse_share_keys_instruction(record))
+        reply = RecordDict({wire.SECAGG_RECORD: wire.share_keys_reply(session_id, client.index, shares)})
+    elif stage == wire.MASK:
+        reply = _mask(client, content, wire.parse_mask_instruction(record), train)
+    else:
+        shares = client.unmask(*wire.parse_unmask_instruction(record))
+        reply = RecordDict({wire.SECAGG_RECORD: wire.unmask_reply(session_id, client.index, shares)})
+        del state[wire.STATE_RECORD]   # done: the keys and held shares are not needed any more
+        return reply
+    _save(state, client)
+    return reply
+
+
+def _mask(client: MaskingClient, content: RecordDict, sealed: dict[int, bytes],
+          train: Callable[[RecordDict], RecordDict]) -> RecordDict:
+    trained = train(content)
+    header, update = codec.decode(trained)
+    _, global_adapter = codec.decode(content)
+    try:
+        reference = {name: global_adapter[name] for name in update}
+        layout = layout_of(reference)
+        delta = flatten(update, layout) - flatten(reference, layout)
+    except (KeyError, ValueError) as err:
+        raise SecAggError(f"the update does not match the global adapter's shared factors: {err}") from None
+    ring = client.session.ring
+    weight = int(header.num_examples)
+    if weight > ring.max_weight:
+        log.warning("%d examples count as the session's max weight %d", weight, ring.max_weight)
+        weight = ring.max_weight
+    clipped = int((abs(delta) > ring.clip).sum())
+    if clipped:
+        log.warning("%d of %d delta values beyond ±%g are clipped (secagg-clip)", clipped, delta.size, ring.clip)
+    vector = client.mask(sealed, delta, weight)
+    reply = wire.mask_reply(client.session.session_id, client.index, vector)
+    if ORG_RECORD in trained.config_records:
+        reply[ORG_RECORD] = trained.config_records[ORG_RECORD]
+    return reply

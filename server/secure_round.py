@@ -1,0 +1,184 @@
+"""One round attempt under secure aggregation: four exchanges instead of one.
+
+1. advertise — each sampled organization gets the session (its index,
+   the participants, threshold t, ring, P, PRG) and answers with two public keys;
+2. share keys — the roster of keys goes to those that answered; each answers
+   with Shamir shares sealed for every other member;
+3. mask — each member of U2 gets the usual train instruction (encoded global,
+   round config) plus the sealed shares addressed to it; it trains, masks its
+   delta (update − global over the shared factors) and answers with the masked
+   ring vector, which the coordinator adds to a running sum and drops;
+4. unmask — the survivors answer with the shares that remove the masks.
+
+The coordinator then holds the example-weighted mean delta and the total
+weight, never one organization's update, and hands global + mean delta to
+the strategy (``Strategy.accumulate_secure``; linear strategies only).
+
+Every stage uses ``exchange`` (deadline, late replies, pull batches); an
+organization that misses a stage, or sends something that does not verify, is
+a dropout from that stage on, with a named reason. Fewer than t organizations
+at any stage: the attempt has no accepted update (the job retries or stops
+with its quorum error, whose log names the threshold).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from protos.adapter import Adapter
+from protos.errors import RejectReason
+from protos.secagg import RingSpec, SecAggError, Session, wire
+from protos.secagg.layout import layout_of, unflatten
+from server.exchange import LateReplies, exchange
+from server.secagg import SecAggCoordinator
+from strategies import AggregationError, Strategy
+
+log = logging.getLogger("silotune.server")
+
+#: replies pulled at once in the key, share and unmask exchanges (a few KiB each)
+SMALL_PULL_BATCH = 64
+
+
+@dataclass(frozen=True)
+class SecureSettings:
+    clip: float = 0.05          # per-coordinate bound on an organization's delta
+    max_weight: int = 10_000    # the largest example count that counts (larger ones are capped)
+    threshold: int = 0          # shares to unmask; 0 or below ⌊N/2⌋+1: ⌊N/2⌋+1
+    prg: str = "aes-256-ctr"
+
+
+@dataclass
+class SecureOutcome:
+    accepted: list[int] = field(default_factory=list)            # node ids whose input is in the sum
+    rejected: list[tuple[int, str, str]] = field(default_factory=list)   # (node, reason, detail)
+    timed_out: list[int] = field(default_factory=list)
+    weight_sum: int = 0
+    error_bound: float = 0.0
+    failure: str = ""                                            # why there is no aggregate, if there is none
+
+
+class SecureRound:
+    """Runs the four exchanges of one attempt and feeds the strategy."""
+
+    def __init__(self, grid: Grid, settings: SecureSettings, *, timeout: float, poll_interval: float,
+                 late: LateReplies | None = None, node_name: Callable[[int], str] = str,
+                 ttl: float | None = None) -> None:
+        self.grid, self.settings = grid, settings
+        self.timeout, self.poll_interval, self.late = timeout, poll_interval, late
+        self.node_name = node_name
+        self.ttl = ttl if ttl is not None else timeout + 60
+
+    def session_for(self, job_id: str, server_round: int, nodes: list[int], reference: Adapter) -> Session:
+        n = len(nodes)
+        threshold = max(self.settings.threshold, Session.default_threshold(n))
+        if threshold > n:
+            raise SecAggError(f"secagg-threshold {self.settings.threshold} exceeds the {n} sampled organizations")
+        session_id = (struct.pack("<I", server_round) + os.urandom(16) + job_id.encode())[:64]
+        length = sum(int(np.prod(shape)) for _, shape in layout_of(reference))
+        ring = RingSpec.derive(n, self.settings.clip, self.settings.max_weight)
+        return Session(session_id, tuple(range(1, n + 1)), threshold, ring, length, self.settings.prg)
+
+    def run(self, *, job_id: str, server_round: int, sampled: list[int], train_content: RecordDict,
+            reference: Adapter, strategy: Strategy,
+            on_reply: Callable[[int, Message | None, bool, str], None] | None = None) -> SecureOutcome:
+        """``reference``: the global adapter over the shared factors (what deltas are taken from).
+        ``on_reply(node, reply, accepted, detail)`` sees every verified or refused reply."""
+        nodes = sorted(sampled)
+        index = {node: i + 1 for i, node in enumerate(nodes)}
+        node_of = {i: node for node, i in index.items()}
+        session = self.session_for(job_id, server_round, nodes, reference)
+        sid = session.session_id
+        coordinator = SecAggCoordinator(session)
+        outcome = SecureOutcome()
+        silent: set[int] = set()
+        notify = on_reply or (lambda *_: None)
+
+        def stage(name: str, targets: list[int], content_for: Callable[[int], RecordDict],
+                  handle: Callable[[int, Message], None], large: bool = False) -> None:
+            """One exchange; ``large``: replies of P values (pulled a few at a time, then collected)."""
+            def on_message(node: int, reply: Message) -> None:
+                try:
+                    if reply.has_error():
+                        raise SecAggError(f"the organization failed at {name}: {reply.error.reason}")
+                    handle(node, reply)
+                except SecAggError as err:
+                    reason = RejectReason.CLIENT_ERROR if reply.has_error() else RejectReason.SECURE_AGGREGATION
+                    outcome.rejected.append((node, reason.value, f"{name}: {err}"))
+                    notify(node, reply, False, f"{name}: {err}")
+
+            messages = [Message(content=content_for(node), dst_node_id=node, message_type=MessageType.TRAIN,
+                                ttl=self.ttl) for node in targets]
+            batch = {} if large else {"pull_batch": SMALL_PULL_BATCH, "collect_garbage": False}
+            result = exchange(self.grid, messages, on_message, timeout=self.timeout,
+                              poll_interval=self.poll_interval, late=self.late, **batch,
+                              what=f"the round {server_round} secure-aggregation {name}", node_name=self.node_name)
+            silent.update(result.timed_out)
+
+        def own_index(node: int, claimed: int) -> int:
+            if claimed != index[node]:
+                raise SecAggError(f"claims index {claimed}, was given {index[node]}")
+            return claimed
+
+        try:
+            # 1: advertise keys
+            stage(wire.ADVERTISE, nodes,
+                  lambda node: RecordDict({wire.SECAGG_RECORD: wire.advertise_instruction(session, index[node])}),
+                  lambda node, reply: coordinator.add_keys(
+                      own_index(node, (parsed := wire.parse_advertise_reply(reply.content, sid))[0]), parsed[1]))
+            roster = coordinator.roster()
+            # 2: share keys (one content for all)
+            share_content = RecordDict({wire.SECAGG_RECORD: wire.share_keys_instruction(sid, roster)})
+            stage(wire.SHARE_KEYS, [node_of[i] for i in roster], lambda node: share_content,
+                  lambda node, reply: coordinator.add_shares(
+                      own_index(node, (parsed := wire.parse_share_keys_reply(reply.content, sid))[0]), parsed[1]))
+            routing = coordinator.routing()
+
+            # 3: train and mask; the train instruction's records are shared, not copied
+            def mask_content(node: int) -> RecordDict:
+                content = RecordDict(dict(train_content.items()))
+                content[wire.SECAGG_RECORD] = wire.mask_instruction(sid, routing[index[node]])
+                return content
+
+            def masked(node: int, reply: Message) -> None:
+                claimed, vector = wire.parse_mask_reply(reply.content, sid)
+                coordinator.add_masked(own_index(node, claimed), vector)
+                notify(node, reply, True, "masked input summed")
+
+            stage(wire.MASK, [node_of[i] for i in routing], mask_content, masked, large=True)
+            survivors, dropped = coordinator.unmask_request()
+            # 4: unmask
+            unmask_content = RecordDict({wire.SECAGG_RECORD: wire.unmask_instruction(sid, survivors, dropped)})
+            stage(wire.UNMASK, [node_of[i] for i in survivors], lambda node: unmask_content,
+                  lambda node, reply: coordinator.add_unmask(
+                      own_index(node, (parsed := wire.parse_unmask_reply(reply.content, sid))[0]), parsed[1]))
+            result = coordinator.finish()
+        except SecAggError as err:   # ThresholdError included: no aggregate this attempt
+            outcome.failure = f"secure aggregation: {err}"
+            outcome.timed_out = sorted(silent)
+            log.warning("round %d: %s", server_round, outcome.failure)
+            return outcome
+
+        layout = layout_of(reference)
+        delta = unflatten(result.mean, layout)
+        mean = {name: (reference[name].astype(np.float64) + delta[name]).astype(np.float32) for name in delta}
+        try:
+            strategy.accumulate_secure(mean, result.weight_sum, len(result.survivors))
+        except AggregationError as err:
+            outcome.failure = str(err)
+            return outcome
+        outcome.accepted = [node_of[i] for i in result.survivors]
+        outcome.timed_out = sorted(silent)
+        outcome.weight_sum = result.weight_sum
+        outcome.error_bound = result.error_bound
+        log.info("round %d: secure aggregate of %d organization(s) (%d dropped after masking), total weight %d, "
+                 "quantization error <= %.3g", server_round, len(result.survivors), len(result.dropped),
+                 result.weight_sum, result.error_bound)
+        return outcome
