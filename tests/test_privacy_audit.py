@@ -1,0 +1,268 @@
+"""Privacy audit: nothing an organization sends holds its records or their token ids.
+
+A real 2-round job (tiny-llama, FedAvg) runs with two organizations, each the
+real ClientApp (clients/app.py → clients/round_work.py: silo loading, split,
+tokenization, training, evaluation) on its own silo file — a BBC News
+classification silo and a construction-law Q&A silo. Between the coordinator
+and each ClientApp sits a wire: every instruction and every reply is turned
+into Flower's protobuf Message (``message_to_proto``), as the SuperNode sends
+it, and back. Each reply's serialized bytes are captured — the whole of what
+the organization sent: header, tensors, metrics, organization record, errors.
+
+The audit then searches every captured message for
+
+* **record text** — every 20-byte window (UTF-8; latin-1 text is the same
+  bytes) of every raw field of both silo files (article text, question,
+  answer) and of every example as the trainer sees it (prompt, answer);
+* **token-id sequences** — every window of 8 consecutive token ids of every
+  example, tokenized as the trainer does it (prompt + answer with the chat
+  template, truncated to max-length) and as plain text, written as
+  little-endian uint16, int32, int64 and float32 at any byte offset; and, in
+  the decoded records, any 8 consecutive numbers of a config/metric list or of
+  an Array equal to such a window (protobuf varints would hide the ids from a
+  byte search).
+
+A negative control proves the checker is not blind: replies that leak a
+record's text (in a ConfigRecord) or its token ids (as an int64 Array, as
+uint16 bytes at an odd offset, as a MetricRecord list) are caught by the same
+functions, while the captured honest replies are not.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage  # type: ignore[attr-defined]
+from test_round_loop import ScriptedGrid, config
+
+from clients.app import app as client_app
+from clients.formatting import encode_example
+from clients.silo import load_silo
+from clients.silo.corpora import load_bbc_news, load_construction_faq
+from protos.base_model import load_tokenizer
+from server.job import Job
+
+TEXT_WINDOW = 20       # bytes of record text that count as a leak
+ID_WINDOW = 8          # consecutive token ids that count as a leak
+ID_DTYPES = ("<u2", "<i4", "<i8", "<f4")
+ROWS = 24              # records per silo
+MAX_LENGTH = 96
+
+
+# ---- the silos and what must never leave them ------------------------------------------
+
+def write_silos(folder: Path) -> dict[str, Path]:
+    news = load_bbc_news()[:ROWS]
+    faq = load_construction_faq("en")[:ROWS]
+    paths = {"newsroom": folder / "newsroom.jsonl", "law-firm": folder / "law-firm.jsonl"}
+    paths["newsroom"].write_text("".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in news))
+    paths["law-firm"].write_text("".join(json.dumps({"instruction": q, "response": a}) + "\n" for q, a, _ in faq))
+    return paths
+
+
+@dataclass
+class Secrets:
+    """Byte windows of record text and token-id windows, from both silos."""
+
+    text: set[bytes] = field(default_factory=set)
+    ids: dict[str, set[bytes]] = field(default_factory=lambda: {d: set() for d in ID_DTYPES})
+    id_tuples: set[tuple[int, ...]] = field(default_factory=set)
+    sources: int = 0
+
+    def add_text(self, text: str) -> None:
+        data = text.encode("utf-8")
+        for start in range(len(data) - TEXT_WINDOW + 1):
+            window = data[start : start + TEXT_WINDOW]
+            if len(set(window)) >= 6:        # not a run of spaces or dashes: a piece of the record
+                self.text.add(window)
+        self.sources += 1
+
+    def add_ids(self, ids: list[int]) -> None:
+        for start in range(len(ids) - ID_WINDOW + 1):
+            window = tuple(int(i) for i in ids[start : start + ID_WINDOW])
+            if len(set(window)) < 3:
+                continue
+            self.id_tuples.add(window)
+            for dtype in ID_DTYPES:
+                self.ids[dtype].add(np.asarray(window, dtype=dtype).tobytes())
+
+
+def silo_secrets(paths: dict[str, Path], tokenizer: Any) -> Secrets:
+    secrets = Secrets()
+    for path in paths.values():
+        for line in path.read_text().splitlines():
+            for value in json.loads(line).values():
+                secrets.add_text(value)
+                secrets.add_ids(tokenizer(value, add_special_tokens=False).input_ids)
+        for example in load_silo(path).examples:     # as the trainer sees them
+            secrets.add_text(example.prompt)
+            secrets.add_text(example.answer)
+            secrets.add_ids(encode_example(tokenizer, example.prompt, example.answer, MAX_LENGTH).input_ids)
+    return secrets
+
+
+# ---- the checker ------------------------------------------------------------------------
+
+def byte_leaks(raw: bytes, secrets: Secrets) -> list[str]:
+    """Record text or token-id windows found anywhere in a message's bytes."""
+    found: list[str] = []
+    for start in range(len(raw) - TEXT_WINDOW + 1):
+        if raw[start : start + TEXT_WINDOW] in secrets.text:
+            found.append(f"record text at byte {start}: {raw[start:start + TEXT_WINDOW]!r}")
+            break
+    for dtype, windows in secrets.ids.items():
+        width = ID_WINDOW * np.dtype(dtype).itemsize
+        for start in range(len(raw) - width + 1):
+            if raw[start : start + width] in windows:
+                found.append(f"token ids as {dtype} at byte {start}")
+                break
+    return found
+
+
+def _numbers(value: Any) -> Iterable[list[float]]:
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        yield [float(v) for v in value]
+
+
+def record_leaks(message: Message, secrets: Secrets) -> list[str]:
+    """Token-id windows among the numbers of the decoded records (lists, arrays)."""
+    if not message.has_content():
+        return []
+    sequences: list[tuple[str, list[float]]] = []
+    for name, record in message.content.config_records.items():
+        for key, value in record.items():
+            sequences += [(f"{name}.{key}", seq) for seq in _numbers(value)]
+    for name, record in message.content.metric_records.items():
+        for key, value in record.items():
+            sequences += [(f"{name}.{key}", seq) for seq in _numbers(value)]
+    for name, record in message.content.array_records.items():
+        for key, array in record.items():
+            try:
+                values = array.numpy().ravel()
+            except Exception:
+                continue
+            if values.dtype.kind in "iuf":
+                sequences.append((f"{name}.{key}", values.astype(np.float64).tolist()))
+    found = []
+    for where, seq in sequences:
+        for start in range(len(seq) - ID_WINDOW + 1):
+            window = seq[start : start + ID_WINDOW]
+            if all(float(v).is_integer() for v in window) and tuple(int(v) for v in window) in secrets.id_tuples:
+                found.append(f"token ids in {where} at {start}")
+                break
+    return found
+
+
+def leaks(raw: bytes, secrets: Secrets) -> list[str]:
+    return byte_leaks(raw, secrets) + record_leaks(message_from_proto(ProtoMessage.FromString(raw)), secrets)
+
+
+# ---- a run with every organization message captured -------------------------------------
+
+@dataclass
+class Sent:
+    org: str
+    kind: str
+    raw: bytes
+
+
+def wire(message: Message) -> tuple[Message, bytes]:
+    """A message as the other side receives it: through Flower's protobuf."""
+    raw = message_to_proto(message).SerializeToString()
+    return message_from_proto(ProtoMessage.FromString(raw)), raw
+
+
+def organization(name: str, node_id: int, silo: Path, outbox: list[Sent]) -> Any:
+    context = Context(run_id=1, node_id=node_id, node_config={"silo-path": str(silo), "org-name": name},
+                      state=RecordDict(), run_config={})
+
+    def handle(instruction: Message) -> Message:
+        received, _ = wire(instruction)
+        reply = client_app(received, context)          # the real ClientApp
+        delivered, raw = wire(reply)
+        outbox.append(Sent(name, instruction.metadata.message_type, raw))
+        return delivered
+    return handle
+
+
+@pytest.fixture(scope="module")
+def audited_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Sent], Secrets, dict[str, Any]]:
+    folder = tmp_path_factory.mktemp("privacy")
+    silos = write_silos(folder)
+    outbox: list[Sent] = []
+    grid = ScriptedGrid({node: organization(name, node, path, outbox)
+                         for node, (name, path) in enumerate(sorted(silos.items()), start=1)})
+    cfg = config(folder / "run", job_id="privacy-audit", num_rounds=2, min_nodes=2, round_timeout=300.0,
+                 local_steps=2, batch_size=4, max_length=MAX_LENGTH, eval_max_examples=4, learning_rate=5e-3)
+    final = Job(grid, cfg).run()
+    secrets = silo_secrets(silos, load_tokenizer("tiny-llama"))
+    return outbox, secrets, final.run_state
+
+
+def test_the_run_was_real_and_every_message_was_captured(audited_run: Any) -> None:
+    outbox, secrets, run_state = audited_run
+    history = run_state["history"]
+    assert [h["round"] for h in history] == [0, 1, 2]
+    assert all(sorted(h["accepted"]) == ["law-firm", "newsroom"] for h in history[1:])
+    # per organization: 3 evaluations (rounds 0, 1, 2) and 2 trainings
+    kinds = sorted((s.org, s.kind) for s in outbox)
+    assert kinds == sorted([(org, "evaluate") for org in ("law-firm", "newsroom") for _ in range(3)]
+                           + [(org, "train") for org in ("law-firm", "newsroom") for _ in range(2)])
+    train = [s for s in outbox if s.kind == "train"]
+    assert all(len(s.raw) > 8 * 256 * 4 for s in train), "train replies must carry the adapter tensors (8 x 256 fp32)"
+    assert len(secrets.text) > 10_000 and len(secrets.id_tuples) > 2_000 and secrets.sources >= 4 * ROWS
+
+
+def test_no_record_text_and_no_token_ids_leave_an_organization(audited_run: Any) -> None:
+    outbox, secrets, _ = audited_run
+    found = {f"{s.org}/{s.kind}#{i}": leaks(s.raw, secrets) for i, s in enumerate(outbox)}
+    assert not any(found.values()), {k: v for k, v in found.items() if v}
+
+
+def test_the_checker_catches_a_deliberate_leak(audited_run: Any) -> None:
+    """Negative control: the same checker flags replies that do leak."""
+    outbox, secrets, _ = audited_run
+    honest = next(s for s in outbox if s.kind == "train" and s.org == "law-firm")
+    base = message_from_proto(ProtoMessage.FromString(honest.raw))
+    assert leaks(honest.raw, secrets) == []
+
+    tokenizer = load_tokenizer("tiny-llama")
+    faq = load_construction_faq("en")[:ROWS]
+    question, answer, _ = faq[3]
+    ids = np.asarray(tokenizer(answer, add_special_tokens=False).input_ids)
+    assert len(ids) >= ID_WINDOW + 4
+
+    def leaky(**records: Any) -> bytes:
+        content = RecordDict({name: base.content[name] for name in base.content})
+        for name, record in records.items():
+            content[name] = record
+        message = Message(content, reply_to=_instruction_for(base))
+        return message_to_proto(message).SerializeToString()
+
+    text_piece = answer[len(answer) // 3 : len(answer) // 3 + 25]
+    cases = {
+        "text in a ConfigRecord": leaky(note=ConfigRecord({"why": f"see: {text_piece}"})),
+        "token ids as an int64 Array": leaky(extra=ArrayRecord(array_dict={"ids": Array(ids[2:14].astype("<i8"))},
+                                                               keep_input=True)),
+        "token ids as uint16 bytes at an odd offset": leaky(note=ConfigRecord({"blob": b"\x07" + ids[1:11].astype("<u2").tobytes()})),
+        "token ids in a MetricRecord list": leaky(stats=MetricRecord({"seen": [int(i) for i in ids[:10]]})),
+        "token ids as float32 tensor values": leaky(extra=ArrayRecord(array_dict={"t": Array(ids[:9].astype("<f4"))},
+                                                                      keep_input=True)),
+    }
+    for what, raw in cases.items():
+        assert leaks(raw, secrets), f"the checker missed: {what}"
+    assert any("record text" in f for f in leaks(cases["text in a ConfigRecord"], secrets))
+    assert any("token ids in stats.seen" in f for f in record_leaks(
+        message_from_proto(ProtoMessage.FromString(cases["token ids in a MetricRecord list"])), secrets))
+
+
+def _instruction_for(reply: Message) -> Message:
+    """A stand-in instruction, so a leaky reply can be built with reply_to."""
+    return Message(RecordDict(), dst_node_id=reply.metadata.src_node_id, message_type="train")
