@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from flwr.app import Message
 
@@ -128,4 +127,6 @@ def test_run_config_keys() -> None:
             JobConfig.from_run_config({"strategy": "dp-fedavg", key: value})
     with pytest.raises(JobConfigError, match="noise_placement"):
         JobConfig.from_run_config({"strategy": "dp-fedavg", "strategy-params": "noise_placement=everywhere"})
-    assert np.isfinite(_epsilon(1.0, 1.0, 2))
+    # secure aggregation shows only an example-weighted mean of unclipped updates: refused by name
+    with pytest.raises(JobConfigError, match="secure-aggregation"):
+        JobConfig.from_run_config({"strategy": "dp-fedavg", "secure-aggregation": True})
