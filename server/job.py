@@ -31,6 +31,7 @@ from server.checkpoint import Checkpoint, CheckpointStore
 from server.exchange import ExchangeResult, LateReplies, QuorumError, exchange, wait_for_nodes
 from server.fault_points import fault_point
 from server.job_config import JobConfig
+from server.secure_round import SecureRound, SecureSettings
 from server.privacy import PrivacyBudgetExhausted, PrivacyLedger
 from server.validation import UpdateValidator, derived_max_update_bytes
 from strategies import AggregationError, Strategy
@@ -252,6 +253,9 @@ class Job:
         accepted: list[str] = []
         rejected: list[dict[str, str]] = []
         losses: list[tuple[float, int]] = []
+        if self.cfg.secure_aggregation:
+            result, accepted, rejected = self._secure_attempt(state, server_round, sampled)
+            return sampled, result, accepted, rejected, losses
 
         def on_reply(node_id: int, reply: Message) -> None:
             org = self._org(state, node_id, reply)
@@ -296,6 +300,30 @@ class Job:
             node_name=lambda node_id: self._org(state, node_id),
         )
         return sampled, result, accepted, rejected, losses
+
+    def _secure_attempt(self, state: JobState, server_round: int, sampled: list[int]) -> tuple[
+            ExchangeResult, list[str], list[dict[str, str]]]:
+        """The train exchange under secure aggregation (server/secure_round.py): four
+        exchanges, after which the strategy holds the survivors' weighted mean and the
+        coordinator has seen no single update."""
+        settings = SecureSettings(self.cfg.secagg_clip, self.cfg.secagg_max_weight, self.cfg.secagg_threshold)
+        secure = SecureRound(self.grid, settings, timeout=self.cfg.round_timeout, poll_interval=self.cfg.poll_interval,
+                             late=self.late, node_name=lambda node_id: self._org(state, node_id))
+
+        def on_reply(node_id: int, reply: Message | None, ok: bool, detail: str) -> None:
+            self.observer.reply(server_round, self._org(state, node_id, reply), ok, detail)
+
+        outcome = secure.run(
+            job_id=self.cfg.job_id, server_round=server_round, sampled=sampled,
+            train_content=self._instructions(state, server_round, sampled[:1], MessageType.TRAIN)[0].content,
+            reference=select_factors(state.adapter, self.shared_factors), strategy=self.strategy, on_reply=on_reply)
+        rejected = [{"org": self._org(state, node), "reason": reason, "detail": detail}
+                    for node, reason, detail in outcome.rejected]
+        if outcome.failure:
+            rejected.append({"org": "(all)", "reason": RejectReason.SECURE_AGGREGATION.value,
+                             "detail": outcome.failure})
+        result = ExchangeResult(replied=list(outcome.accepted), timed_out=outcome.timed_out)
+        return result, [self._org(state, node) for node in outcome.accepted], rejected
 
     def _evaluate(self, state: JobState, summary: dict[str, Any] | None = None) -> dict[str, Any]:
         """Federated evaluation of the current global adapter on the online organizations

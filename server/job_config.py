@@ -54,6 +54,10 @@ class JobConfig:
     dp_epsilon_max: float = 0.0      # DP strategies: stop before a round that would spend more ε (0: no budget)
     dp_delta: float = 1e-5           # the δ at which ε is reported and the budget is checked
     max_update_bytes: int = 0        # a reply above this is refused before decoding (0: 2x the fp32 update + 64 KiB)
+    secure_aggregation: bool = False  # organizations mask their updates; the coordinator learns only the sum
+    secagg_clip: float = 0.05        # secure aggregation: per-coordinate bound on an organization's delta
+    secagg_max_weight: int = 10000   # secure aggregation: example counts above this count as this
+    secagg_threshold: int = 0        # secure aggregation: shares to unmask (0: floor(N/2)+1); N - t may drop
     seed: int = 0
     run_dir: str = "runs/silotune"
     sim_dataset: str = "bbc-news"
@@ -105,6 +109,7 @@ class JobConfig:
         except ValueError as err:
             raise JobConfigError(f"lora settings: {err}") from None
         strategy = self.build_strategy()
+        self._validate_secure_aggregation(strategy, need)
         from strategies.dp_fedavg import PrivateStrategy
 
         need(self.dp_epsilon_max == 0 or isinstance(strategy, PrivateStrategy), "dp-epsilon-max",
@@ -127,6 +132,20 @@ class JobConfig:
             need(kind in SIM_ATTACKS and 0.0 < share < 1.0, "sim-attack",
                  f"expected KIND:FRACTION with KIND one of {', '.join(SIM_ATTACKS)} and 0 < FRACTION < 1, "
                  "e.g. 'sign-flip:0.2' (simulation experiments only; see clients/attacks.py)")
+
+    def _validate_secure_aggregation(self, strategy: Any, need: Any) -> None:
+        need(self.secagg_clip > 0, "secagg-clip", "must be > 0")
+        need(self.secagg_max_weight >= 1, "secagg-max-weight", "must be >= 1")
+        need(self.secagg_threshold >= 0, "secagg-threshold", "must be >= 0 (0: floor(N/2)+1)")
+        if not self.secure_aggregation:
+            return
+        need(strategy.linear, "secure-aggregation",
+             f"strategy {self.strategy!r} needs every individual update, which secure aggregation hides; "
+             "use fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, ffa-lora or fedsa-lora")
+        need(self.norm_bound == 0, "secure-aggregation",
+             "norm-bound checks each update, which the coordinator never sees under secure aggregation "
+             "(organizations clip their own deltas to secagg-clip)")
+        need(self.min_nodes >= 2, "secure-aggregation", "needs min-nodes >= 2")
 
     def strategy_parameters(self) -> dict[str, Any]:
         """``strategy-params`` parsed: "mu=0.01,server_momentum=0.9" → dict."""

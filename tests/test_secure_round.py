@@ -12,14 +12,17 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients import secure_round as client_side
 from protos import codec
 from protos.adapter import LoraSpec
+from protos.round_config import CONFIG_RECORD, RoundConfig
 from protos.secagg import wire
+from server.job import Job
+from server.job_config import JobConfig, JobConfigError
 from server.secure_round import SecureRound, SecureSettings
 from strategies import build_strategy
 from strategies.base import AggregationError
@@ -71,6 +74,14 @@ class SecureGrid(Grid):
                 continue
             node = message.metadata.dst_node_id
             del self._pending[message_id]
+            if message.metadata.message_type == "evaluate":
+                replies.append(Message(RecordDict({"metrics": MetricRecord({"num_examples": 4.0, "loss": 1.0}),
+                                                   "organization": ConfigRecord({"name": f"org-{node}"})}),
+                                       reply_to=message))
+                continue
+            if not wire.is_secagg(message.content):   # a plain round: the trainer's reply as it is
+                replies.append(Message(self._trainer(node)(message.content), reply_to=message))
+                continue
             content = client_side.handle(message.content, self.states[node], self._trainer(node))
             if node not in self.silent.get(wire.stage_of(message.content)[0], set()):
                 replies.append(Message(content, reply_to=message))  # else: done, but the reply is lost
@@ -86,8 +97,11 @@ class SecureGrid(Grid):
             update = {k: v + np.float32(self.deltas[node]) * rng.standard_normal(v.shape).astype(np.float32)
                       for k, v in global_adapter.items()}
             self.trained.append(node)
-            reply = codec.encode(update, kind=codec.Kind.Value("UPDATE"), job_id="j", server_round=header.round,
-                                 fingerprint="f", lora=LORA, num_examples=self.weights[node])
+            cfg = content.config_records.get(CONFIG_RECORD)
+            job_id, lora = (cfg["job_id"], RoundConfig.from_record(cfg).lora) if cfg else ("j", LORA)
+            reply = codec.encode(update, kind=codec.Kind.Value("UPDATE"), job_id=job_id, server_round=header.round,
+                                 fingerprint=header.base_model_fingerprint, lora=lora,
+                                 num_examples=self.weights[node])
             reply["organization"] = ConfigRecord({"name": f"org-{node}"})
             return reply
         return train
@@ -190,3 +204,40 @@ def test_strategies_that_need_each_update_refuse(strategy_name):
 def test_linear_strategies_declare_it():
     for name in ("fedavgm", "fedadam", "fedyogi", "fedadagrad", "ffa-lora", "fedsa-lora"):
         assert build_strategy(name).linear, name
+
+
+# ---- through the Job ---------------------------------------------------------
+def _job_config(tmp_path, **settings):
+    base = dict(model="tiny-llama", job_id="sa", num_rounds=2, min_nodes=5, round_timeout=5.0, node_wait_timeout=2.0,
+                poll_interval=0.005, run_dir=str(tmp_path), lora_r=4)
+    base.update(settings)
+    return JobConfig(**base)  # type: ignore[arg-type]
+
+
+def test_a_secure_job_reaches_the_plain_job_s_adapter(tmp_path):
+    nodes = [21, 22, 23, 24, 25]
+    deltas, weights = {n: 0.001 * (i + 1) for i, n in enumerate(nodes)}, {n: 7 * (i + 1) for i, n in enumerate(nodes)}
+    plain = Job(SecureGrid(deltas, weights), _job_config(tmp_path / "plain")).run()
+    grid = SecureGrid(deltas, weights)
+    secure = Job(grid, _job_config(tmp_path / "secure", secure_aggregation=True)).run()
+    assert sorted(grid.trained) == sorted(nodes * 2)
+    for name, value in plain.adapter.items():
+        np.testing.assert_allclose(secure.adapter[name], value, rtol=0, atol=1e-6)
+    history = secure.run_state["history"]
+    assert history[-1]["accepted"] == [f"org-{n}" for n in nodes] and history[-1]["rejected"] == []
+
+
+def test_secure_job_below_threshold_stops_with_the_threshold_named(tmp_path):
+    grid = SecureGrid({n: 0.001 for n in range(1, 6)}, {n: 10 for n in range(1, 6)}, silent={wire.MASK: {1, 2, 3}})
+    with pytest.raises(Exception, match="threshold is 3"):
+        Job(grid, _job_config(tmp_path, num_rounds=1, round_timeout=0.5, secure_aggregation=True)).run()
+
+
+@pytest.mark.parametrize("settings,named", [
+    (dict(strategy="krum"), "needs every individual update"),
+    (dict(strategy="fedavg", norm_bound=1.0), "norm-bound checks each update"),
+    (dict(strategy="fedavg", min_nodes=1), "min-nodes >= 2"),
+])
+def test_job_config_refuses_secure_aggregation_where_it_cannot_work(tmp_path, settings, named):
+    with pytest.raises(JobConfigError, match=named):
+        _job_config(tmp_path, secure_aggregation=True, **settings).validate()
