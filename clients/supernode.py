@@ -33,29 +33,26 @@ from protos.flower_processes import (
     LOCALHOST,
     flower_env,
     flower_executable,
+    ManagedProcess,
     free_port,
-    log_tail,
-    new_tag,
     render_flwr_config,
-    stop_process_tree,
     wait_for_port,
 )
 
 
-class SuperNodeProcess:
+class SuperNodeProcess(ManagedProcess):
     """`flower-supernode` with its log and FLWR_HOME under one directory.
 
     Layout of `state_dir`: `supernode.log` (stdout+stderr of the SuperNode and
     of the ClientApp processes it starts), `flwr-home/` (installed FABs).
     """
 
+    what = "SuperNode"
+
     def __init__(self) -> None:
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__()
         self.state_dir: Path | None = None
         self.port: int | None = None
-        self.log_path: Path | None = None
-        self.stopped_pids: list[int] = []
-        self.tag = new_tag()  # marks every process of this tree (see stop)
 
     def start(
         self,
@@ -120,41 +117,7 @@ class SuperNodeProcess:
             raise
         return self
 
-    def stop(self, grace: float = 10.0) -> list[int]:
-        """SIGTERM, then SIGKILL after `grace` s, to the SuperNode and its descendants."""
-        if self.proc is None:
-            return []
-        self.stopped_pids = stop_process_tree(self.proc.pid, grace=grace, tag=self.tag)
-        try:
-            self.proc.wait(timeout=5)  # reap our direct child (no zombie)
-        except subprocess.TimeoutExpired:
-            pass
-        self.proc = None
-        return self.stopped_pids
-
-    def __enter__(self) -> SuperNodeProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def pid(self) -> int:
-        """PID of the `flower-supernode` process."""
-        if self.proc is None:
-            raise RuntimeError("SuperNode not running")
-        return self.proc.pid
-
     @property
     def runtime_address(self) -> str:
         """host:port of this SuperNode's Runtime (ClientAppIo) HTTP API."""
         return f"{LOCALHOST}:{self.port}"
-
-    @property
-    def exited(self) -> int | None:
-        """Exit code if the process has ended by itself, else None."""
-        return None if self.proc is None else self.proc.poll()
-
-    def log_tail(self, lines: int = 60) -> str:
-        """Last lines of supernode.log (SuperNode and ClientApp output)."""
-        return log_tail(self.log_path, lines)

@@ -28,6 +28,7 @@ import math
 import os
 import socket
 import sys
+import subprocess
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -349,3 +350,52 @@ def _has_port_arg(cmd: list[str], port: int) -> bool:
     return any(a == "--port" and b == str(port) for a, b in zip(cmd, cmd[1:])) or (
         f"--port={port}" in cmd
     )
+
+
+class ManagedProcess:
+    """A Flower process we started: stopped by PID with its descendants, reaped, logged.
+
+    Subclasses (server.superlink.SuperLinkProcess, clients.supernode.SuperNodeProcess)
+    set ``proc``, ``tag`` and ``log_path`` when they start; ``what`` names the
+    process in messages.
+    """
+
+    what = "process"
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path: Path | None = None
+        self.stopped_pids: list[int] = []
+        self.tag = new_tag()  # marks every process of this tree (see stop_process_tree)
+
+    def stop(self, grace: float = 10.0) -> list[int]:
+        """SIGTERM, then SIGKILL after ``grace`` s, to the process and its descendants."""
+        if self.proc is None:
+            return []
+        self.stopped_pids = stop_process_tree(self.proc.pid, grace=grace, tag=self.tag)
+        try:
+            self.proc.wait(timeout=5)  # reap our direct child (no zombie)
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc = None
+        return self.stopped_pids
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError(f"{self.what} not running")
+        return self.proc.pid
+
+    @property
+    def exited(self) -> int | None:
+        """Exit code if the process has ended by itself, else None."""
+        return None if self.proc is None else self.proc.poll()
+
+    def log_tail(self, lines: int = 60) -> str:
+        return log_tail(self.log_path, lines)

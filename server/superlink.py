@@ -35,13 +35,11 @@ from typing import Any, Protocol
 
 from protos.flower_processes import (
     LOCALHOST,
+    ManagedProcess,
     flower_env,
     flower_executable,
     free_port,
-    log_tail,
-    new_tag,
     render_flwr_config,
-    stop_process_tree,
     wait_for_port,
 )
 
@@ -125,7 +123,7 @@ class ServerTls(Protocol):
     key: Path
 
 
-class SuperLinkProcess:
+class SuperLinkProcess(ManagedProcess):
     """`flower-superlink` on 127.0.0.1 with its state under one directory.
 
     Layout of `state_dir`: `state.db` (nodes and runs, survives restarts),
@@ -134,17 +132,16 @@ class SuperLinkProcess:
     the installed FABs).
     """
 
+    what = "SuperLink"
+
     def __init__(self) -> None:
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__()
         self.state_dir: Path | None = None
         self.port: int | None = None
-        self.log_path: Path | None = None
         self.env: dict[str, str] = {}
         self.host: str = LOCALHOST
         self.tls: ServerTls | None = None
         self.node_auth = False
-        self.stopped_pids: list[int] = []
-        self.tag = new_tag()  # marks every process of this tree (see stop)
 
     # ------------------------------------------------------------ lifecycle
     def start(
@@ -218,31 +215,6 @@ class SuperLinkProcess:
         self._write_connection(insecure=insecure)
         return self
 
-    def stop(self, grace: float = 10.0) -> list[int]:
-        """SIGTERM, then SIGKILL after `grace` s, to the SuperLink and its descendants."""
-        if self.proc is None:
-            return []
-        self.stopped_pids = stop_process_tree(self.proc.pid, grace=grace, tag=self.tag)
-        try:
-            self.proc.wait(timeout=5)  # reap our direct child (no zombie)
-        except subprocess.TimeoutExpired:
-            pass
-        self.proc = None
-        return self.stopped_pids
-
-    def __enter__(self) -> SuperLinkProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def pid(self) -> int:
-        """PID of the `flower-superlink` process."""
-        if self.proc is None:
-            raise RuntimeError("SuperLink not running")
-        return self.proc.pid
-
     @property
     def dial_host(self) -> str:
         """The host this machine dials to reach the SuperLink (loopback for a bind-all host)."""
@@ -258,9 +230,6 @@ class SuperLinkProcess:
     fleet_address = address
     control_address = address
 
-    def log_tail(self, lines: int = 60) -> str:
-        """Last lines of superlink.log (SuperLink and ServerApp output)."""
-        return log_tail(self.log_path, lines)
 
     # ----------------------------------------------------------- flwr CLI
     def _write_connection(self, *, insecure: bool) -> None:
