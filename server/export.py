@@ -89,6 +89,11 @@ def _model_card(ckpt: Checkpoint, prov: dict, out_dir: Path) -> str:
     ]
     if "job_id" in prov:
         rows.insert(0, ("job", f"`{prov['job_id']}`"))
+    dp = prov.get("differential_privacy")
+    if isinstance(dp, dict):  # server/privacy.py: what a differentially private job spent
+        rows.append(("differential privacy",
+                     f"(ε = {dp.get('epsilon', float('nan')):.3g}, δ = {dp.get('delta', float('nan')):g}) per organization, "
+                     f"noise at the {dp.get('noise_placement')}, z = {dp.get('noise_multiplier')}, C = {dp.get('clip_norm')}"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     # JSON strings are valid YAML scalars: safe quoting for any model path.
     front = f'---\nlibrary_name: peft\nbase_model: {json.dumps(ckpt.base_model)}\ntags:\n- silotune\n- lora\n- federated-learning\n---\n'
