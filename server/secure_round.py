@@ -37,6 +37,7 @@ from protos.adapter import Adapter
 from protos.errors import RejectReason
 from protos.secagg import RingSpec, SecAggError, Session, wire
 from protos.secagg.layout import layout_of, unflatten
+from protos.secagg.prg import DEFAULT_PRG
 from server.exchange import LateReplies, exchange
 from server.secagg import SecAggCoordinator
 from strategies import AggregationError, Strategy
@@ -52,7 +53,7 @@ class SecureSettings:
     clip: float = 0.05          # per-coordinate bound on an organization's delta
     max_weight: int = 10_000    # the largest example count that counts (larger ones are capped)
     threshold: int = 0          # shares to unmask; 0 or below ⌊N/2⌋+1: ⌊N/2⌋+1
-    prg: str = "aes-256-ctr"
+    prg: str = DEFAULT_PRG
 
 
 @dataclass

@@ -5,7 +5,7 @@ What both sides share lives here; the coordinator's unmasking is
 ``server/secagg.py``.
 
 * ``ring``     — fixed-point quantization into Z_{2^k}, k sized so N inputs cannot wrap
-* ``prg``      — AES-256-CTR / ChaCha20 keystream → uniform ring elements; masks applied in place
+* ``prg``      — AES-128/256-CTR / ChaCha20 keystream → uniform ring elements; masks applied in place
 * ``keys``     — X25519 agreement, HKDF-SHA256 derivations, ChaCha20-Poly1305 sealing of shares
 * ``shamir``   — t-of-n sharing of 32-byte secrets over GF(2^521 − 1)
 * ``session``  — the public parameters of one session (participants, threshold, ring, P, PRG)

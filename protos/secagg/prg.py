@@ -6,7 +6,10 @@ Z_{2^k} whenever the cipher is a PRF, which NumPy's RandomState (what
 Flower's SecAgg+ uses, seeded from 32 bits) is not. Two ciphers from
 ``cryptography`` (OpenSSL):
 
-* ``aes-256-ctr`` (default): AES-NI makes it the fastest on x86 servers;
+* ``aes-128-ctr`` (default): AES-NI makes AES the fastest on x86 servers, and
+  128-bit AES (10 rounds) ≈ 1.4× AES-256 (14 rounds); a 128-bit key is the
+  usual strength for a PRG (the seed's first 16 bytes);
+* ``aes-256-ctr``: the whole 32-byte seed as the key;
 * ``chacha20``: constant-time in software, for CPUs without AES instructions.
 
 Every seed is fresh per round and per pair (an HKDF output bound to the
@@ -27,8 +30,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algori
 
 from protos.secagg.errors import SecAggError
 
-PRGS = ("aes-256-ctr", "chacha20")
-DEFAULT_PRG = "aes-256-ctr"
+PRGS = ("aes-128-ctr", "aes-256-ctr", "chacha20")
+DEFAULT_PRG = "aes-128-ctr"
 SEED_BYTES = 32
 #: ring elements per chunk: 64 Ki × 4 bytes = 256 KiB of keystream, about an L2 cache
 CHUNK_ELEMENTS = 1 << 16
@@ -40,7 +43,9 @@ def keystream(seed: bytes, prg: str = DEFAULT_PRG) -> CipherContext:
     """An encryptor whose output on zero bytes is the seed's keystream."""
     if len(seed) != SEED_BYTES:
         raise SecAggError(f"a PRG seed is {SEED_BYTES} bytes, got {len(seed)}")
-    if prg == "aes-256-ctr":
+    if prg == "aes-128-ctr":
+        cipher = Cipher(algorithms.AES(seed[:16]), modes.CTR(_ZERO_NONCE))
+    elif prg == "aes-256-ctr":
         cipher = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE))
     elif prg == "chacha20":
         cipher = Cipher(algorithms.ChaCha20(seed, _ZERO_NONCE), mode=None)
