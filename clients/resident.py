@@ -42,7 +42,8 @@ class ResidentModel:
         import torch
         from peft import set_peft_model_state_dict
 
-        state = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in adapter.items()}
+        # torch.tensor copies: decoded arrays may be read-only views of a message
+        state = {name: torch.tensor(np.asarray(value, dtype=np.float32)) for name, value in adapter.items()}
         result = set_peft_model_state_dict(self.model, state)
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
         if unexpected:

@@ -142,5 +142,5 @@ def _proximal_anchors(named: dict, global_adapter: Adapter) -> list:  # type: ig
     pairs = []
     for name, parameter in named.items():
         key = name.replace(".default.", ".")
-        pairs.append((parameter, torch.from_numpy(global_adapter[key]).to(parameter.device, parameter.dtype)))
+        pairs.append((parameter, torch.tensor(global_adapter[key]).to(parameter.device, parameter.dtype)))
     return pairs
