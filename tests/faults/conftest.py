@@ -6,8 +6,8 @@ are also marked ``faults_long`` (and ``slow``): `make test` leaves those out,
 
 ``Deployment`` starts a coordinator and agents through the `silotune` CLI on
 127.0.0.1, as separate processes, and injects faults into them: SIGKILL of a
-whole process tree (a machine that dies), SIGSTOP/SIGCONT (a machine that
-stalls), or a fault point armed inside the coordinator
+whole process tree (a machine that dies), a stalled uplink (netfault.py), or
+a fault point armed inside the coordinator
 (SILOTUNE_FAULT_POINT, server/fault_points.py). Every process started here
 carries a fresh tag in its environment, so at the end every one of them —
 including the SuperLink, SuperExec, ServerApp and ClientApp processes that
@@ -100,6 +100,7 @@ class Deployment:
         from clients.silo.corpora import load_bbc_news
 
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.state_dir = root / "coordinator"
         self.run_dir = root / "run"
@@ -138,15 +139,19 @@ class Deployment:
         self.coordinators.append(proc)
         return proc
 
-    def start_agent(self, name: str) -> subprocess.Popen:
-        cmd = [SILOTUNE, "agent", "--insecure", "--coordinator", f"{LOCALHOST}:{self.port}",
-               "--data", str(self.silos[name]), "--name", name, "--state-dir", str(self.root / f"agent-{name}")]
+    def start_agent(self, name: str, resident: bool = False, via_port: int | None = None) -> subprocess.Popen:
+        """`silotune agent start`; without the resident trainer (Ray) unless asked: one Ray
+        instance per agent does not fit this suite's 2-core budget. ``via_port``: connect
+        through a proxy on that port (netfault.HttpHoldProxy) instead of directly."""
+        cmd = [SILOTUNE, "agent", "start", "--insecure", "--coordinator", f"{LOCALHOST}:{via_port or self.port}",
+               "--data", str(self.silos[name]), "--name", name, "--state-dir", str(self.root / f"agent-{name}"),
+               *([] if resident else ["--no-resident"])]
         proc = self._popen(cmd, self.root / f"agent-{name}.log", self.env)
         self.agents[name] = proc
         return proc
 
-    def start_agents(self) -> None:
-        for name in self.silos:
+    def start_agents(self, *names: str) -> None:
+        for name in names or self.silos:
             self.start_agent(name)
 
     # -- faults --
@@ -206,6 +211,29 @@ class Deployment:
         text = logs[-1].read_text(errors="replace") if logs else ""
         return f"--- {logs[-1] if logs else ''}\n{text[-chars:]}\n--- superlink.log\n{self.superlink_log()[-chars:]}"
 
+    def rounds_on_disk(self) -> list[int]:
+        """Rounds whose checkpoint directory exists (it appears by one atomic rename)."""
+        root = self.run_dir / "checkpoints"
+        names = os.listdir(root) if root.is_dir() else []
+        return sorted(int(n[len("round-"):]) for n in names if re.fullmatch(r"round-\d{5,}", n))
+
+    def wait_for_round(self, server_round: int, timeout: float) -> float:
+        """Wait until round ``server_round`` is checkpointed; return the wall-clock time it was seen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if server_round in self.rounds_on_disk():
+                return time.time()
+            if self.coordinators[-1].poll() is not None:
+                raise AssertionError(f"the coordinator exited ({self.coordinators[-1].returncode}) before "
+                                     f"round {server_round} was checkpointed:\n{self.tail()}")
+            time.sleep(0.2)
+        raise AssertionError(f"round {server_round} not checkpointed after {timeout}s:\n{self.tail()}")
+
+    def run_log(self) -> str:
+        """The ServerApp's log of the last finished run (written by the coordinator CLI)."""
+        logs = sorted(self.state_dir.glob("run-*.log"), key=lambda p: p.stat().st_mtime)
+        return logs[-1].read_text(errors="replace") if logs else ""
+
     def report(self) -> dict[str, Any]:
         return json.loads((self.run_dir / "report.json").read_text())
 
@@ -243,7 +271,6 @@ def deployment(tmp_path: Path) -> Iterator[Any]:
 
     def make(settings: dict[str, Any], agents: list[str], **kwargs: Any) -> Deployment:
         made.append(Deployment(tmp_path / f"d{len(made)}", settings, agents, **kwargs))
-        made[-1].root.mkdir()
         return made[-1]
 
     yield make

@@ -8,7 +8,9 @@ named fault point inside it (server/fault_points.py) or from here at a random
 moment — and another coordinator is started on the same run dir, until the
 6-round job completes. The final checkpoint must equal, byte for byte, the
 one of an uninterrupted run: adapter, strategy state (FedAdam m, v, step),
-RNG state and the record of who took part in which round.
+RNG state and the record of who took part in which round. A DP-FedAvg job
+(central noise, seeded) checks the same for the privacy accountant's ledger
+and the noise generator.
 
 The same with real Flower processes is tests/faults/test_deployment_faults.py
 (`make faults`).
@@ -53,6 +55,7 @@ def assert_same_final(reference: Path, run_dir: Path) -> None:
         assert (got / name).read_bytes() == (expected / name).read_bytes(), f"{name} differs after the kills"
     want, have = (json.loads((d / RUN_STATE).read_text()) for d in (expected, got))
     assert have["rng"] == want["rng"], "RNG state differs"
+    assert have.get("privacy") == want.get("privacy"), "privacy accountant differs"
     strip = [{k: h[k] for k in ("round", "sampled", "accepted", "rejected", "timed_out", "eval")
               if k in h} for h in want["history"]]
     assert [{k: h[k] for k in s} for h, s in zip(have["history"], strip)] == strip
@@ -134,3 +137,22 @@ def test_sigkill_from_outside_at_random_moments(reference: Path, tmp_path: Path)
         finish(tmp_path)
     assert kills >= 1, f"seed {seed}: every run finished before its kill"
     assert_same_final(reference, tmp_path)
+
+
+DP = dict(strategy="dp-fedavg", strategy_params="clip_norm=0.5,noise_multiplier=0.8,noise_seed=3")
+
+
+@pytest.fixture(scope="module")
+def dp_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("dp-uninterrupted")
+    assert run_forked(run_dir, orgs(3), **DP) == 0, (run_dir / "coordinator.log").read_text()[-3000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("spec", ["after-push@2", "after-aggregate@4", "checkpoint-write@5#3"])
+def test_privacy_accountant_and_noise_survive_a_kill(spec: str, dp_reference: Path, tmp_path: Path) -> None:
+    ledger = json.loads((final_dir(dp_reference) / RUN_STATE).read_text())["privacy"]
+    assert ledger, "the DP job kept no accountant state"
+    assert run_forked(tmp_path, orgs(3), fault=spec, **DP) == -9
+    assert run_forked(tmp_path, orgs(3), **DP) == 0, (tmp_path / "coordinator.log").read_text()[-3000:]
+    assert_same_final(dp_reference, tmp_path)
