@@ -12,6 +12,7 @@ What both sides share lives here; the coordinator's unmasking is
 * ``messages`` — what the parties send each other; mask signs and seed commitments
 * ``client``   — an organization's four stages (advertise, share keys, mask, unmask)
 * ``layout``   — an adapter as one flat vector and back
+* ``wire``     — the four exchanges' messages as Flower records (server/secure_round.py, clients/secure_round.py)
 
 Threat model: an honest-but-curious coordinator and honest organizations
 that may drop out at any stage (up to N − t after masking). Not covered: a

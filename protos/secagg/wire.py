@@ -57,7 +57,7 @@ def _get(record: ConfigRecord, key: str, kind: type) -> Any:
     value = record.get(key)
     if kind is list:
         if value is None:
-            return []       # Flower drops empty lists on the wire
+            return []       # an absent list is an empty one
         if not isinstance(value, list):
             raise SecAggError(f"field {key!r} is not a list")
         return value
