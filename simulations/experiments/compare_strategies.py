@@ -48,13 +48,20 @@ BASE = {
 }
 
 
-def run_arm(name: str, orgs: int, out: Path) -> dict[str, Any]:
+def arm_dir(name: str, orgs: int, out: Path) -> Path:
     slug = name.split(" (")[0].lower().replace(" ", "-").replace("/", "")
-    run_dir = out / "runs" / f"{orgs}-orgs" / slug
+    return out / "runs" / f"{orgs}-orgs" / slug
+
+
+def run_arm(name: str, orgs: int, out: Path, report_only: bool = False) -> dict[str, Any] | None:
+    run_dir = arm_dir(name, orgs, out)
+    slug = run_dir.name
     settings = {**BASE, **ARMS[name], "min-nodes": orgs, "job-id": f"compare-{slug}-{orgs}",
                 "run-dir": str(run_dir)}
     scenario = Scenario(name=f"compare-{orgs}", num_organizations=orgs, run_config=settings)
     report_path = run_dir / "report.json"
+    if not report_path.exists() and report_only:
+        return None
     if not report_path.exists():  # finished arms are kept: the experiment resumes where it stopped
         started = time.perf_counter()
         run_scenario(scenario, scenario.job_config())
@@ -70,7 +77,7 @@ def run_arm(name: str, orgs: int, out: Path) -> dict[str, Any]:
     }
 
 
-def write_outputs(results: list[dict[str, Any]], out: Path, command: str) -> None:
+def write_outputs(results: list[dict[str, Any]], out: Path, command: str, missing: list[str]) -> None:
     rounds = max(len(r["accuracy"]) for r in results)
     header = "| organizations | strategy | " + " | ".join(
         "base (round 0)" if i == 0 else f"round {i}" for i in range(rounds)) + " | worst org gain | wall |"
@@ -79,6 +86,8 @@ def write_outputs(results: list[dict[str, Any]], out: Path, command: str) -> Non
         cells = " | ".join(f"{a:.3f}" for a in r["accuracy"])
         lines.append(f"| {r['orgs']} | {r['arm']} | {cells} | {r['min_org_gain']:+.3f} | {r['wall_s']:.0f}s |")
     table = "\n".join(lines)
+    if missing:
+        table += "\n\nNot in the table: " + "; ".join(missing) + "."
     (out / "strategies.md").write_text(
         "# Strategies on the demo data\n\n"
         "Held-out topic accuracy (overall, example-weighted over organizations; each organization's own "
@@ -105,6 +114,7 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
         for r in (r for r in results if r["orgs"] == orgs):
             ax.plot(range(len(r["accuracy"])), r["accuracy"], marker="o", label=r["arm"])
         ax.set_title(f"{orgs} organizations (label skew 0.8)")
+        ax.set_xticks(range(max(len(r["accuracy"]) for r in results)))
         ax.set_xlabel("round (0 = base model)")
         ax.set_ylabel("held-out accuracy")
         ax.grid(alpha=0.3)
@@ -118,12 +128,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--orgs", type=int, nargs="+", default=[3, 10])
     parser.add_argument("--out", default="docs")
+    parser.add_argument("--report-only", action="store_true",
+                        help="no new runs: tabulate the arms that finished, list the others")
+    parser.add_argument("--missing-reason", default="did not finish",
+                        help="with --report-only: why the absent arms are absent")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = [run_arm(name, orgs, out) for orgs in args.orgs for name in ARMS]
+    results, missing = [], []
+    for orgs in args.orgs:
+        for name in ARMS:
+            result = run_arm(name, orgs, out, args.report_only)
+            if result is None:
+                missing.append(f"{name} with {orgs} organizations ({args.missing_reason})")
+            else:
+                results.append(result)
     command = "python -m simulations.experiments.compare_strategies --orgs " + " ".join(map(str, args.orgs))
-    write_outputs(results, out, command)
+    write_outputs(results, out, command, missing)
 
 
 if __name__ == "__main__":
