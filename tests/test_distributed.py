@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -26,6 +28,11 @@ def test_two_workers_equal_one_worker() -> None:
     # fp32: bf16 rounding would differ between a batch of 4 and two batches of 2
     settings = TrainSettings(local_steps=4, batch_size=4, learning_rate=1e-2, seed=3, autocast_bf16=False)
     single, _ = train_adapter(resident, start, examples, settings)
+    # Ray Train gives a worker group 60 s to start; two workers importing torch on a
+    # loaded 2-core CI machine can take longer. Workers inherit this from the driver.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    if ray.is_initialized():  # never inherit another test's Ray
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         double, metrics = train_adapter_distributed("tiny-llama", spec, start, examples, settings, num_workers=2)
