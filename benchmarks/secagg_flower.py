@@ -197,6 +197,7 @@ def run_flower_secaggplus(updates: dict[int, list[np.ndarray]], weights: dict[in
         "total_s": total,
         "coordinator_s": coordinator,
         "client_mask_s": float(np.median(masking)),
+        "client_unmask_s": float(np.median(grid.client_calls["unmask"])),
         "client_keys_s": float(np.median([a + b for a, b in zip(grid.client_calls["setup"],
                                                                  grid.client_calls["share_keys"])])),
         "bytes_up": int(np.median([grid.bytes_up[nid] for nid in updates if nid not in set(dropped)])),

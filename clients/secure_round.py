@@ -65,8 +65,8 @@ def handle(content: RecordDict, state: RecordDict, train: Callable[[RecordDict],
     elif stage == wire.MASK:
         reply = _mask(client, content, wire.parse_mask_instruction(record), train)
     else:
-        shares = client.unmask(*wire.parse_unmask_instruction(record))
-        reply = RecordDict({wire.SECAGG_RECORD: wire.unmask_reply(session_id, client.index, shares)})
+        survivors, dropped, correction = wire.parse_unmask_instruction(record)
+        reply = wire.unmask_reply(session_id, client.index, client.unmask(survivors, dropped, correction))
         del state[wire.STATE_RECORD]   # done: the keys and held shares are not needed any more
         return reply
     _save(state, client)

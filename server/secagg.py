@@ -10,11 +10,13 @@ protos/secagg/client.py for the organizations' side):
 3. ``add_masked`` per organization: the masked ring vector is added to a
    running sum mod 2^k and dropped (memory O(P) whatever N) →
    ``unmask_request()``: survivors U3 and dropped U2 \\ U3;
-4. ``add_unmask`` per survivor → ``finish()``: from any t responders,
-   reconstruct every survivor's self-mask seed and every dropped
-   organization's mask private key, subtract the survivors' self-masks and
-   the pairwise masks survivors share with dropped organizations, all in one
-   chunked pass over the sum, and dequantize: the weighted mean.
+4. ``add_unmask`` per survivor (with its correction, when asked: the sum of
+   its masks shared with the dropped, subtracted at once) → ``finish()``:
+   from any t responders, reconstruct every survivor's self-mask seed and
+   every dropped organization's mask private key, subtract the survivors'
+   self-masks and the pairwise masks that survivors without a correction
+   share with dropped organizations, all in one chunked pass over the sum,
+   and dequantize: the weighted mean.
 
 Every reconstruction is checked (a mask key against its advertised public
 key, a seed against its commitment), so bad shares give a named error, not a
@@ -55,9 +57,14 @@ class SecAggResult:
 class SecAggCoordinator:
     """One session at the coordinator."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, survivor_corrections: bool = True) -> None:
+        """``survivor_corrections``: after dropouts, ask each survivor for the sum of its
+        masks with the dropped (P values more from each survivor, d·(N−d) mask expansions
+        less here); a survivor that does not send it is corrected here from the shares."""
         session.validate()
         self.session = session
+        self.survivor_corrections = survivor_corrections
+        self._corrected: set[int] = set()
         self._stage = 1
         self._keys: dict[int, PublicKeys] = {}
         self._sealed: dict[int, dict[int, bytes]] = {}     # src -> dst -> sealed
@@ -128,14 +135,16 @@ class SecAggCoordinator:
             raise SecAggError(f"masked input from {index}, which did not share keys")
         if index in self._u3:
             raise SecAggError(f"{index} sent a second masked input")
-        ring = self.session.ring
-        if vector.dtype != ring.dtype or vector.shape != self._sum.shape:
-            raise SecAggError(f"masked input of {vector.dtype} {vector.shape}, expected {ring.dtype} "
-                              f"{self._sum.shape}")
-        if ring.ring_bits < ring.dtype.itemsize * 8 and int(vector.max()) > ring.modulus_mask:
-            raise SecAggError(f"masked input from {index} holds values outside Z_2^{ring.ring_bits}")
+        self._check_vector(index, vector, "masked input")
         np.add(self._sum, vector, out=self._sum)
         self._u3.append(index)
+
+    def _check_vector(self, index: int, vector: np.ndarray, what: str) -> None:
+        ring, shape = self.session.ring, (self.session.vector_length,)
+        if vector.dtype != ring.dtype or vector.shape != shape:
+            raise SecAggError(f"{what} from {index} is {vector.dtype} {vector.shape}, expected {ring.dtype} {shape}")
+        if ring.ring_bits < ring.dtype.itemsize * 8 and int(vector.max()) > ring.modulus_mask:
+            raise SecAggError(f"{what} from {index} holds values outside Z_2^{ring.ring_bits}")
 
     def unmask_request(self) -> tuple[list[int], list[int]]:
         """(survivors U3, dropped U2 \\ U3), to send to every survivor; closes stage 3."""
@@ -146,6 +155,11 @@ class SecAggCoordinator:
         self._dropped = sorted(set(self._u2) - set(survivors))
         return survivors, list(self._dropped)
 
+    @property
+    def asks_corrections(self) -> bool:
+        """Whether the unmask request asks survivors for their corrections (after unmask_request)."""
+        return self.survivor_corrections and bool(self._dropped)
+
     # ---- 4 -----------------------------------------------------------------
     def add_unmask(self, index: int, shares: UnmaskShares) -> None:
         self._at(4, "add_unmask")
@@ -155,7 +169,14 @@ class SecAggCoordinator:
             raise SecAggError(f"{index} sent unmask shares twice")
         if set(shares.seed) != set(self._u3) or set(shares.mask_key) != set(self._dropped):
             raise SecAggError(f"{index} did not answer the unmask request it was sent")
-        self._unmask[index] = shares
+        if shares.correction is not None:
+            if not self.asks_corrections:
+                raise SecAggError(f"{index} sent a correction that was not asked for")
+            self._check_vector(index, shares.correction, "correction")
+            assert self._sum is not None
+            np.subtract(self._sum, shares.correction, out=self._sum)   # its masks with the dropped, removed
+            self._corrected.add(index)
+        self._unmask[index] = UnmaskShares(shares.seed, shares.mask_key)   # the vector is not kept
 
     def finish(self) -> SecAggResult:
         """Unmask and dequantize the sum; closes the session."""
@@ -179,6 +200,8 @@ class SecAggCoordinator:
             if X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw() != self._keys[u].mask:
                 raise SecAggError(f"the mask key of dropped {u} does not match its public key: inconsistent shares")
             for v in survivors:
+                if v in self._corrected:
+                    continue   # v removed its masks with the dropped itself
                 seed = keys.pair_key(private, self._keys[v].mask, sid, keys.MASK, u, v)
                 masks.append((seed, -pairwise_sign(v, u)))  # v added sign(v, u)·PRG(s_uv): remove it
         reconstructed = time.perf_counter()

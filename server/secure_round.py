@@ -8,7 +8,9 @@
    round config) plus the sealed shares addressed to it; it trains, masks its
    delta (update − global over the shared factors) and answers with the masked
    ring vector, which the coordinator adds to a running sum and drops;
-4. unmask — the survivors answer with the shares that remove the masks.
+4. unmask — the survivors answer with the shares that remove the masks and,
+   after dropouts, the sum of their own masks shared with the dropped ones
+   (so the coordinator expands N + (survivors without one)·d masks, not N + d·(N−d)).
 
 The coordinator then holds the example-weighted mean delta and the total
 weight, never one organization's update, and hands global + mean delta to
@@ -54,6 +56,7 @@ class SecureSettings:
     max_weight: int = 10_000    # the largest example count that counts (larger ones are capped)
     threshold: int = 0          # shares to unmask; 0 or below ⌊N/2⌋+1: ⌊N/2⌋+1
     prg: str = DEFAULT_PRG
+    survivor_corrections: bool = True   # after dropouts, survivors remove their masks with the dropped
 
 
 @dataclass
@@ -97,7 +100,7 @@ class SecureRound:
         node_of = {i: node for node, i in index.items()}
         session = self.session_for(job_id, server_round, nodes, reference)
         sid = session.session_id
-        coordinator = SecAggCoordinator(session)
+        coordinator = SecAggCoordinator(session, self.settings.survivor_corrections)
         outcome = SecureOutcome()
         silent: set[int] = set()
         notify = on_reply or (lambda *_: None)
@@ -156,10 +159,12 @@ class SecureRound:
             stage(wire.MASK, [node_of[i] for i in routing], mask_content, masked, large=True)
             survivors, dropped = coordinator.unmask_request()
             # 4: unmask
-            unmask_content = RecordDict({wire.SECAGG_RECORD: wire.unmask_instruction(sid, survivors, dropped)})
+            unmask_content = RecordDict({wire.SECAGG_RECORD: wire.unmask_instruction(
+                sid, survivors, dropped, coordinator.asks_corrections)})
             stage(wire.UNMASK, [node_of[i] for i in survivors], lambda node: unmask_content,
                   lambda node, reply: coordinator.add_unmask(
-                      own_index(node, (parsed := wire.parse_unmask_reply(reply.content, sid))[0]), parsed[1]))
+                      own_index(node, (parsed := wire.parse_unmask_reply(reply.content, sid))[0]), parsed[1]),
+                  large=coordinator.asks_corrections)   # then each reply carries P values
             result = coordinator.finish()
         except SecAggError as err:   # ThresholdError included: no aggregate this attempt
             outcome.failure = f"secure aggregation: {err}"

@@ -34,10 +34,10 @@ def _updates(n: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
     return rng.normal(0, CLIP / 4, (n, length)).clip(-CLIP, CLIP).astype(np.float32), rng.integers(1, MAX_WEIGHT, n)
 
 
-def _run(session, updates, weights, drop_before_masked=(), drop_before_unmask=()):
+def _run(session, updates, weights, drop_before_masked=(), drop_before_unmask=(), corrections=True):
     """One whole session in process; returns (result, clients, coordinator)."""
     clients = {i: MaskingClient(session, i) for i in session.participants}
-    coordinator = SecAggCoordinator(session)
+    coordinator = SecAggCoordinator(session, survivor_corrections=corrections)
     for i, client in clients.items():
         coordinator.add_keys(i, client.advertise())
     roster = coordinator.roster()
@@ -50,7 +50,7 @@ def _run(session, updates, weights, drop_before_masked=(), drop_before_unmask=()
     survivors, dropped = coordinator.unmask_request()
     for i in survivors:
         if i not in drop_before_unmask:
-            coordinator.add_unmask(i, clients[i].unmask(survivors, dropped))
+            coordinator.add_unmask(i, clients[i].unmask(survivors, dropped, coordinator.asks_corrections))
     return coordinator.finish(), clients, coordinator
 
 
@@ -68,15 +68,16 @@ def _assert_close(result, plain):
 
 # ---- the protocol end to end -------------------------------------------------
 @pytest.mark.parametrize("n", [5, 6, 7, 8, 9, 10])
-@pytest.mark.parametrize("dropouts", ["none", "n-t after masking"])
-def test_secure_mean_equals_plain_mean(n, dropouts):
+@pytest.mark.parametrize("dropouts,corrections", [("none", True), ("n-t after masking", True),
+                                                  ("n-t after masking", False)])
+def test_secure_mean_equals_plain_mean(n, dropouts, corrections):
     session = _session(n, 1500)
     updates, weights = _updates(n, session.length, seed=n)
     dropped = set()
     if dropouts != "none":
         rng = np.random.default_rng(n)
         dropped = {int(i) for i in rng.choice(session.participants, n - session.threshold, replace=False)}
-    result, _, _ = _run(session, updates, weights, drop_before_masked=dropped)
+    result, _, _ = _run(session, updates, weights, drop_before_masked=dropped, corrections=corrections)
     survivors = sorted(set(session.participants) - dropped)
     assert result.survivors == survivors and result.dropped == sorted(dropped)
     assert result.weight_sum == int(weights[[i - 1 for i in survivors]].sum())
@@ -84,13 +85,16 @@ def test_secure_mean_equals_plain_mean(n, dropouts):
     assert result.error_bound < 1e-7  # a 32-bit ring is fine-grained at these sizes
 
 
-def test_dropouts_at_every_stage_after_masking():
-    """Some masked inputs never arrive, and some survivors never send unmask shares:
-    t responders suffice, and the late survivors' inputs still count."""
+@pytest.mark.parametrize("corrections", [True, False])
+def test_dropouts_at_every_stage_after_masking(corrections):
+    """Some masked inputs never arrive, and some survivors never send unmask shares
+    (nor their corrections): t responders suffice, the late survivors' inputs still
+    count, and their masks with the dropped are removed from the reconstructed keys."""
     n = 9
     session = _session(n, 800, threshold=6)
     updates, weights = _updates(n, session.length, seed=3)
-    result, _, _ = _run(session, updates, weights, drop_before_masked={2, 5}, drop_before_unmask={1})
+    result, _, _ = _run(session, updates, weights, drop_before_masked={2, 5}, drop_before_unmask={1},
+                        corrections=corrections)
     survivors = [1, 3, 4, 6, 7, 8, 9]
     assert result.survivors == survivors
     _assert_close(result, _plain_mean(updates, weights, survivors))
@@ -344,3 +348,27 @@ def test_flat_layout_round_trip():
     assert [name for name, _ in layout] == ["a", "b"]
     back = unflatten(flatten(tensors, layout), layout)
     assert all(np.array_equal(back[k], tensors[k]) for k in tensors)
+
+
+def test_a_correction_is_uniform_and_only_taken_when_asked():
+    n = 6
+    session = _session(n, 20_000, threshold=4)
+    updates, weights = _updates(n, session.length)
+    clients = {i: MaskingClient(session, i) for i in session.participants}
+    coordinator = SecAggCoordinator(session)
+    for i, c in clients.items():
+        coordinator.add_keys(i, c.advertise())
+    roster = coordinator.roster()
+    for i in roster:
+        coordinator.add_shares(i, clients[i].share_keys(roster))
+    for i, sealed in coordinator.routing().items():
+        masked = clients[i].mask(sealed, updates[i - 1], int(weights[i - 1]))
+        if i != 6:
+            coordinator.add_masked(i, masked)
+    survivors, dropped = coordinator.unmask_request()
+    assert dropped == [6] and coordinator.asks_corrections
+    answer = clients[1].unmask(survivors, dropped, correction=True)
+    assert answer.correction is not None and _chi_square_uniform_bytes(answer.correction) < 255 + 6 * 22.6
+    coordinator.add_unmask(1, answer)
+    quiet = SecAggCoordinator(_session(2, 10, threshold=2))
+    assert not quiet.asks_corrections   # no dropout: nothing to correct

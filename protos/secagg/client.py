@@ -16,7 +16,9 @@ Machine Learning"), honest-but-curious coordinator, four exchanges:
    arrived (U3) and the rest of U2: this organization returns the shares of
    b for every survivor and of the mask private key for every dropped one,
    never both for the same organization, so an input that arrives late (its
-   sender declared dropped) stays hidden behind its self-mask.
+   sender declared dropped) stays hidden behind its self-mask; if asked, also
+   the sum of its own masks shared with the dropped ones (a "correction"),
+   which spares the coordinator d·(N−d) mask expansions.
 
 Each stage runs once, in order; anything inconsistent raises SecAggError.
 """
@@ -183,7 +185,12 @@ class MaskingClient:
         return vector
 
     # ---- 4 -----------------------------------------------------------------
-    def unmask(self, survivors: list[int], dropped: list[int]) -> UnmaskShares:
+    def unmask(self, survivors: list[int], dropped: list[int], correction: bool = False) -> UnmaskShares:
+        """The shares that remove the survivors' self-masks and the dropped ones' pairwise masks.
+
+        ``correction``: also the sum of this organization's pairwise masks with the dropped
+        ones (d streams here instead of d·(N−d) at the coordinator). It reveals nothing the
+        dropped organizations' mask keys, which the shares reconstruct anyway, do not."""
         self._enter(4, "unmask")
         alive, gone = set(survivors), set(dropped)
         if alive & gone:
@@ -197,7 +204,14 @@ class MaskingClient:
         if len(alive) < self.session.threshold:
             raise ThresholdError(f"{len(alive)} masked input(s) arrived, the threshold is "
                                  f"{self.session.threshold}: refusing to reveal shares")
+        fix = None
+        if correction and gone:
+            session, sid = self.session, self.session.session_id
+            fix = np.zeros(session.vector_length, dtype=session.ring.dtype)
+            apply_masks(fix, [(keys.pair_key(self._mask_private, self._roster[u].mask, sid, keys.MASK, self.index, u),
+                               pairwise_sign(self.index, u)) for u in sorted(gone)], session.ring.ring_bits, session.prg)
         return UnmaskShares(
             seed={i: self._held[i][0] for i in sorted(alive)},
             mask_key={j: self._held[j][1] for j in sorted(gone)},
+            correction=fix,
         )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class PublicKeys:
@@ -29,6 +31,9 @@ class UnmaskShares:
 
     seed: dict[int, bytes]       # survivor index -> share of its self-mask seed
     mask_key: dict[int, bytes]   # dropped index -> share of its mask private key
+    #: when asked: Σ_{u dropped} sign·PRG(s_iu), the masks this survivor shares with the dropped
+    #: ones, so that the coordinator need not expand them itself (None: not asked, or no dropout)
+    correction: np.ndarray | None = None
 
 
 def seed_commitment(session_id: bytes, seed: bytes) -> bytes:

@@ -20,12 +20,14 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from protos.codec import _wire_view as wire_view   # read-only view over the message bytes, no copy
 from protos.secagg.errors import SecAggError
 from protos.secagg.messages import PublicKeys, SealedShares, UnmaskShares
 from protos.secagg.session import Session
 
 SECAGG_RECORD = "silotune.secagg"
 MASKED_RECORD = "silotune.secagg.masked"
+CORRECTION_RECORD = "silotune.secagg.correction"   # a survivor's masks with the dropped, when asked
 #: the organization's protocol state, in its own context.state (never sent)
 STATE_RECORD = "silotune.secagg.state"
 
@@ -156,32 +158,45 @@ def parse_mask_reply(content: RecordDict, session_id: bytes) -> tuple[int, np.nd
     stage, sid, record = stage_of(content)
     _expect(stage, sid, MASK, session_id)
     try:
-        vector = content.array_records[MASKED_RECORD]["masked"].numpy()
+        vector = wire_view(content.array_records[MASKED_RECORD]["masked"])
     except Exception as err:  # a corrupt Array must not crash the round
         raise SecAggError(f"masked input does not deserialize: {err}") from None
     return _get(record, "index", int), vector
 
 
 # ---- stage 4: unmask ---------------------------------------------------------
-def unmask_instruction(session_id: bytes, survivors: list[int], dropped: list[int]) -> ConfigRecord:
-    return _record(UNMASK, session_id, survivors=survivors, dropped=dropped)
+def unmask_instruction(session_id: bytes, survivors: list[int], dropped: list[int],
+                       corrections: bool = False) -> ConfigRecord:
+    return _record(UNMASK, session_id, survivors=survivors, dropped=dropped, corrections=int(corrections))
 
 
-def parse_unmask_instruction(record: ConfigRecord) -> tuple[list[int], list[int]]:
-    return _ints(record, "survivors"), _ints(record, "dropped")
+def parse_unmask_instruction(record: ConfigRecord) -> tuple[list[int], list[int], bool]:
+    """(survivors, dropped, whether a correction is asked for)."""
+    return _ints(record, "survivors"), _ints(record, "dropped"), bool(_get(record, "corrections", int))
 
 
-def unmask_reply(session_id: bytes, index: int, shares: UnmaskShares) -> ConfigRecord:
+def unmask_reply(session_id: bytes, index: int, shares: UnmaskShares) -> RecordDict:
     seeds, keys = sorted(shares.seed), sorted(shares.mask_key)
-    return _record(UNMASK, session_id, index=index, seed_owners=seeds, seed_shares=[shares.seed[i] for i in seeds],
-                   key_owners=keys, key_shares=[shares.mask_key[i] for i in keys])
+    reply = RecordDict({SECAGG_RECORD: _record(
+        UNMASK, session_id, index=index, seed_owners=seeds, seed_shares=[shares.seed[i] for i in seeds],
+        key_owners=keys, key_shares=[shares.mask_key[i] for i in keys])})
+    if shares.correction is not None:
+        reply[CORRECTION_RECORD] = ArrayRecord({"correction": Array(shares.correction)})
+    return reply
 
 
 def parse_unmask_reply(content: RecordDict, session_id: bytes) -> tuple[int, UnmaskShares]:
     stage, sid, record = stage_of(content)
     _expect(stage, sid, UNMASK, session_id)
     seeds, keys = _ints(record, "seed_owners"), _ints(record, "key_owners")
+    correction = None
+    if CORRECTION_RECORD in content.array_records:
+        try:
+            correction = wire_view(content.array_records[CORRECTION_RECORD]["correction"])
+        except Exception as err:  # a corrupt Array must not crash the round
+            raise SecAggError(f"correction does not deserialize: {err}") from None
     return _get(record, "index", int), UnmaskShares(
         seed=dict(zip(seeds, _bytes_list(record, "seed_shares", len(seeds)))),
         mask_key=dict(zip(keys, _bytes_list(record, "key_shares", len(keys)))),
+        correction=correction,
     )
