@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from flwr.app import Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 from protos.adapter import Adapter
 from protos.errors import RejectReason, UpdateRejected
@@ -109,6 +110,8 @@ class UpdateValidator:
         """Before decoding: the reply answers this node's instruction, is its first
         reply this round, and is not oversized. Raises UpdateRejected."""
         sender = int(reply.metadata.src_node_id)
+        if reply.has_error() and sender == SUPERLINK_NODE_ID:
+            return  # Flower's own answer for that node (it stopped heartbeating, the message expired)
         if sender in self._replied:
             raise UpdateRejected(RejectReason.DUPLICATE,
                                  f"node {sender} already replied in round {self.server_round}")

@@ -34,7 +34,8 @@ from typing import Any, Callable
 
 import numpy as np
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.server.superlink.linkstate.utils import NODE_UNAVAILABLE_ERROR_REASON as NODE_UNAVAILABLE_REASON
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -90,6 +91,15 @@ def delta(seed: int, server_round: int, index: int, name: str, shape: tuple[int,
     salt = int.from_bytes(name.encode()[-8:].rjust(8, b"\0"), "little")
     rng = np.random.default_rng([seed, server_round, index, salt])
     return (rng.standard_normal(shape) * 0.01 + 0.001 * (index + 1)).astype(np.float32)
+
+
+def node_unavailable(message: Message) -> Message:
+    """The error reply Flower's SuperLink makes itself for an instruction to a node whose
+    heartbeats stopped: it comes from the SuperLink (node 1), not from the node."""
+    reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=NODE_UNAVAILABLE_REASON), reply_to=message)
+    reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+    reply.metadata.__dict__["_dst_node_id"] = SUPERLINK_NODE_ID
+    return reply
 
 
 class FakeFleet(Grid):
@@ -179,8 +189,7 @@ class FakeFleet(Grid):
             if never:
                 if not self._online(node_id, now):  # Flower answers for a node whose heartbeats stopped
                     del self._pending[message_id]
-                    replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"),
-                                           reply_to=message))
+                    replies.append(node_unavailable(message))
                 continue
             if now - pushed < org.seconds(cfg.server_round, kind):
                 continue

@@ -39,6 +39,8 @@ def test_30_percent_killed_mid_round_every_round_completes_by_its_deadline(tmp_p
         assert h["train_seconds"] <= timeout + 0.5, f"round {h['round']} overran its deadline"
     lost = {r["org"] for r in rounds[1]["rejected"]} | set(rounds[1]["timed_out"])
     assert lost == dead
+    for rejection in rounds[1]["rejected"]:  # Flower's own "node unavailable" answer, named as such
+        assert rejection["reason"] == "client_error" and "Node Unavailable" in rejection["detail"], rejection
     assert all(h["sampled"] == 7 for h in rounds[2:]), "dead organizations were sampled again"
 
 
