@@ -17,6 +17,7 @@ import numpy as np
 
 from protos.adapter import Adapter
 from strategies.base import AggregationError, Strategy
+from strategies.kernels import add_scaled_all
 
 
 class FedAvg(Strategy):
@@ -46,15 +47,25 @@ class FedAvg(Strategy):
             raise ValueError("num_examples must be positive")
         if update.keys() != self._sum.keys():
             raise ValueError("update tensors differ from the global adapter's")
-        for name, total in self._sum.items():
-            # in-place multiply-add: no temporary of the size of the update
-            np.add(total, np.multiply(update[name], num_examples, dtype=np.float64), out=total)
+        # sum += n·update in float64, tensor by tensor, bit-identical to
+        # np.add(sum, np.multiply(update, n, dtype=float64), out=sum); no temporary
+        # beyond a 256 KiB scratch per thread (strategies/kernels.py)
+        add_scaled_all(self._sum, update, num_examples)
         self._weight += float(num_examples)
 
     def finish_round(self) -> Adapter:
         if self._sum is None or self._weight == 0.0:
             raise AggregationError("no update was accumulated this round")
-        result = {name: (total / self._weight).astype(np.float32) for name, total in self._sum.items()}
+        sums, weight = self._sum, self._weight
         self._sum = None
         self._weight = 0.0
+        result: Adapter = {}
+        for name in list(sums):
+            # divide in place (same values as total / weight) and free each float64
+            # sum once rounded: the float32 result takes the place of the sums,
+            # where a quotient array next to them needed 3·P·4 bytes at the end
+            total = sums.pop(name)
+            np.divide(total, weight, out=total)
+            result[name] = total.astype(np.float32)
+            del total
         return result
