@@ -65,6 +65,7 @@ def _created(proc: psutil.Process) -> float:
         return 0.0
 
 
+@pytest.mark.slow
 def test_coordinator_without_enough_agents_stops_with_a_clear_message(deployment: Any) -> None:
     """Never a hang: no organization comes, the coordinator says so and exits."""
     d = deployment({**BASE, "job-id": "faults-empty", "num-rounds": 2, "min-nodes": 2, "node-wait-timeout": 10},
