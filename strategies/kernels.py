@@ -13,8 +13,9 @@ Small tensors stay on NumPy: there torch's per-call overhead loses.
 
 No OpenMP: torch runs an op of at most 32768 elements (its intra-op grain
 size) inline on the calling thread, never on its OpenMP pool. Measured on a
-shared 2-core machine, the pool made this 20-80× slower whenever other processes
-held the cores (each parallel region spins waiting for a descheduled thread) —
+shared 2-core machine, the pool was fastest when idle but made this 17-35× slower
+than plain NumPy whenever other processes held the cores (each parallel region
+waits for a descheduled thread) —
 and a coordinator in simulation shares its cores with training clients
 (benchmarks/aggregation.py --kernel-ab). ``add_scaled_all`` instead deals the
 large tensors of an update to a few plain Python threads (torch and NumPy
