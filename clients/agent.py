@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.local_data import ORG_NAME_KEY, RANK_KEY, SILO_PATH_KEY
+from clients.local_ray import keep_ray_on_loopback
 from clients.resident_trainer import NAMESPACE, RAY_ADDRESS_KEY, TRAINER_ACTOR_KEY, actor_name, start_resident_trainer
 from clients.silo import Silo, load_silo
 from clients.supernode import SuperNodeProcess
@@ -81,6 +82,8 @@ class Agent:
 
         address = os.environ.get("RAY_ADDRESS")
         self._started_ray = not address
+        if self._started_ray:
+            keep_ray_on_loopback()  # this Ray serves this machine only: no listener beyond 127.0.0.1
         ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
                  num_gpus=None if address else self.gpus or None)
         self._actor = start_resident_trainer(self.name, num_gpus=self.gpus)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.app import app as client_app
+from clients.local_ray import keep_ray_on_loopback
 from protos import base_model
 from server.app import make_server_app
 from server.job import RoundObserver
@@ -42,6 +43,7 @@ def run_scenario(scenario: Scenario, cfg: JobConfig, observer: RoundObserver | N
     # race to do it (they would wait on the same file lock).
     base_model.fingerprint(cfg.model)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    keep_ray_on_loopback()  # the simulation's Ray serves this process only
     run_simulation(
         server_app=make_server_app(cfg, observer),
         client_app=client_app,
