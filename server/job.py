@@ -101,6 +101,8 @@ class Job:
         self._online = 0  # organizations online at the last sampling
         self.validator = UpdateValidator(   # sender, size, duplicates: what the codec cannot check alone
             cfg.max_update_bytes or derived_max_update_bytes(select_factors(self.layout, self.shared_factors)))
+        # what organizations mask under secure aggregation (JobConfig.validate has checked it works)
+        self.secure_input = self.strategy.secure_input() if cfg.secure_aggregation else None
 
     # ---- state -------------------------------------------------------------
     def _resume_or_init(self) -> JobState:
@@ -166,6 +168,10 @@ class Job:
         """The job's round config plus what the strategy asks of the organizations."""
         plan = self.strategy.factor_plan
         extra = {key.replace("-", "_"): value for key, value in self.strategy.configure_train(server_round).items()}
+        if self.secure_input is not None and self.secure_input.uniform:
+            # DP-FedAvg under secure aggregation: the coordinator cannot clip what it cannot see,
+            # so each organization clips its delta; no local noise, it goes once on the sum
+            extra.update(dp_clip=self.secure_input.clip_norm, dp_noise=0.0)
         return dataclasses.replace(
             self.cfg.round_config(server_round),
             train_factors=",".join(plan["train"]),
@@ -304,8 +310,9 @@ class Job:
     def _secure_attempt(self, state: JobState, server_round: int, sampled: list[int]) -> tuple[
             ExchangeResult, list[str], list[dict[str, str]]]:
         """The train exchange under secure aggregation (server/secure_round.py): four
-        exchanges, after which the strategy holds the survivors' weighted mean and the
-        coordinator has seen no single update."""
+        exchanges, after which the strategy holds the survivors' weighted mean (or, for
+        dp-fedavg, the sum of their clipped deltas) and the coordinator has seen no
+        single update."""
         settings = SecureSettings(self.cfg.secagg_clip, self.cfg.secagg_max_weight, self.cfg.secagg_threshold)
         secure = SecureRound(self.grid, settings, timeout=self.cfg.round_timeout, poll_interval=self.cfg.poll_interval,
                              late=self.late, node_name=lambda node_id: self._org(state, node_id))
@@ -316,7 +323,8 @@ class Job:
         outcome = secure.run(
             job_id=self.cfg.job_id, server_round=server_round, sampled=sampled,
             train_content=self._instructions(state, server_round, sampled[:1], MessageType.TRAIN)[0].content,
-            reference=select_factors(state.adapter, self.shared_factors), strategy=self.strategy, on_reply=on_reply)
+            reference=select_factors(state.adapter, self.shared_factors), strategy=self.strategy,
+            expectation=self._update_expectation(server_round, self.cfg.lora_r), on_reply=on_reply)
         rejected = [{"org": self._org(state, node), "reason": reason, "detail": detail}
                     for node, reason, detail in outcome.rejected]
         if outcome.failure:

@@ -55,7 +55,7 @@ class JobConfig:
     dp_delta: float = 1e-5           # the δ at which ε is reported and the budget is checked
     max_update_bytes: int = 0        # a reply above this is refused before decoding (0: 2x the fp32 update + 64 KiB)
     secure_aggregation: bool = False  # organizations mask their updates; the coordinator learns only the sum
-    secagg_clip: float = 0.05        # secure aggregation: per-coordinate bound on an organization's delta
+    secagg_clip: float = 0.05        # secure aggregation: per-coordinate bound on a delta (dp-fedavg: clip_norm)
     secagg_max_weight: int = 10000   # secure aggregation: example counts above this count as this
     secagg_threshold: int = 0        # secure aggregation: shares to unmask (0: floor(N/2)+1); N - t may drop
     seed: int = 0
@@ -139,9 +139,12 @@ class JobConfig:
         need(self.secagg_threshold >= 0, "secagg-threshold", "must be >= 0 (0: floor(N/2)+1)")
         if not self.secure_aggregation:
             return
-        need(strategy.linear, "secure-aggregation",
-             f"strategy {self.strategy!r} needs every individual update, which secure aggregation hides; "
-             "use fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, ffa-lora or fedsa-lora")
+        from strategies.base import AggregationError
+
+        try:
+            strategy.secure_input()   # linear strategies, and dp-fedavg with its noise on the sum
+        except AggregationError as refusal:
+            need(False, "secure-aggregation", str(refusal))
         need(self.norm_bound == 0, "secure-aggregation",
              "norm-bound checks each update, which the coordinator never sees under secure aggregation "
              "(organizations clip their own deltas to secagg-clip)")

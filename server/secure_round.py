@@ -14,18 +14,36 @@
 
 The coordinator then holds the example-weighted mean delta and the total
 weight, never one organization's update, and hands global + mean delta to
-the strategy (``Strategy.accumulate_secure``; linear strategies only).
+the strategy (``Strategy.accumulate_secure``; linear strategies only). For
+DP-FedAvg (``Strategy.secure_input`` is uniform, with an L2 clip C) every
+organization masks its delta clipped to C with weight 1, the ring holds ±C
+per coordinate, and the strategy gets the unweighted sum of the clipped deltas
+(``accumulate_secure_sum``), to which it adds the noise once.
 
 Every stage uses ``exchange`` (deadline, late replies, pull batches); an
 organization that misses a stage, or sends something that does not verify, is
 a dropout from that stage on, with a named reason. Fewer than t organizations
 at any stage: the attempt has no accepted update (the job retries or stops
 with its quorum error, whose log names the threshold).
+
+What is checked, with the plain round's reasons (protos/errors.py): every
+reply at every stage comes from the node it was sent to, once per stage, and
+is no larger than that stage can be (``max_reply_bytes``; fixed by the
+session), before anything is parsed (``UpdateValidator.admit``); a masked
+input's header names this job, round, base model, adapter config and the
+expected tensors (``check_secure_header``), its vector has the ring's dtype
+and P + 1 values, and it is not a copy of another organization's masked input
+this session. The masked values themselves are uniform ring elements: there
+is no finiteness or norm to check, and the organizations' own clipping is what
+bounds them. A replay from another round or attempt fails its header or its
+session id (both sides bind every message to the session).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -35,19 +53,36 @@ import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from protos import codec
 from protos.adapter import Adapter
-from protos.errors import RejectReason
+from protos.errors import RejectReason, UpdateRejected
 from protos.secagg import RingSpec, SecAggError, Session, wire
-from protos.secagg.layout import layout_of, unflatten
+from protos.secagg.layout import Layout, layout_of, unflatten
 from protos.secagg.prg import DEFAULT_PRG
 from server.exchange import LateReplies, exchange
 from server.secagg import SecAggCoordinator
+from server.validation import HEADER_SLACK_BYTES, UpdateValidator, check_secure_header
 from strategies import AggregationError, Strategy
+from strategies.base import SecureInput
 
 log = logging.getLogger("silotune.server")
 
 #: replies pulled at once in the key, share and unmask exchanges (a few KiB each)
 SMALL_PULL_BATCH = 64
+#: what a share-keys or unmask reply carries per other organization, with room to
+#: spare: an index and a sealed pair of shares (160 bytes), or one share (66 bytes)
+PEER_BYTES = 256
+
+
+def max_reply_bytes(stage: str, session: Session, corrections: bool = False) -> int:
+    """The most bytes (as ``validation.reply_bytes`` counts them) an honest reply to
+    ``stage`` can take: keys are fixed-size, shares grow with N, a masked input or a
+    correction is P + 1 ring elements; plus the header slack of a plain update."""
+    vector = session.vector_length * session.ring.dtype.itemsize
+    peers = len(session.participants) * PEER_BYTES
+    extra = {wire.ADVERTISE: 0, wire.SHARE_KEYS: peers, wire.MASK: vector,
+             wire.UNMASK: peers + (vector if corrections else 0)}[stage]
+    return HEADER_SLACK_BYTES + extra
 
 
 @dataclass(frozen=True)
@@ -65,7 +100,7 @@ class SecureOutcome:
     rejected: list[tuple[int, str, str]] = field(default_factory=list)   # (node, reason, detail)
     timed_out: list[int] = field(default_factory=list)
     weight_sum: int = 0
-    error_bound: float = 0.0
+    error_bound: float = 0.0   # per coordinate, vs the exact mean of the clipped inputs (plain path's)
     failure: str = ""                                            # why there is no aggregate, if there is none
 
 
@@ -80,43 +115,76 @@ class SecureRound:
         self.node_name = node_name
         self.ttl = ttl if ttl is not None else timeout + 60
 
-    def session_for(self, job_id: str, server_round: int, nodes: list[int], reference: Adapter) -> Session:
+    def session_for(self, job_id: str, server_round: int, nodes: list[int], reference: Adapter,
+                    secure_input: SecureInput = SecureInput()) -> Session:
         n = len(nodes)
         threshold = max(self.settings.threshold, Session.default_threshold(n))
         if threshold > n:
             raise SecAggError(f"secagg-threshold {self.settings.threshold} exceeds the {n} sampled organizations")
         session_id = (struct.pack("<I", server_round) + os.urandom(16) + job_id.encode())[:64]
         length = sum(int(np.prod(shape)) for _, shape in layout_of(reference))
-        ring = RingSpec.derive(n, self.settings.clip, self.settings.max_weight)
-        return Session(session_id, tuple(range(1, n + 1)), threshold, ring, length, self.settings.prg)
+        return Session(session_id, tuple(range(1, n + 1)), threshold, self._ring(n, length, secure_input),
+                       length, self.settings.prg)
+
+    def _ring(self, n: int, length: int, secure_input: SecureInput) -> RingSpec:
+        if not secure_input.uniform:
+            return RingSpec.derive(n, self.settings.clip, self.settings.max_weight)
+        # DP-FedAvg: a delta of L2 norm <= C has every coordinate within ±C, so C is the
+        # per-coordinate clip (secagg-clip does not apply) and nothing clipped to C is cut
+        # again; weight 1 each (max weight 1: the session says so to every organization)
+        clip = secure_input.clip_norm
+        try:
+            ring = RingSpec.derive(n, clip, 1)
+        except SecAggError as err:
+            raise SecAggError(f"dp clip_norm {clip} for {n} organizations does not fit a secure-aggregation "
+                              f"ring: {err}") from None
+        if ring.rounding_norm(length) >= clip:
+            raise SecAggError(
+                f"dp clip_norm {clip} does not fit a {ring.ring_bits}-bit ring for {n} organizations and "
+                f"{length} values: rounding to steps of 2^-{ring.frac_bits} alone can move an update by "
+                f"{ring.rounding_norm(length):.3g}; fewer organizations per round or a smaller adapter")
+        return ring
 
     def run(self, *, job_id: str, server_round: int, sampled: list[int], train_content: RecordDict,
-            reference: Adapter, strategy: Strategy,
+            reference: Adapter, strategy: Strategy, expectation: codec.Expectation,
             on_reply: Callable[[int, Message | None, bool, str], None] | None = None) -> SecureOutcome:
         """``reference``: the global adapter over the shared factors (what deltas are taken from).
+        ``expectation``: what a plain update's header would have to say this round.
         ``on_reply(node, reply, accepted, detail)`` sees every verified or refused reply."""
+        outcome = SecureOutcome()
+        try:
+            secure_input = strategy.secure_input()
+        except AggregationError as err:
+            outcome.failure = str(err)
+            return outcome
         nodes = sorted(sampled)
         index = {node: i + 1 for i, node in enumerate(nodes)}
         node_of = {i: node for node, i in index.items()}
-        session = self.session_for(job_id, server_round, nodes, reference)
+        session = self.session_for(job_id, server_round, nodes, reference, secure_input)
         sid = session.session_id
         coordinator = SecAggCoordinator(session, self.settings.survivor_corrections)
-        outcome = SecureOutcome()
         silent: set[int] = set()
         notify = on_reply or (lambda *_: None)
 
         def stage(name: str, targets: list[int], content_for: Callable[[int], RecordDict],
                   handle: Callable[[int, Message], None], large: bool = False) -> None:
             """One exchange; ``large``: replies of P values (pulled a few at a time, then collected)."""
+            admission = UpdateValidator(max_reply_bytes(name, session, large and name == wire.UNMASK),
+                                        f"the session's bound for {name} replies")
+            admission.begin_round(server_round)
+
             def on_message(node: int, reply: Message) -> None:
                 try:
+                    admission.admit(node, reply)   # sender, once per stage, size: before parsing
                     if reply.has_error():
-                        raise SecAggError(f"the organization failed at {name}: {reply.error.reason}")
+                        raise UpdateRejected(RejectReason.CLIENT_ERROR,
+                                             f"the organization failed at {name}: {reply.error.reason}")
                     handle(node, reply)
-                except SecAggError as err:
-                    reason = RejectReason.CLIENT_ERROR if reply.has_error() else RejectReason.SECURE_AGGREGATION
-                    outcome.rejected.append((node, reason.value, f"{name}: {err}"))
-                    notify(node, reply, False, f"{name}: {err}")
+                except (UpdateRejected, SecAggError) as err:
+                    reason, detail = ((err.reason, err.detail) if isinstance(err, UpdateRejected)
+                                      else (RejectReason.SECURE_AGGREGATION, str(err)))
+                    outcome.rejected.append((node, reason.value, f"{name}: {detail}"))
+                    notify(node, reply, False, f"{name}: {detail}")
 
             messages = [Message(content=content_for(node), dst_node_id=node, message_type=MessageType.TRAIN,
                                 ttl=self.ttl) for node in targets]
@@ -151,9 +219,25 @@ class SecureRound:
                 content[wire.SECAGG_RECORD] = wire.mask_instruction(sid, routing[index[node]])
                 return content
 
+            seen: set[bytes] = set()
+
             def masked(node: int, reply: Message) -> None:
+                check_secure_header(wire.parse_masked_header(reply.content), expectation)
                 claimed, vector = wire.parse_mask_reply(reply.content, sid)
-                coordinator.add_masked(own_index(node, claimed), vector)
+                own_index(node, claimed)
+                ring = session.ring
+                if vector.dtype != ring.dtype:
+                    raise UpdateRejected(RejectReason.TENSOR_DTYPE, f"masked input {vector.dtype}, ring {ring.dtype}")
+                if vector.shape != (session.vector_length,):
+                    raise UpdateRejected(RejectReason.TENSOR_SHAPE,
+                                         f"masked input {vector.shape}, expected ({session.vector_length},)")
+                # an honest masked input is uniform: a byte-identical one is a copy (a free rider),
+                # which would break the sum; refused, it counts as a dropout and the sum unmasks
+                digest = hashlib.sha256(memoryview(np.ascontiguousarray(vector)).cast("B")).digest()
+                if digest in seen:
+                    raise UpdateRejected(RejectReason.DUPLICATE, "the same masked input as another organization's")
+                coordinator.add_masked(claimed, vector)
+                seen.add(digest)
                 notify(node, reply, True, "masked input summed")
 
             stage(wire.MASK, [node_of[i] for i in routing], mask_content, masked, large=True)
@@ -173,18 +257,38 @@ class SecureRound:
             return outcome
 
         layout = layout_of(reference)
-        delta = unflatten(result.mean, layout)
-        mean = {name: (reference[name].astype(np.float64) + delta[name]).astype(np.float32) for name in delta}
+        count = len(result.survivors)
         try:
-            strategy.accumulate_secure(mean, result.weight_sum, len(result.survivors))
+            if secure_input.uniform:
+                if result.weight_sum != count:   # each organization masks weight 1
+                    raise AggregationError(f"secure aggregation: the weights sum to {result.weight_sum} for {count} "
+                                           "organization(s); a DP round counts each once")
+                strategy.accumulate_secure_sum(_sum_of(result.mean, layout, count), count)
+            else:
+                delta = unflatten(result.mean, layout)
+                mean = {name: (reference[name].astype(np.float64) + delta[name]).astype(np.float32) for name in delta}
+                strategy.accumulate_secure(mean, result.weight_sum, count)
         except AggregationError as err:
             outcome.failure = str(err)
             return outcome
         outcome.accepted = [node_of[i] for i in result.survivors]
         outcome.timed_out = sorted(silent)
         outcome.weight_sum = result.weight_sum
-        outcome.error_bound = result.error_bound
+        # uniform: each input was also clipped to C less the ring's rounding (clients/secure_round.py)
+        outcome.error_bound = result.error_bound + (
+            session.ring.rounding_norm(session.length) if secure_input.uniform else 0.0)
         log.info("round %d: secure aggregate of %d organization(s) (%d dropped after masking), total weight %d, "
                  "quantization error <= %.3g", server_round, len(result.survivors), len(result.dropped),
-                 result.weight_sum, result.error_bound)
+                 result.weight_sum, outcome.error_bound)
         return outcome
+
+
+def _sum_of(mean: np.ndarray, layout: Layout, count: int) -> Adapter:
+    """The sum (float64 tensors) from the unmasked mean of ``count`` inputs of weight 1."""
+    out: Adapter = {}
+    offset = 0
+    for name, shape in layout:
+        size = math.prod(shape)
+        out[name] = (mean[offset:offset + size].astype(np.float64) * count).reshape(shape)
+        offset += size
+    return out

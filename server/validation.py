@@ -24,6 +24,12 @@ the accepted updates of this round and the previous one — O(N), never an
 update. A retried round (``round-retries``) starts its attempt afresh, as the
 strategy does: an organization retrained from the same global may send the
 very same update again, legitimately.
+
+Under secure aggregation (server/secure_round.py) each of the four exchanges
+admits its replies with its own validator (sender, once per stage, a size the
+session fixes), and a masked input's header is checked by
+``check_secure_header``. Its values are masked, uniform in the ring: content
+digests across rounds and value checks do not apply to them.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 
+from protos import codec
 from protos.adapter import Adapter
 from protos.errors import RejectReason, UpdateRejected
 
@@ -89,10 +96,12 @@ def update_digest(update: Adapter) -> bytes:
 class UpdateValidator:
     """Per-round sender, size and duplicate checks for the coordinator's round loop."""
 
-    def __init__(self, max_update_bytes: int) -> None:
+    def __init__(self, max_update_bytes: int, limit_name: str = "max-update-bytes") -> None:
+        """``limit_name``: where the bound comes from, for the OVERSIZED message."""
         if max_update_bytes <= 0:
             raise ValueError(f"max_update_bytes must be > 0, got {max_update_bytes}")
         self.max_update_bytes = max_update_bytes
+        self.limit_name = limit_name
         self.server_round: int | None = None
         self._replied: set[int] = set()
         self._accepted: set[bytes] = set()
@@ -124,7 +133,7 @@ class UpdateValidator:
         size = reply_bytes(reply.content)
         if size > self.max_update_bytes:
             raise UpdateRejected(RejectReason.OVERSIZED,
-                                 f"{size} bytes, at most {self.max_update_bytes} (max-update-bytes)")
+                                 f"{size} bytes, at most {self.max_update_bytes} ({self.limit_name})")
 
     def check_fresh(self, update: Adapter) -> bytes:
         """After decoding: the update is not one already accepted. Returns its digest,
@@ -140,3 +149,20 @@ class UpdateValidator:
 
     def accepted(self, digest: bytes) -> None:
         self._accepted.add(digest)
+
+
+def check_secure_header(header: codec.UpdateHeader, expected: codec.Expectation) -> None:
+    """A masked input's header (protos/secagg/wire.py, ``masked_header``) checked as a
+    plain update's is: kind, job, round, base model, adapter config, tensor names,
+    shapes and logical dtypes. It carries no example count, by design (it would
+    describe one organization's data), so that check alone is left out."""
+    names = [spec.name for spec in header.tensors]
+    if len(set(names)) != len(names):
+        raise UpdateRejected(RejectReason.TENSOR_NAMES, "a tensor is announced twice")
+    for spec in header.tensors:
+        if spec.dtype != "float32":
+            raise UpdateRejected(RejectReason.TENSOR_DTYPE, f"{spec.name}: logical dtype {spec.dtype!r}")
+    checked = codec.UpdateHeader()
+    checked.CopyFrom(header)
+    checked.num_examples = 1   # stands in for the count a masked input never states
+    codec.check_header(checked, expected)

@@ -11,8 +11,10 @@ A strategy whose new global depends on the round's updates only through
 their example-weighted mean (FedAvg and the server optimizers built on it,
 FFA-LoRA, FedSA-LoRA) sets ``linear``: secure aggregation, which shows the
 coordinator that mean and nothing else, hands it over through
-``accumulate_secure``. The others (robust, exact-product, heterogeneous-rank
-strategies) need each update and refuse secure aggregation.
+``accumulate_secure``. DP-FedAvg takes instead the unweighted sum of deltas
+each clipped by its organization (``secure_input`` says so; the sum arrives
+through ``accumulate_secure_sum``). The others (robust, exact-product,
+heterogeneous-rank strategies) need each update and refuse secure aggregation.
 
 ``state_dict`` / ``load_state_dict`` hold whatever must survive a coordinator
 restart between rounds (server-optimizer moments, momentum); it is written
@@ -22,6 +24,7 @@ into every checkpoint.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,6 +35,23 @@ from protos.lora_rank import reduce_adapter
 
 class AggregationError(RuntimeError):
     """A round cannot produce a new global adapter (e.g. no update accepted)."""
+
+
+@dataclass(frozen=True)
+class SecureInput:
+    """What each organization masks under secure aggregation, as the strategy needs it.
+
+    ``clip_norm`` 0: its delta weighted by its example count; the coordinator
+    unmasks the example-weighted mean (``Strategy.accumulate_secure``).
+    ``clip_norm`` C > 0: its delta clipped to L2 norm C, with weight 1 (each
+    organization counts once); the coordinator unmasks the plain sum of the
+    clipped deltas (``Strategy.accumulate_secure_sum``): DP-FedAvg."""
+
+    clip_norm: float = 0.0
+
+    @property
+    def uniform(self) -> bool:
+        return self.clip_norm > 0
 
 
 class Strategy(ABC):
@@ -81,19 +101,36 @@ class Strategy(ABC):
     def finish_round(self) -> Adapter:
         """The new global adapter. Raises AggregationError if nothing was accumulated."""
 
+    def secure_input(self) -> SecureInput:
+        """What organizations mask for this strategy under secure aggregation;
+        AggregationError, saying why, when it cannot work with it."""
+        if not self.linear:
+            raise self._needs_each_update()
+        return SecureInput()
+
+    def _needs_each_update(self) -> AggregationError:
+        return AggregationError(
+            f"strategy {self.name!r} needs every individual update, which secure aggregation hides; "
+            "use a linear strategy (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, ffa-lora, "
+            "fedsa-lora), dp-fedavg, or turn secure-aggregation off"
+        )
+
     def accumulate_secure(self, mean: Adapter, weight_sum: int, count: int) -> None:
         """Fold in a securely aggregated round: the example-weighted ``mean`` of
         ``count`` updates whose weights sum to ``weight_sum``. For a linear
         strategy this is exactly what ``count`` accumulate() calls would do."""
         if not self.linear:
-            raise AggregationError(
-                f"strategy {self.name!r} needs every individual update, which secure aggregation hides; "
-                "use a linear strategy (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, ffa-lora, "
-                "fedsa-lora) or turn secure-aggregation off"
-            )
+            raise self._needs_each_update()
         if count < 1 or weight_sum < 1:
             raise AggregationError("a secure aggregate of no update")
         self.accumulate(mean, weight_sum)
+
+    def accumulate_secure_sum(self, clipped_sum: Adapter, count: int) -> None:
+        """Fold in the unweighted sum of ``count`` deltas (update − global), each
+        clipped by its organization to ``secure_input().clip_norm``; only for a
+        strategy whose ``secure_input`` is uniform."""
+        raise AggregationError(f"strategy {self.name!r} takes an example-weighted mean under secure "
+                               "aggregation, not a sum of clipped deltas")
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Arrays that must survive a restart between rounds."""

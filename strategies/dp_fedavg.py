@@ -30,11 +30,16 @@ Where the noise is added (``noise_placement``):
   against the coordinator too, but there is no amplification by sampling (the
   coordinator knows who took part: q = 1 per round) and the sum carries k times
   the noise, so the model is much noisier for the same ε.
-* secure aggregation (not built yet; the hook is ``accumulate_secure_sum``):
-  organizations clip (round config ``dp_clip`` with ``dp_noise`` 0: the
-  coordinator cannot see an individual update to clip it), the coordinator
-  gets only the unmasked *unweighted* sum of the clipped deltas and adds the
-  noise once to it, as in "server". Same accounting as "server".
+* with secure aggregation (placement "server"; ``secure_input``): each
+  organization clips its own delta (round config ``dp_clip`` with ``dp_noise``
+  0: the coordinator cannot see an individual update to clip it) and masks it
+  with weight 1; the coordinator unmasks only the *unweighted* sum of the
+  clipped deltas (``accumulate_secure_sum``) and ``finish_round`` adds the
+  noise once to it, from the same generator, exactly as in "server". Same
+  accounting as "server" (q = sampled/online): the released global is the same
+  mechanism. The coordinator still sees that sum before the noise: it is
+  trusted with the sum, no longer with any single update. "local" placement
+  and secure aggregation are not combined: the noise goes on the sum.
 
 The noise comes from a NumPy PCG64 generator whose state is part of
 ``state_dict``: a coordinator resumed from a checkpoint draws the same noise
@@ -55,7 +60,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from protos.adapter import Adapter
-from strategies.base import AggregationError, Strategy
+from strategies.base import AggregationError, SecureInput, Strategy
 from strategies.checks import check_choice, check_float, check_int, check_same_layout
 
 PLACEMENTS = ("server", "local")
@@ -177,13 +182,30 @@ class DpFedAvg(Strategy):
             total += delta
         self._count += 1
 
-    def accumulate_secure_sum(self, clipped_sum: Adapter, count: int) -> None:
-        """The secure-aggregation hook: the unmasked, unweighted sum of ``count``
-        organizations' deltas (update − global), each clipped to ``clip_norm`` by
-        its organization. The coordinator never saw the parts; the noise is added
-        once to the whole in ``finish_round``."""
+    # ---- secure aggregation ----------------------------------------------------
+    def secure_input(self) -> SecureInput:
+        """Organizations mask their delta clipped to C, each with weight 1: the sum then
+        moves by at most C when one organization is added or removed, as in the plain path."""
+        self._secure_placement()
+        return SecureInput(clip_norm=self.clip_norm)
+
+    def _secure_placement(self) -> None:
         if self.noise_placement != "server":
-            raise AggregationError("dp-fedavg: a secure sum takes its noise at the coordinator (noise_placement='server')")
+            raise AggregationError(
+                "dp-fedavg: a secure sum takes its noise at the coordinator (noise_placement='server'); "
+                "noise_placement=local with secure-aggregation would noise every update instead")
+
+    def accumulate_secure(self, mean: Adapter, weight_sum: int, count: int) -> None:
+        # an example-weighted mean has no per-organization bound: the sensitivity would be lost
+        raise AggregationError("dp-fedavg takes the unweighted sum of clipped deltas under secure aggregation "
+                               "(accumulate_secure_sum), not an example-weighted mean")
+
+    def accumulate_secure_sum(self, clipped_sum: Adapter, count: int) -> None:
+        """The unmasked, unweighted sum of ``count`` organizations' deltas (update −
+        global), each clipped to ``clip_norm`` by its organization. The coordinator
+        never saw the parts; the noise is added once to the whole in ``finish_round``,
+        divided by the expected count m as in the plain path."""
+        self._secure_placement()
         if count < 1:
             raise ValueError("count must be >= 1")
         self._admit(count)
@@ -193,6 +215,7 @@ class DpFedAvg(Strategy):
             total += clipped_sum[key].astype(np.float64)
         self._count += count
 
+    # ---- the new global: the same for both paths ------------------------------
     def finish_round(self) -> Adapter:
         if self._global is None or self._sum is None or self._count == 0 or self._expected is None:
             raise AggregationError("no update was accumulated this round")

@@ -128,6 +128,9 @@ def test_run_config_keys() -> None:
             JobConfig.from_run_config({"strategy": "dp-fedavg", key: value})
     with pytest.raises(JobConfigError, match="noise_placement"):
         JobConfig.from_run_config({"strategy": "dp-fedavg", "strategy-params": "noise_placement=everywhere"})
-    # secure aggregation shows only an example-weighted mean of unclipped updates: refused by name
-    with pytest.raises(JobConfigError, match="secure-aggregation"):
-        JobConfig.from_run_config({"strategy": "dp-fedavg", "secure-aggregation": True})
+    # with secure aggregation the noise goes once on the secure sum (tests/test_secure_dp.py);
+    # local noise on top of it is refused by name
+    JobConfig.from_run_config({"strategy": "dp-fedavg", "secure-aggregation": True})
+    with pytest.raises(JobConfigError, match="secure-aggregation.*noise_placement='server'"):
+        JobConfig.from_run_config({"strategy": "dp-fedavg", "secure-aggregation": True,
+                                   "strategy-params": "noise_placement=local"})

@@ -125,8 +125,14 @@ def _run(grid: SecureGrid, strategy_name: str = "fedavg", timeout: float = 0.3, 
                                  fingerprint="f", lora=LORA)
     secure = SecureRound(grid, SecureSettings(**settings), timeout=timeout, poll_interval=0.005)
     outcome = secure.run(job_id="j", server_round=1, sampled=sorted(grid.deltas), train_content=train_content,
-                         reference=global_adapter, strategy=strategy)
+                         reference=global_adapter, strategy=strategy, expectation=_expectation())
     return outcome, strategy, global_adapter
+
+
+def _expectation(server_round: int = 1) -> codec.Expectation:
+    """What the scripted organizations' update headers say (job "j", fingerprint "f")."""
+    return codec.Expectation(kind=codec.Kind.Value("UPDATE"), job_id="j", server_round=server_round,
+                             fingerprint="f", lora=LORA, layout=SHAPES)
 
 
 def _plain(grid: SecureGrid, nodes, global_adapter, strategy_name: str = "fedavg"):

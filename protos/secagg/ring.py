@@ -19,6 +19,10 @@ The weighted mean is Σ qᵢ·2^−f · W / Σ nᵢ; each qᵢ is off by at most
 mean is within ``mean_error_bound`` = N·2^−f·W / (2·Σ nᵢ) of the exact weighted
 mean of the clipped updates.
 
+DP-FedAvg (uniform weights: W = 1, every nᵢ = 1) bounds each input's L2 norm
+by C instead; every coordinate is then within ±C, so C is also the clip, and
+an input clipped to C − ``rounding_norm`` stays within C once rounded.
+
 ``RingSpec.derive`` either fills a given ring (k = 32 by default, so the
 masked payload is exactly as large as fp32) with the finest step that cannot
 wrap, or, given f, takes the smallest k that cannot. Rings up to 32 bits are
@@ -176,6 +180,13 @@ class RingSpec:
             raise SecAggError(f"the unmasked weight sum is {weight_sum}: the masks did not cancel")
         scale = math.ldexp(float(self.max_weight) / weight_sum, -self.frac_bits)
         return self.to_signed(total) * scale
+
+    def rounding_norm(self, length: int) -> float:
+        """The largest L2 norm of the rounding error of ``length`` values quantized
+        with weight ``max_weight`` (each off by at most half a step): √length·2^−f/2.
+        An input of L2 norm at most B − this is quantized to one of norm at most B
+        (DP-FedAvg's bound must hold for what is summed, not only for what was clipped)."""
+        return math.sqrt(length) * self.step / 2.0
 
     def mean_error_bound(self, num_inputs: int, weight_sum: int) -> float:
         """The largest |secure mean − exact weighted mean of the clipped inputs|."""

@@ -9,6 +9,13 @@ instruction also carries the ordinary train instruction (the encoded global
 adapter and the round config), so an organization trains only once the key
 exchange has succeeded.
 
+The masked input comes with the update's header (the codec's
+``HEADER_RECORD``) reduced to what describes the round and not the data
+(``masked_header``): protocol version, job, round, base-model fingerprint,
+adapter config, tensor names, shapes and logical dtypes. No example count, no
+metrics, no encoding scale (an int8 scale is a tensor's largest value). The
+coordinator checks it as it checks a plain update's header.
+
 Every ``parse_*`` raises SecAggError on anything missing, mistyped or from
 another session: a reply that does not parse is a dropout, never a crash.
 """
@@ -20,7 +27,11 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from google.protobuf.message import DecodeError
+
+from protos import codec
 from protos.codec import _wire_view as wire_view   # read-only view over the message bytes, no copy
+from protos.errors import RejectReason, UpdateRejected
 from protos.secagg.errors import SecAggError
 from protos.secagg.messages import PublicKeys, SealedShares, UnmaskShares
 from protos.secagg.session import Session
@@ -147,11 +158,44 @@ def parse_mask_instruction(record: ConfigRecord) -> dict[int, bytes]:
     return dict(zip(sources, _bytes_list(record, "sealed", len(sources))))
 
 
-def mask_reply(session_id: bytes, index: int, vector: np.ndarray) -> RecordDict:
-    return RecordDict({
+def masked_header(update_header: codec.UpdateHeader) -> bytes:
+    """The header a masked input carries: the update's, without what describes its data."""
+    header = codec.UpdateHeader(
+        protocol_version=update_header.protocol_version, kind=update_header.kind, job_id=update_header.job_id,
+        round=update_header.round, base_model_fingerprint=update_header.base_model_fingerprint,
+    )
+    header.adapter.CopyFrom(update_header.adapter)
+    for spec in update_header.tensors:
+        header.tensors.add(name=spec.name, shape=list(spec.shape), dtype=spec.dtype)
+    return header.SerializeToString()
+
+
+def parse_masked_header(content: RecordDict) -> codec.UpdateHeader:
+    """The masked input's header; UpdateRejected (MALFORMED, PROTOCOL_VERSION) as the codec names them."""
+    record = content.config_records.get(codec.HEADER_RECORD)
+    raw = record.get("bytes") if record is not None else None
+    if not isinstance(raw, bytes):
+        raise UpdateRejected(RejectReason.MALFORMED, f"masked input without its header ({codec.HEADER_RECORD})")
+    header = codec.UpdateHeader()
+    try:
+        header.ParseFromString(raw)
+    except DecodeError as err:
+        raise UpdateRejected(RejectReason.MALFORMED, f"header does not parse: {err}") from None
+    if header.protocol_version != codec.PROTOCOL_VERSION:
+        raise UpdateRejected(RejectReason.PROTOCOL_VERSION,
+                             f"protocol {header.protocol_version}, this side speaks {codec.PROTOCOL_VERSION}")
+    return header
+
+
+def mask_reply(session_id: bytes, index: int, vector: np.ndarray, header: bytes | None = None) -> RecordDict:
+    """``header``: ``masked_header`` of the update (the coordinator of a round requires it)."""
+    reply = RecordDict({
         SECAGG_RECORD: _record(MASK, session_id, index=index),
         MASKED_RECORD: ArrayRecord({"masked": Array(vector)}),
     })
+    if header is not None:
+        reply[codec.HEADER_RECORD] = ConfigRecord({"bytes": header})
+    return reply
 
 
 def parse_mask_reply(content: RecordDict, session_id: bytes) -> tuple[int, np.ndarray]:
