@@ -2,7 +2,9 @@
 ClientApp answers the four exchanges, keeping its keys in the node's
 context.state between messages, and a 1-round job ends on the same adapter as
 the same job without secure aggregation, within the quantization error
-(training is deterministic: same seeds, same data)."""
+(training is deterministic: same seeds, same data). So does a dp-fedavg job,
+whose organizations clip and mask with weight 1 and whose noise is added once
+to the unmasked sum."""
 
 from __future__ import annotations
 
@@ -42,3 +44,17 @@ def test_secure_simulation_equals_plain_simulation(tmp_path: Path) -> None:
         np.testing.assert_allclose(secure.adapter[name], value, rtol=0, atol=1e-6)
         moved += float(np.abs(value).sum()) if "lora_B" in name else 0.0
     assert moved > 0, "training moved nothing"
+
+
+def test_dp_fedavg_with_secure_aggregation_equals_the_plain_dp_simulation(tmp_path: Path) -> None:
+    """Refused before: the real ClientApp clips (round config dp_clip, no local noise) and
+    masks with weight 1; the coordinator adds the same noise draw (same noise_seed) to the
+    unmasked sum as the plain path adds to the sum it clipped itself."""
+    dp = dict(strategy="dp-fedavg", strategy_params="clip_norm=0.01,noise_multiplier=0.5,noise_seed=11")
+    plain = _run(tmp_path / "plain", **dp)
+    secure = _run(tmp_path / "secure", secure_aggregation=True, **dp)
+    history = secure.run_state["history"][-1]
+    assert len(history["accepted"]) == ORGS and history["rejected"] == []
+    assert secure.run_state["privacy"] == plain.run_state["privacy"]
+    for name, value in plain.adapter.items():
+        np.testing.assert_allclose(secure.adapter[name], value, rtol=0, atol=1e-6)
