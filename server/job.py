@@ -96,7 +96,7 @@ class Job:
         self.layout = adapter_layout(base_model.model_config(cfg.model), cfg.lora)
         self.late = LateReplies()  # instructions past their deadline whose replies are discarded
         # differentially private strategies: the (ε, δ) ledger, in every checkpoint; None otherwise
-        self.privacy = PrivacyLedger.for_job(self.strategy, cfg.dp_epsilon_max, cfg.dp_delta)
+        self.privacy = PrivacyLedger.for_job(self.strategy, cfg.dp_epsilon_max, cfg.dp_delta, cfg.secure_aggregation)
         self.stop_reason: str | None = None  # why the job ended before num-rounds (privacy budget)
         self._online = 0  # organizations online at the last sampling
         self.validator = UpdateValidator(   # sender, size, duplicates: what the codec cannot check alone

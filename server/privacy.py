@@ -11,6 +11,10 @@ stops the job before a round that would spend more than ``dp-epsilon-max``.
 * "local" placement: every attempt is charged (q = 1) as soon as it is sent
   out: the organizations' noised updates reach the coordinator whether or not
   the round then reaches quorum.
+* secure aggregation (placement "server"): charged as "server". The released
+  global is the same mechanism — the sum of deltas clipped to C, noise z·C
+  added once — only the clipping moved to the organizations; an attempt that
+  unmasks no sum released nothing.
 
 The ledger is JSON and goes into every checkpoint's run_state ("privacy"):
 a resumed coordinator continues it. The budget check comes after sampling and
@@ -42,18 +46,21 @@ class PrivacyBudgetExhausted(RuntimeError):
 
 
 class PrivacyLedger:
-    def __init__(self, strategy: PrivateStrategy, epsilon_max: float, delta: float) -> None:
+    def __init__(self, strategy: PrivateStrategy, epsilon_max: float, delta: float,
+                 secure_aggregation: bool = False) -> None:
         self.strategy = strategy
+        self.secure_aggregation = secure_aggregation   # organizations clip; the coordinator sees only sums
         self.epsilon_max = float(epsilon_max)   # 0: no budget (still tracked and reported)
         self.delta = float(delta)
         self.accountant = RdpAccountant()
         self._pending: PrivacyStep | None = None
 
     @classmethod
-    def for_job(cls, strategy: Any, epsilon_max: float, delta: float) -> "PrivacyLedger | None":
+    def for_job(cls, strategy: Any, epsilon_max: float, delta: float,
+                secure_aggregation: bool = False) -> "PrivacyLedger | None":
         """A ledger when the strategy is differentially private, else None."""
         if isinstance(strategy, PrivateStrategy):
-            return cls(strategy, epsilon_max, delta)
+            return cls(strategy, epsilon_max, delta, secure_aggregation)
         return None
 
     @property
@@ -105,6 +112,9 @@ class PrivacyLedger:
             "noise_multiplier": strategy.noise_multiplier,
             "clip_norm": getattr(strategy, "clip_norm", None),
             "noise_placement": strategy.noise_placement,
+            "secure_aggregation": self.secure_aggregation,
+            "clipped_by": ("the coordinator" if strategy.noise_placement == "server" and not self.secure_aggregation
+                           else "each organization"),
             "unit": "organization (client-level DP)",
             "adjacency": ("add/remove one organization" if strategy.noise_placement == "server"
                           else "zero-out one organization's contribution; against the coordinator too"),

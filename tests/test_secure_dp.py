@@ -199,6 +199,9 @@ def test_a_secure_dp_job_reaches_the_plain_dp_job_and_spends_the_same_epsilon(tm
     assert secure.run_state["privacy"] == plain.run_state["privacy"]
     assert plain.run_state["privacy"]["ledger"] == [{"q": 0.6, "noise_multiplier": 1.0, "steps": 2}]
     assert secure_job.privacy.epsilon == plain_job.privacy.epsilon == _epsilon(0.6, 1.0, 2)
+    provenance = secure_job.privacy.provenance()   # what the exported specialist says
+    assert provenance["secure_aggregation"] and provenance["clipped_by"] == "each organization"
+    assert plain_job.privacy.provenance()["clipped_by"] == "the coordinator"
     history = secure.run_state["history"][-1]
     assert len(history["accepted"]) == 3 and history["rejected"] == []
     assert history["privacy"]["epsilon"] == _epsilon(0.6, 1.0, 2)
