@@ -93,7 +93,10 @@ def _model_card(ckpt: Checkpoint, prov: dict, out_dir: Path) -> str:
     if isinstance(dp, dict):  # server/privacy.py: what a differentially private job spent
         rows.append(("differential privacy",
                      f"(ε = {dp.get('epsilon', float('nan')):.3g}, δ = {dp.get('delta', float('nan')):g}) per organization, "
-                     f"noise at the {dp.get('noise_placement')}, z = {dp.get('noise_multiplier')}, C = {dp.get('clip_norm')}"))
+                     f"noise at the {dp.get('noise_placement')}"
+                     + (" (added once to the secure-aggregation sum)" if dp.get("secure_aggregation") else "")
+                     + f", clipped by {dp.get('clipped_by', 'not recorded')}"
+                     + f", z = {dp.get('noise_multiplier')}, C = {dp.get('clip_norm')}"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     # JSON strings are valid YAML scalars: safe quoting for any model path.
     front = f'---\nlibrary_name: peft\nbase_model: {json.dumps(ckpt.base_model)}\ntags:\n- silotune\n- lora\n- federated-learning\n---\n'

@@ -111,7 +111,9 @@ def test_the_specialist_and_the_report_carry_epsilon(tmp_path: Path) -> None:
     assert dp["epsilon"] == _epsilon(1.0, 1.0, 2) and dp["delta"] == 1e-5
     assert dp["noise_multiplier"] == 1.0 and dp["clip_norm"] == 1.0 and dp["noise_placement"] == "server"
     assert dp["charged_rounds"] == 2 and "Mironov" in dp["accountant"]
-    assert f"(ε = {dp['epsilon']:.3g}, δ = 1e-05) per organization" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert f"(ε = {dp['epsilon']:.3g}, δ = 1e-05) per organization" in card
+    assert "noise at the server, clipped by the coordinator" in card and "secure-aggregation" not in card
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["differential_privacy"]["epsilon"] == dp["epsilon"]
     plain = run_job(_grid(), config(tmp_path / "plain", min_nodes=3))
