@@ -45,6 +45,9 @@ BASE = {
     "sim-dataset": "bbc-news",
     "sim-skew": 0.8,
     "sim-max-records": 100,
+    # Generous: on a shared 2-core CPU 10 SmolLM2 organizations queue for 2 Ray actors, and the
+    # HetLoRA arm once stopped on its quorum check when 2 of 10 missed a 600 s deadline.
+    "round-timeout": 1800,
 }
 
 
