@@ -4,10 +4,13 @@
 1. validates the silo file (a bad file fails here, with its named error);
 2. starts the organization's Ray — or joins the one named by ``RAY_ADDRESS`` —
    and on it the resident trainer (clients/resident_trainer.py), which loads
-   the base model once and serves every round;
+   the base model once and serves every round — with ``train_workers`` N > 1
+   it trains each round on N Ray Train workers instead (clients/train_workers.py
+   splits the devices: one GPU or one CPU per worker, no GPU for the actor);
 3. starts the Flower SuperNode with node config ``silo-path``, ``org-name``,
-   ``ray-address`` and ``trainer-actor``, so each ClientApp process forwards
-   its instruction to the resident trainer.
+   ``ray-address`` and ``trainer-actor`` (and ``train-workers``,
+   ``train-use-gpu`` when N > 1), so each ClientApp process forwards its
+   instruction to the resident trainer.
 ``Agent.stop()`` stops what it started: the SuperNode (by PID, with its
 children) and the Ray it started (not a Ray it merely joined).
 
@@ -32,6 +35,7 @@ from clients.local_ray import keep_ray_on_loopback
 from clients.resident_trainer import NAMESPACE, RAY_ADDRESS_KEY, TRAINER_ACTOR_KEY, actor_name, start_resident_trainer
 from clients.silo import Silo, load_silo
 from clients.supernode import SuperNodeProcess
+from clients.train_workers import TrainWorkersError, check_capacity, plan_devices
 
 log = logging.getLogger("silotune.agent")
 
@@ -46,6 +50,7 @@ class Agent:
         state_dir: str | Path | None = None,
         resident: bool = True,
         gpus: float = 0.0,
+        train_workers: int = 1,
         rank: int | None = None,
         supernode_options: dict[str, Any] | None = None,
     ) -> None:
@@ -55,6 +60,9 @@ class Agent:
         self.state_dir = Path(state_dir or f"runs/agent-{self.name}").resolve()
         self.resident = resident
         self.gpus = gpus
+        self.plan = plan_devices(gpus, train_workers)  # refuses --gpus 1 --train-workers 2 before anything starts
+        if self.plan.distributed and not resident:
+            raise TrainWorkersError(f"{train_workers} train workers run on the agent's Ray: drop --no-resident")
         self.rank = rank
         self.supernode_options = supernode_options or {"insecure": True}
         self.silo: Silo | None = None
@@ -85,13 +93,17 @@ class Agent:
         if self._started_ray:
             keep_ray_on_loopback()  # this Ray serves this machine only: no listener beyond 127.0.0.1
         ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
-                 num_gpus=None if address else self.gpus or None)
-        self._actor = start_resident_trainer(self.name, num_gpus=self.gpus)
+                 num_gpus=None if address else self.gpus or None,
+                 num_cpus=None if address else self.plan.ray_cpus(os.cpu_count() or 1))
+        plan = self.plan
+        check_capacity(plan, ray.cluster_resources(), {"CPU": plan.actor_cpus, "GPU": plan.actor_gpus})
+        self._actor = start_resident_trainer(self.name, num_gpus=plan.actor_gpus, num_cpus=plan.actor_cpus)
         ray.get(self._actor.base_model_loads.remote())  # the actor is up before the SuperNode asks
         gcs = ray.get_runtime_context().gcs_address
-        log.info("resident trainer %s on Ray %s (%s)", actor_name(self.name), gcs,
-                 "started here" if self._started_ray else "joined")
-        return {RAY_ADDRESS_KEY: gcs, TRAINER_ACTOR_KEY: actor_name(self.name)}
+        log.info("resident trainer %s on Ray %s (%s), %d train worker(s)%s", actor_name(self.name), gcs,
+                 "started here" if self._started_ray else "joined", plan.train_workers,
+                 " on one GPU each" if plan.use_gpu else "")
+        return {RAY_ADDRESS_KEY: gcs, TRAINER_ACTOR_KEY: actor_name(self.name), **plan.node_config()}
 
     def base_model_loads(self) -> int | None:
         import ray
@@ -142,11 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--insecure", action="store_true", required=True)
     parser.add_argument("--no-resident", action="store_true", help="no Ray: each round loads the model")
     parser.add_argument("--gpus", type=float, default=0.0)
+    parser.add_argument("--train-workers", type=int, default=1, help="Ray Train workers per round (DDP)")
     parser.add_argument("--rank", type=int)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     agent = Agent(args.data, args.coordinator, name=args.name, state_dir=args.state_dir,
-                  resident=not args.no_resident, gpus=args.gpus, rank=args.rank).start()
+                  resident=not args.no_resident, gpus=args.gpus, train_workers=args.train_workers,
+                  rank=args.rank).start()
     return agent.serve()
 
 

@@ -9,7 +9,9 @@ to the agent's Ray and forwards the instruction.
 
 Node config written by `silotune agent start`: ``ray-address`` (the agent's
 Ray GCS address) and ``trainer-actor`` (the actor's name, namespace
-``silotune``).
+``silotune``); with ``--train-workers N`` > 1 also ``train-workers`` (N) and
+``train-use-gpu``: the actor then trains each round on N Ray Train workers
+(clients/train_workers.py, clients/distributed.py) instead of in itself.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from flwr.app import RecordDict
 NAMESPACE = "silotune"
 RAY_ADDRESS_KEY = "ray-address"
 TRAINER_ACTOR_KEY = "trainer-actor"
+TRAIN_WORKERS_KEY = "train-workers"
+TRAIN_USE_GPU_KEY = "train-use-gpu"
 
 
 class ResidentTrainer:

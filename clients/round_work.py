@@ -9,6 +9,13 @@ model loaded: clients/resident_trainer.py) — the same code either way.
 Every reply carries ``base_model_loads`` and ``resident_pid`` in its metrics,
 so that a deployment can show (not assume) that the base model was loaded
 once per organization rather than once per round.
+
+With node config ``train-workers`` N > 1 (``agent start --train-workers N``)
+training runs on N Ray Train workers (DDP, clients/distributed.py) on the
+agent's Ray, from the same global adapter, examples and settings; the reply
+then says ``train_workers`` N. Those workers are a fresh group each round and
+each loads the base model again: ``base_model_loads`` counts the resident
+process's loads only, which still serve evaluation.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from clients import attacks, privacy
 from clients import resident as resident_module
+from clients import train_workers
 from clients.evaluation import evaluate_examples
 from clients.local_data import LocalData, local_data, local_rank
 from clients.resident import ResidentModel, get_resident
@@ -104,7 +112,7 @@ def train(content: RecordDict, node_config: dict, state: RecordDict) -> RecordDi
             trained_factors=parse_factors(cfg.train_factors),
             proximal_mu=cfg.proximal_mu,
         )
-        adapter, metrics = train_adapter(ins.resident, ins.adapter, ins.data.train, settings)
+        adapter, metrics = _train_on_devices(ins, settings, train_workers.plan_from_node_config(node_config))
     _keep_local_factors(state, adapter, shared)
     if cfg.dp_clip > 0:  # differential privacy at the organization: clip (and noise) what is sent
         adapter = privacy.privatize(ins.adapter, adapter, tuple(select_factors(adapter, shared)), cfg.dp_clip,
@@ -126,6 +134,30 @@ def train(content: RecordDict, node_config: dict, state: RecordDict) -> RecordDi
     )
     reply[ORG_RECORD] = ConfigRecord({"name": ins.data.org_name})
     return reply
+
+
+def _train_on_devices(ins: Instruction, settings: TrainSettings,
+                      plan: train_workers.DevicePlan) -> tuple[Adapter, dict[str, float]]:
+    """In this process, or on the plan's Ray Train workers."""
+    if not plan.distributed:
+        adapter, metrics = train_adapter(ins.resident, ins.adapter, ins.data.train, settings)
+        return adapter, {**metrics, "train_workers": 1.0}
+    import ray
+
+    from clients.distributed import train_adapter_distributed
+
+    if not ray.is_initialized():
+        raise train_workers.TrainWorkersError(
+            f"{plan.train_workers} train workers run on the agent's Ray: this process has none (--no-resident?)")
+    if settings.batch_size < plan.train_workers:  # a worker with no example in a batch would fail inside Ray Train
+        raise train_workers.TrainWorkersError(
+            f"batch size {settings.batch_size} < {plan.train_workers} train workers: every worker needs an example")
+    # the resident trainer (this actor) keeps what it holds while it waits for the workers
+    context = ray.get_runtime_context()
+    held = context.get_assigned_resources() if context.get_actor_id() else {}  # a driver holds nothing
+    train_workers.check_capacity(plan, ray.cluster_resources(), held)
+    return train_adapter_distributed(ins.cfg.model, ins.spec, ins.adapter, ins.data.train, settings,
+                                     num_workers=plan.train_workers, use_gpu=plan.use_gpu)
 
 
 def evaluate(content: RecordDict, node_config: dict, state: RecordDict) -> RecordDict:

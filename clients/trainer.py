@@ -107,9 +107,9 @@ def train_adapter(
                 loss = module(**batch).loss
             share = sum(_answer_tokens(examples[i]) for i in mine) / sum(_answer_tokens(examples[i]) for i in indices)
             objective = loss * (share * shard.world) if shard.world > 1 else loss
-            if anchors:
+            if anchors:  # on top of the share-scaled loss: DDP averages the same proximal gradient back
                 proximal = sum(((p - anchor) ** 2).sum() for p, anchor in anchors)
-                objective = loss + 0.5 * settings.proximal_mu * proximal
+                objective = objective + 0.5 * settings.proximal_mu * proximal
             objective.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_workers_equal_one_worker() -> None:
-    import ray
-
+def test_two_workers_equal_one_worker(ddp_ray) -> None:  # type: ignore[no-untyped-def]
     from clients.distributed import train_adapter_distributed
     from clients.formatting import encode_example
     from clients.resident import get_resident
@@ -28,16 +24,7 @@ def test_two_workers_equal_one_worker() -> None:
     # fp32: bf16 rounding would differ between a batch of 4 and two batches of 2
     settings = TrainSettings(local_steps=4, batch_size=4, learning_rate=1e-2, seed=3, autocast_bf16=False)
     single, _ = train_adapter(resident, start, examples, settings)
-    # Ray Train gives a worker group 60 s to start; two workers importing torch on a
-    # loaded 2-core CI machine can take longer. Workers inherit this from the driver.
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-    if ray.is_initialized():  # never inherit another test's Ray
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        double, metrics = train_adapter_distributed("tiny-llama", spec, start, examples, settings, num_workers=2)
-    finally:
-        ray.shutdown()
+    double, metrics = train_adapter_distributed("tiny-llama", spec, start, examples, settings, num_workers=2)
     assert metrics["train_workers"] == 2.0
     moved = max(float(np.abs(single[k] - start[k]).max()) for k in start)
     assert moved > 1e-3, "training did not move the adapter: the comparison would be vacuous"

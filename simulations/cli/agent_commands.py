@@ -37,7 +37,14 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="opt out of TLS and node authentication (local experiments only)")
     p.add_argument("--name", help="organization name shown in the coordinator's report")
     p.add_argument("--state-dir", help="logs and Flower state (default: runs/agent-<name>)")
-    p.add_argument("--gpus", type=float, default=0.0, help="GPUs for the resident trainer")
+    p.add_argument("--gpus", type=float, default=0.0,
+                   help="GPUs of this organization's Ray: the resident trainer's, or with --train-workers N > 1 "
+                        "one per worker (needs --gpus >= N; the resident trainer then holds none)")
+    p.add_argument("--train-workers", type=int, default=1, metavar="N",
+                   help="train each round on N Ray Train workers with DDP (one GPU each with --gpus, else one CPU "
+                        "each; Ray needs N+1 CPUs with the resident trainer's). Each round starts the workers "
+                        "afresh and they load the base model again, so N > 1 pays off for large models and long "
+                        "rounds only. Default 1: the resident trainer trains in-process")
     p.add_argument("--rank", type=int, help="LoRA rank this organization trains (heterogeneous-rank jobs)")
     p.add_argument("--no-resident", action="store_true",
                    help="no Ray: every round's ClientApp process loads the base model itself")
@@ -75,7 +82,8 @@ def start(args: argparse.Namespace) -> int:
         console.print(f"node key {fingerprint} (the coordinator must have enrolled it); coordinator "
                       + ("certificate verified" if verified else "not reachable yet, the SuperNode will retry"))
     agent = Agent(args.data, args.coordinator, name=args.name, state_dir=args.state_dir,
-                  resident=not args.no_resident, gpus=args.gpus, rank=args.rank,
+                  resident=not args.no_resident, gpus=args.gpus, train_workers=args.train_workers,
+                  rank=args.rank,
                   supernode_options={**security, "max_wait_time": args.max_wait_time})
     agent.start()
     assert agent.silo is not None and agent.supernode is not None
@@ -83,6 +91,7 @@ def start(args: argparse.Namespace) -> int:
                   "(they stay here)")
     console.print(f"SuperNode pid {agent.supernode.pid} → {args.coordinator}"
                   + (", resident trainer on Ray" if agent.resident else ", no resident trainer")
+                  + (f", {agent.plan.train_workers} train workers" if agent.plan.distributed else "")
                   + "; Ctrl-C to leave the federation")
     return agent.serve()
 
