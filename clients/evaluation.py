@@ -32,6 +32,8 @@ def _answer_scores(model: Any, batch: dict[str, Any], first_token_ids: list[int]
     import torch
 
     causal_lm = model.get_base_model()
+    device = next(causal_lm.parameters()).device
+    batch = {key: value.to(device) for key, value in batch.items()}
     hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     rows, cols = torch.nonzero(targets != IGNORE_INDEX, as_tuple=True)
@@ -39,15 +41,15 @@ def _answer_scores(model: Any, batch: dict[str, Any], first_token_ids: list[int]
     logprobs = torch.log_softmax(logits, dim=-1)
     picked = logprobs.gather(-1, targets[rows, cols].unsqueeze(-1)).squeeze(-1)
     n_rows = batch["input_ids"].shape[0]
-    total = torch.zeros(n_rows).index_add_(0, rows, picked)
-    count = torch.zeros(n_rows).index_add_(0, rows, torch.ones_like(picked))
-    out: dict[str, Any] = {"logprob": total.numpy(), "tokens": count.numpy()}
+    total = torch.zeros(n_rows, device=device).index_add_(0, rows, picked)
+    count = torch.zeros(n_rows, device=device).index_add_(0, rows, torch.ones_like(picked))
+    out: dict[str, Any] = {"logprob": total.cpu().numpy(), "tokens": count.cpu().numpy()}
     if first_token_ids is not None:
         # nonzero() is row-major, so each row's answer positions are contiguous:
         # the first one of a row sits where the previous rows' counts end
         _, per_row = torch.unique_consecutive(rows, return_counts=True)
         first = torch.cumsum(per_row, 0) - per_row
-        out["first"] = logprobs[first][:, first_token_ids].numpy()
+        out["first"] = logprobs[first][:, first_token_ids].cpu().numpy()
     return out
 
 

@@ -27,13 +27,38 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 #: how many times this process loaded a base model (tests count real loads)
 LOAD_COUNT = 0
 
+#: "cpu", "cuda" or "cuda:N" to pin the resident model; unset: the first visible GPU, else the CPU
+DEVICE_VAR = "SILOTUNE_DEVICE"
+
+
+def choose_device() -> Any:
+    """Where the resident model lives. In the agent's trainer actor Ray has set
+    CUDA_VISIBLE_DEVICES to the GPUs given with ``--gpus``, so "the first visible
+    GPU" is one of the organization's own."""
+    import os
+
+    import torch
+
+    wanted = os.environ.get(DEVICE_VAR, "").strip()
+    if not wanted:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(wanted)
+    except RuntimeError:
+        raise ValueError(f"{DEVICE_VAR}={wanted!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{DEVICE_VAR}={wanted!r}: only cpu and cuda devices are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{DEVICE_VAR}={wanted!r} but torch sees no CUDA device (torch {torch.__version__})")
+    return device
+
 
 @dataclass
 class ResidentModel:
     name: str
     lora: LoraSpec
     tokenizer: Any
-    model: Any              # peft.PeftModel around the frozen base model
+    model: Any              # peft.PeftModel around the frozen base model, on ``device``
     fingerprint: str
     layout: dict[str, tuple[int, ...]]
     lock: threading.Lock    # one round at a time on this model
@@ -89,6 +114,7 @@ def get_resident(name: str, lora: LoraSpec) -> ResidentModel:
                 task_type="CAUSAL_LM",
             ),
         )
+        peft_model.to(choose_device())
         peft_model.eval()
         resident = ResidentModel(
             name=name,
@@ -99,7 +125,8 @@ def get_resident(name: str, lora: LoraSpec) -> ResidentModel:
             layout={k: tuple(v.shape) for k, v in adapter_of(peft_model).items()},
             lock=threading.Lock(),
         )
-        log.info("loaded base model %s (%s) with LoRA r=%d", name, fingerprint, lora.rank)
+        log.info("loaded base model %s (%s) with LoRA r=%d on %s", name, fingerprint, lora.rank,
+                 next(peft_model.parameters()).device)
         _RESIDENT[key] = resident
         return resident
 
