@@ -2,15 +2,17 @@
 
 Loading the base model is the expensive part of a round (seconds for
 SmolLM2-135M, minutes for a 7B model). In simulation each Ray actor serves
-many virtual organizations, so the model is cached per process — never per
-organization — and each round only swaps the adapter tensors in.
+many virtual organizations, so the model is cached per process (and LoRA rank) —
+never per organization — and each round only swaps the adapter tensors in.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +37,6 @@ def choose_device() -> Any:
     """Where the resident model lives. In the agent's trainer actor Ray has set
     CUDA_VISIBLE_DEVICES to the GPUs given with ``--gpus``, so "the first visible
     GPU" is one of the organization's own."""
-    import os
-
     import torch
 
     wanted = os.environ.get(DEVICE_VAR, "").strip()
@@ -87,7 +87,13 @@ def adapter_of(peft_model: Any) -> Adapter:
     return {name: state[name].detach().to("cpu").float().numpy().copy() for name in sorted(state)}
 
 
-_RESIDENT: dict[tuple[str, LoraSpec], ResidentModel] = {}
+#: How many (base model, LoRA spec) pairs one process keeps loaded. A deployed
+#: organization has one; a heterogeneous-rank simulation (HetLoRA/FlexLoRA, ranks
+#: 4/8/16) has one per rank, and each Ray actor serves organizations of every rank in
+#: turn — keeping only the last one reloaded the base model on nearly every call.
+MAX_RESIDENT_SPECS = int(os.environ.get("SILOTUNE_RESIDENT_SPECS", "3"))
+
+_RESIDENT: "OrderedDict[tuple[str, LoraSpec], ResidentModel]" = OrderedDict()
 _GUARD = threading.Lock()
 
 
@@ -97,10 +103,12 @@ def get_resident(name: str, lora: LoraSpec) -> ResidentModel:
     key = (name, lora)
     with _GUARD:
         if key in _RESIDENT:
+            _RESIDENT.move_to_end(key)
             return _RESIDENT[key]
         from peft import LoraConfig, get_peft_model
 
-        _RESIDENT.clear()  # one base model per process: a new spec replaces the old one
+        while len(_RESIDENT) >= max(1, MAX_RESIDENT_SPECS):  # least recently used spec goes
+            _RESIDENT.popitem(last=False)
         model = base_model.load_model(name)
         LOAD_COUNT += 1
         fingerprint = base_model.fingerprint(name, model=model)

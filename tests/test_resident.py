@@ -31,3 +31,24 @@ def test_cuda_without_a_gpu_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv(DEVICE_VAR, "cuda")
     with pytest.raises(ValueError, match="torch sees no CUDA device"):
         choose_device()
+
+
+def test_each_rank_keeps_its_model_so_heterogeneous_ranks_do_not_reload(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A simulation actor serving organizations of ranks 4/8/16 in turn loads each once."""
+    from clients import resident
+    from protos.adapter import LoraSpec
+
+    monkeypatch.setattr(resident, "_RESIDENT", type(resident._RESIDENT)())
+    specs = [LoraSpec(rank=r, alpha=2.0 * r) for r in (4, 8, 16)]
+    before = resident.LOAD_COUNT
+    for spec in specs + specs[::-1] + specs:
+        model = resident.get_resident("tiny-llama", spec)
+        assert model.lora == spec and spec.rank in next(iter(model.layout.values()))
+    assert resident.LOAD_COUNT - before == 3
+
+    monkeypatch.setattr(resident, "MAX_RESIDENT_SPECS", 1)  # the old behaviour: one spec per process
+    resident._RESIDENT.clear()
+    before = resident.LOAD_COUNT
+    for spec in specs + specs:
+        resident.get_resident("tiny-llama", spec)
+    assert resident.LOAD_COUNT - before == 6 and len(resident._RESIDENT) == 1
