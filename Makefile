@@ -1,6 +1,6 @@
 # silotune — two commands on a fresh machine:
 #   make demo   3 organizations federate SmolLM2-135M on BBC News topics (< 10 min on a 2-core CPU)
-#   make test   the test suite
+#   make test   the test suite (fast part; `make test-slow` the multi-process suites)
 # Each creates .venv and installs what it needs the first time.
 
 PYTHON ?= python3
@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.silotune-installed
 
-.PHONY: install demo demo-qa test test-fast faults protos clean
+.PHONY: install demo demo-qa test test-slow faults protos clean
 
 # torch first: a bare `torch` requirement with no torch installed pulls the
 # CUDA build (several GB). GPU users: install the CUDA build of torch 2.13.0
@@ -32,11 +32,14 @@ demo: install
 demo-qa: install
 	$(VENV)/bin/silotune simulate --scenario qa --run-dir runs/demo-qa
 
+# The default run: unit, numerical-oracle, codec, validation, secure-round and fault tests,
+# minutes. Suites that start Ray, Flower processes or real-model simulations are marked
+# slow: `make test-slow` runs them (about 20-40 minutes on 2 cores); CI runs both.
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not faults_long"
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not faults_long"
 
-test-fast: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+test-slow: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "slow and not faults_long"
 
 # The whole fault-injection suite (tests/faults/): coordinator SIGKILLs, agent
 # kills and restarts, stragglers, quorum loss; about 40 minutes on a 2-core CPU.
