@@ -115,6 +115,16 @@ def case_ours(n: int, label: str) -> dict:
     peak = probe.peak() - base
     probe.stop()
     after = sup.rss() - base
+    # not timed above: codec.check_values, which on_reply also runs on every update
+    # (finite values, norm of update - global); per reply, over up to 32 of them
+    check_wall, check_cpu = [], []
+    for i in range(min(n, 32)):
+        header, update = decode(pool[i % k])
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        codec.check_values(update, reference=global_adapter)
+        check_wall.append(time.perf_counter() - t0)
+        check_cpu.append(time.process_time() - cpu0)
+        del header, update
     error = sup.max_rel_error(result, sup.oracle(updates, n))
     del result, pool
     bound_s, bound_kernel, gbps = sup.read_bound(n * p * 4)
@@ -124,7 +134,9 @@ def case_ours(n: int, label: str) -> dict:
         impl = kernels.describe()
     except ImportError:
         impl = "numpy: np.add(total, np.multiply(u, n, dtype=float64), out=total)"
-    return dict(seconds=seconds, cpu_s=cpu_s, decode_s=decode_s, accumulate_s=accumulate_s, peak_bytes=peak,
+    return dict(seconds=seconds, cpu_s=cpu_s, decode_s=decode_s, accumulate_s=accumulate_s,
+                check_ms=statistics.median(check_wall) * 1e3, check_cpu_ms=statistics.median(check_cpu) * 1e3,
+                peak_bytes=peak,
                 after_bytes=after, base_rss=base, k=k, p=p, rel_error=error, bound_s=bound_s,
                 bound_kernel=bound_kernel, bound_gbps=gbps, impl=impl, probe=probe.method)
 
@@ -394,6 +406,24 @@ def table(results: dict, ns: list[int], labels: list[str]) -> tuple[str, list[st
     return "\n".join(rows), targets, all_met
 
 
+def per_reply_table(results: dict, ns: list[int], labels: list[str]) -> str:
+    """ms per reply of what on_reply does, ours only: the two timed stages and
+    codec.check_values, which the main table leaves out."""
+    head = ("| N | P | decode ms | accumulate ms | check_values ms [cpu] | decode + check_values + accumulate ms "
+            "| Flower aggregate_train ms (for scale) |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for label in labels:
+        for n in ns:
+            o, f = (results.get((kind, n, label), {}) for kind in KINDS)
+            if not o or "check_ms" not in o:
+                continue
+            dec, acc = o["decode_s"] / n * 1e3, o["accumulate_s"] / n * 1e3
+            flower = f"{f['seconds'] / n * 1e3:.2f}" if f and "skipped" not in f else "—"
+            rows.append(f"| {n} | {label} | {dec:.2f} | {acc:.2f} | {o['check_ms']:.2f} [{o['check_cpu_ms']:.2f}] "
+                        f"| {dec + acc + o['check_ms']:.2f} | {flower} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="N ∈ {10,100}, P = 1.8M, 1 repeat: a smoke run")
@@ -471,7 +501,8 @@ def main() -> None:
         "Both sides first run a warm-up on the same layout (ours: one 2-reply round; Flower: one "
         "2-reply aggregate_train), so one-time costs are not counted.",
         "- ours s = begin_round + N × (codec.decode + accumulate) + finish_round; the checks "
-        "(check_header, check_values) are not included. Flower s = aggregate_train only. "
+        "(check_header, check_values) are not included (check_values is timed apart: the per-reply table). "
+        "Flower s = aggregate_train only. "
         "Wall-clock seconds; [cpu …] is the process CPU time of the same part (all threads), less "
         "sensitive to other jobs taking the cores. Flower runs on one thread; ours shares large "
         "tensors among up to 2 threads here (strategies/kernels.py).",
@@ -488,7 +519,10 @@ def main() -> None:
                      "rows may mix versions; run again.")
     else:
         notes.append(f"- code under test (sha256 of protos/codec.py, strategies/fedavg.py, strategies/kernels.py): {code0}")
-    report = "\n".join([text, "", "Targets:", *targets, "", *notes])
+    report = "\n".join([text, "", "Targets:", *targets, "",
+                        "Per reply, ours (medians of the repeats; check_values: median over up to 32 replies "
+                        "of each case, run after the timed part, reference = the global adapter):", "",
+                        per_reply_table(results, ns, labels), "", *notes])
     print(report)
     if not args.no_write:
         stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")

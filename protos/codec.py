@@ -16,6 +16,7 @@ dtype and shape, and decodes to float32. ``check_header`` and
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -150,9 +151,10 @@ def decode(content: RecordDict) -> tuple[pb.UpdateHeader, Adapter]:
         extra = sorted(set(arrays.keys()) - set(spec_names))[:3]
         missing = sorted(set(spec_names) - set(arrays.keys()))[:3]
         raise _reject(RejectReason.TENSOR_NAMES, f"header/arrays differ: extra {extra}, missing {missing}")
+    present = dict(arrays.items())  # plain dict: ArrayRecord's __getitem__ costs ~1 µs a tensor
     adapter: Adapter = {}
     for spec in header.tensors:
-        adapter[spec.name] = _decode_tensor(spec, arrays[spec.name])
+        adapter[spec.name] = _decode_tensor(spec, present[spec.name])
     return header, adapter
 
 
@@ -162,8 +164,8 @@ def _decode_tensor(spec: pb.TensorSpec, array: Array) -> np.ndarray:
         raise _reject(RejectReason.TENSOR_DTYPE, f"{spec.name}: unknown encoding {spec.encoding}")
     if spec.dtype != "float32":
         raise _reject(RejectReason.TENSOR_DTYPE, f"{spec.name}: logical dtype {spec.dtype!r}")
-    shape = tuple(int(d) for d in spec.shape)
-    if any(d < 0 for d in shape) or tuple(array.shape) != shape:
+    shape = tuple(spec.shape)  # repeated int64: Python ints
+    if min(shape, default=0) < 0 or tuple(array.shape) != shape:
         raise _reject(RejectReason.TENSOR_SHAPE, f"{spec.name}: array {tuple(array.shape)} vs spec {shape}")
     try:
         wire = _wire_view(array)
@@ -188,8 +190,63 @@ def _wire_view(array: Array) -> np.ndarray:
     coordinator, where every update is decoded once, that copy was the largest
     single cost (benchmarks/RESULTS.md). The .npy header is parsed here and
     the data is viewed in place; anything that tries to write to it fails.
+    Parsed headers are cached by their exact bytes (``_npy_header``): every
+    reply of a job carries the same few headers, and numpy's parser (ast-based)
+    cost ~15 µs per tensor.
     """
     data = array.data
+    shape, dtype, count, offset = _npy_header(data)
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(f"{len(data) - offset} data bytes for {count} values of {dtype}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+#: headers up to this many bytes are cached (numpy writes 128 for our tensors;
+#: it accepts up to ~10 KB, which are parsed but not kept)
+_HEADER_CACHE_MAX_BYTES = 512
+#: at most this many distinct headers are kept (oldest dropped first): a job has
+#: one per tensor shape and dtype, and keys of ≤ 512 bytes keep it under 1 MB whatever is sent
+_HEADER_CACHE_MAX_ENTRIES = 1024
+_header_cache: dict[bytes, tuple[tuple[int, ...], np.dtype, int, int]] = {}
+
+
+def _npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype, int, int]:
+    """(shape, dtype, value count, data offset) of a .npy buffer; ValueError if
+    it is not a C-ordered, non-object .npy v1.0/v2.0 array.
+
+    The result is a pure function of the header's bytes (magic, version, length
+    field and the header text it announces), which are the cache key, so a
+    cached answer is the one the parser would give. What depends on the rest of
+    the buffer (its length) is checked by the caller every time.
+    """
+    end = 0
+    if data[:6] == _NPY_MAGIC:
+        version = data[6:8]
+        if version == b"\x01\x00" and len(data) >= 10:
+            end = 10 + int.from_bytes(data[8:10], "little")
+        elif version == b"\x02\x00" and len(data) >= 12:
+            end = 12 + int.from_bytes(data[8:12], "little")
+    if not 0 < end <= min(len(data), _HEADER_CACHE_MAX_BYTES):
+        return _parse_npy_header(data)  # not cacheable: parsed (or rejected) as before
+    key = bytes(data[:end])
+    cached = _header_cache.get(key)
+    if cached is not None:
+        return cached
+    parsed = _parse_npy_header(key)
+    if parsed[3] != end:  # cannot happen: the parser reads exactly the announced header
+        raise ValueError(f"header ends at {parsed[3]}, its length field says {end}")
+    if parsed[1].fields is None and parsed[1].subdtype is None:  # plain dtypes only: immutable
+        if len(_header_cache) >= _HEADER_CACHE_MAX_ENTRIES:
+            try:
+                del _header_cache[next(iter(_header_cache))]
+            except (KeyError, StopIteration, RuntimeError):  # another thread got there first
+                pass
+        _header_cache[key] = parsed
+    return parsed
+
+
+def _parse_npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype, int, int]:
     stream = io.BytesIO(data)
     version = npy_format.read_magic(stream)
     if version == (1, 0):
@@ -201,10 +258,7 @@ def _wire_view(array: Array) -> np.ndarray:
     if fortran_order or dtype.hasobject:
         raise ValueError("fortran-ordered or object arrays are not accepted")
     count = int(np.prod(shape, dtype=np.int64))
-    offset = stream.tell()
-    if len(data) - offset != count * dtype.itemsize:
-        raise ValueError(f"{len(data) - offset} data bytes for {count} values of {dtype}")
-    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return tuple(shape), dtype, count, stream.tell()
 
 
 @dataclass(frozen=True)
@@ -250,19 +304,56 @@ def check_header(header: pb.UpdateHeader, expected: Expectation) -> None:
         raise _reject(RejectReason.NUM_EXAMPLES, "an update must report num_examples > 0")
 
 
+#: check_values works through each tensor in slices of this many values: its
+#: float32/float64 scratch (768 KiB) stays in a core's L2 cache
+CHECK_CHUNK = 1 << 16
+
+
 def check_values(
     adapter: Adapter, *, reference: Adapter | None = None, norm_bound: float | None = None
 ) -> float:
     """Finite values, and the L2 norm of (adapter - reference) under the bound.
 
     Returns that norm, which the round log records.
+
+    The difference is taken in float32 (as the values travel), each slice of it
+    cast to float64 into a small scratch, squared there (exactly: a float32
+    squared fits a float64) and summed by numpy's pairwise reduction; the slice
+    sums are added in a fixed order. No BLAS, no threads, no float64 copy of a
+    whole tensor: the same update gives the same bits whatever else the machine
+    runs (np.dot through OpenBLAS did not — its result depended on its thread
+    count, and its threads spun on a loaded machine). The finiteness check rides
+    on the sums: a NaN or Inf value makes its slice's sum non-finite, and only
+    then are the values themselves looked at.
     """
+    chunk = CHECK_CHUNK
+    diff = np.empty(chunk, dtype=np.float32)
+    wide = np.empty(chunk, dtype=np.float64)
     total = 0.0
     for name, values in adapter.items():
-        if not np.all(np.isfinite(values)):
-            raise _reject(RejectReason.NON_FINITE, f"{name} holds NaN or Inf")
-        delta = values if reference is None else values - reference[name]
-        total += float(np.dot(delta.ravel().astype(np.float64), delta.ravel().astype(np.float64)))
+        flat = np.asarray(values).reshape(-1)
+        base = None if reference is None else np.asarray(reference[name]).reshape(-1)
+        # the difference in the dtype `values - reference` has (float32 for updates)
+        narrow = base is not None and np.result_type(flat, base) == np.float32
+        for start in range(0, flat.size, chunk):
+            part = flat[start : start + chunk]
+            size = part.size
+            out = wide[:size]
+            if base is None:
+                np.copyto(out, part, casting="unsafe")
+            elif narrow:
+                np.subtract(part, base[start : start + size], out=diff[:size])
+                np.copyto(out, diff[:size])
+            else:  # other dtypes: numpy's loop for the inputs, cast into the scratch
+                np.subtract(part, base[start : start + size], out=out, casting="unsafe")
+            np.multiply(out, out, out=out)
+            partial = float(np.add.reduce(out))
+            if not math.isfinite(partial):
+                if not np.isfinite(part).all():
+                    raise _reject(RejectReason.NON_FINITE, f"{name} holds NaN or Inf")
+                # finite values whose float32 difference overflowed: an infinite
+                # norm, which the bound rejects (as before)
+            total += partial
     norm = total**0.5
     if norm_bound is not None and norm > norm_bound:
         raise _reject(RejectReason.NORM_BOUND, f"update norm {norm:.4g} exceeds bound {norm_bound:.4g}")

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -152,3 +153,156 @@ def test_generated_protobuf_code_is_current(tmp_path: Path) -> None:
     for name in ("update_pb2.py", "update_pb2.pyi"):
         assert filecmp.cmp(tmp_path / "silotune" / "v1" / name, ROOT / "protos" / "silotune" / "v1" / name,
                            shallow=False), f"{name} is stale: run `make protos`"
+
+
+# ---- the .npy header cache of _wire_view --------------------------------------------------
+
+
+def _wire_view_uncached(data: bytes) -> np.ndarray:
+    """_wire_view as it was before headers were cached (numpy's parser every time)."""
+    import io
+
+    from numpy.lib import format as npy_format
+
+    stream = io.BytesIO(data)
+    version = npy_format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran_order, dtype = npy_format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = npy_format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"unsupported .npy version {version}")
+    if fortran_order or dtype.hasobject:
+        raise ValueError("fortran-ordered or object arrays are not accepted")
+    count = int(np.prod(shape, dtype=np.int64))
+    offset = stream.tell()
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError("byte count")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def _outcome(view, data: bytes):  # type: ignore[no-untyped-def]
+    try:
+        out = view(data)
+    except Exception:
+        return "rejected"
+    return (out.dtype.str, out.shape, out.tobytes(), out.flags.writeable)
+
+
+def _npy(values: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
+    import io
+
+    from numpy.lib import format as npy_format
+
+    buffer = io.BytesIO()
+    npy_format.write_array(buffer, values, version=version, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def test_cached_headers_accept_and_reject_exactly_as_numpy_does() -> None:
+    """Random corruptions of valid buffers, each viewed twice (cold, then cached):
+    the same arrays or the same refusals as the uncached parser."""
+    codec._header_cache.clear()
+    rng = np.random.default_rng(7)
+    sources = [_npy(np.arange(12, dtype="<f4").reshape(3, 4)), _npy(np.arange(6, dtype="<f2")),
+               _npy(np.arange(8, dtype="i1").reshape(2, 2, 2), version=(2, 0)), _npy(np.float32(2.5).reshape(())),
+               _npy(np.zeros((0, 4), "<f4")), _npy(np.arange(4, dtype=">f4")), _npy(np.arange(4, dtype="<u4"))]
+    cases = list(sources)
+    for source in sources:
+        for _ in range(150):
+            data = bytearray(source)
+            how = rng.integers(4)
+            if how == 0:  # flip bytes anywhere in the header or the length field
+                for _ in range(rng.integers(1, 4)):
+                    data[rng.integers(0, min(len(data), 140))] = rng.integers(256)
+            elif how == 1:  # truncate or extend
+                cut = int(rng.integers(0, len(data) + 1))
+                data = data[:cut] if rng.integers(2) else data + bytes(int(rng.integers(1, 9)))
+            elif how == 2:  # rewrite a header field
+                text = bytes(data).replace(b"(3, 4)", b"(4, 4)").replace(b"False", b"True ")
+                data = bytearray(text.replace(b"'<f4'", b"'|O' ") if rng.integers(2) else text)
+            else:  # another version byte
+                data[6] = int(rng.integers(0, 4))
+            cases.append(bytes(data))
+    accepted = 0
+    for data in cases:
+        expected = _outcome(_wire_view_uncached, data)
+        accepted += expected != "rejected"
+        for _ in range(2):
+            assert _outcome(lambda d: codec._wire_view(SimpleNamespace(data=d)),
+                            data) == expected, data[:140]
+    assert 10 < accepted < len(cases) - 100  # both sides of the check were exercised
+    assert len(codec._header_cache) <= codec._HEADER_CACHE_MAX_ENTRIES
+
+
+def test_a_cached_header_still_checks_each_buffer_and_gives_read_only_views() -> None:
+    data = _npy(np.arange(12, dtype="<f4").reshape(3, 4))
+    first = codec._wire_view(SimpleNamespace(data=data))
+    assert not first.flags.writeable and np.shares_memory(first, np.frombuffer(data, np.uint8))
+    with pytest.raises(ValueError):  # same header, one value missing
+        codec._wire_view(SimpleNamespace(data=data[:-4]))
+    with pytest.raises(ValueError):  # same header, a value too many
+        codec._wire_view(SimpleNamespace(data=data + bytes(4)))
+    content = encoded()  # through decode: a truncated tensor is MALFORMED, cached header or not
+    codec.decode(content)
+    arrays = content.array_records[codec.TENSORS_RECORD]
+    a = arrays["m.q_proj.lora_A.weight"]
+    arrays["m.q_proj.lora_A.weight"] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data[:-4])
+    assert reason_of(content) is RejectReason.MALFORMED
+
+
+def test_the_header_cache_is_bounded() -> None:
+    codec._header_cache.clear()
+    for n in range(codec._HEADER_CACHE_MAX_ENTRIES + 50):
+        codec._wire_view(Array(np.zeros(n % 3000 + 1, np.float32)))
+    assert len(codec._header_cache) == codec._HEADER_CACHE_MAX_ENTRIES
+    big = b"\x93NUMPY\x01\x00" + (2000).to_bytes(2, "little") + (
+        b"{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }".ljust(1999) + b"\n") + bytes(12)
+    before = dict(codec._header_cache)
+    assert codec._wire_view(SimpleNamespace(data=big)).shape == (3,)
+    assert codec._header_cache == before  # long headers are parsed, not kept
+
+
+# ---- check_values: chunked, deterministic, no BLAS -----------------------------------------
+
+
+def test_check_values_matches_an_exact_norm_and_repeats_bit_for_bit(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import math
+
+    def no_blas(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("check_values must not go through BLAS")
+
+    monkeypatch.setattr(np, "dot", no_blas)
+    monkeypatch.setattr(np, "vdot", no_blas)
+    rng = np.random.default_rng(3)
+    values = {"a": rng.normal(size=(3 * codec.CHECK_CHUNK + 17,)).astype(np.float32),
+              "b": rng.normal(size=(64, 33)).astype(np.float32), "c": np.zeros((0, 5), np.float32)}
+    reference = {k: (0.5 * v).astype(np.float32) for k, v in values.items()}
+    norm = codec.check_values(values, reference=reference)
+    delta = [float(x) for k, v in values.items() for x in (v - reference[k]).ravel()]
+    exact = math.sqrt(math.fsum(x * x for x in delta))
+    assert norm == pytest.approx(exact, rel=1e-13)
+    assert all(codec.check_values(values, reference=reference) == norm for _ in range(3))
+    alone = math.sqrt(math.fsum(float(x) ** 2 for v in values.values() for x in v.ravel()))
+    assert codec.check_values(values) == pytest.approx(alone, rel=1e-13)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_check_values_finds_a_non_finite_value_in_any_slice(bad: float) -> None:
+    values = {"a": np.ones(2 * codec.CHECK_CHUNK + 5, np.float32)}
+    for position in (0, codec.CHECK_CHUNK + 1, 2 * codec.CHECK_CHUNK + 4):
+        broken = {"a": values["a"].copy()}
+        broken["a"][position] = bad
+        for reference in (None, {"a": np.zeros_like(values["a"])}):
+            with pytest.raises(UpdateRejected) as info:
+                codec.check_values(broken, reference=reference)
+            assert info.value.reason is RejectReason.NON_FINITE
+
+
+def test_check_values_an_overflowing_difference_is_over_any_bound() -> None:
+    values, reference = {"a": np.array([3e38, 1], np.float32)}, {"a": np.array([-3e38, 1], np.float32)}
+    with np.errstate(over="ignore"):
+        assert codec.check_values(values, reference=reference) == np.inf
+        with pytest.raises(UpdateRejected) as info:
+            codec.check_values(values, reference=reference, norm_bound=1e30)
+    assert info.value.reason is RejectReason.NORM_BOUND
