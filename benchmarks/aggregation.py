@@ -4,7 +4,7 @@
     python benchmarks/aggregation.py              # N ∈ {10,100,1000} × P ∈ {1.8M,13.6M}, 3 repeats
                                                   # (~8 min on an idle 2-core machine, ~15 loaded)
     python benchmarks/aggregation.py --quick      # N ∈ {10,100}, P = 1.8M, 1 repeat (< 1 min)
-    python benchmarks/aggregation.py --kernel-ab  # accumulate kernels: numpy vs torch, idle and busy cores
+    python benchmarks/aggregation.py --kernel-ab  # accumulate kernels: numpy and torch variants, idle and busy cores
 
 Every case runs in its own subprocess (this script re-invoked with ``--case``),
 so peak memory is that case's alone. What is measured:
@@ -226,10 +226,14 @@ def run_case(kind: str, n: int, label: str) -> dict:
 def kernel_variants():
     """sums[k] += n·update[k] for every tensor (float64 sums, float32 update): FedAvg's
     numpy expression and the alternatives measured against it. All give the same bits."""
+    import threading
+    import warnings
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
     import torch
+
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
     def numpy_fedavg(sums, update, n):
         for k, total in sums.items():
@@ -245,6 +249,36 @@ def kernel_variants():
 
     workers = os.cpu_count() or 1
     pool = ThreadPoolExecutor(workers)
+    scratch = threading.local()
+
+    def torch_scratch_threads(sums, update, n):
+        # FedAvg's kernel from 7b2d407 to 552b1a0: tensors ≥ 65536 elements in 32768-element
+        # slices, copy_ into a float64 scratch then add_(scratch, alpha=n), large tensors
+        # dealt round-robin to the threads; smaller ones through the numpy expression
+        def one(total, values):
+            if values.size < 1 << 16:
+                np.add(total, np.multiply(values, n, dtype=np.float64), out=total)
+                return
+            buffer = getattr(scratch, "torch", None)
+            if buffer is None:
+                buffer = scratch.torch = torch.empty(1 << 15, dtype=torch.float64)
+            for a, b in zip(torch.from_numpy(total).view(-1).split(1 << 15), torch.from_numpy(values).view(-1).split(1 << 15)):
+                piece = buffer[: b.numel()]
+                piece.copy_(b)
+                a.add_(piece, alpha=n)
+
+        large = [k for k in sums if update[k].size >= 1 << 16]
+        small = [k for k in sums if update[k].size < 1 << 16]
+
+        def part(names):
+            for k in names:
+                one(sums[k], update[k])
+
+        futures = [pool.submit(part, large[i::workers]) for i in range(1, workers)]
+        part(large[0::workers] + small)
+        for future in futures:
+            future.result()
+
     try:
         from strategies import kernels
 
@@ -264,12 +298,13 @@ def kernel_variants():
         list(pool.map(part, range(workers)))
 
     return {
-        "numpy (FedAvg before)": numpy_fedavg,
+        "numpy expression (FedAvg before 7b2d407)": numpy_fedavg,
         # slices above torch's grain size (32768) run on its OpenMP pool
         f"torch add_, {torch.get_num_threads()} OpenMP threads, 128K slices": torch_sliced(1 << 17),
         # at most the grain size: inline on the calling thread
         "torch add_, 1 thread, 32K slices": torch_sliced(1 << 15),
         f"numpy, {workers} Python threads over tensors": numpy_threads,
+        f"torch copy_ + add_, 32K slices, {workers} Python threads (FedAvg 7b2d407-552b1a0)": torch_scratch_threads,
         **({"strategies.kernels.add_scaled_all (FedAvg)": kernel_sums} if kernel_sums else {}),
     }
 

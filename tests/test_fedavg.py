@@ -81,7 +81,7 @@ def test_fedavg_keeps_no_state() -> None:
 # ---- bit-exactness and memory of the streaming sum ---------------------------------------------
 from strategies import kernels  # noqa: E402
 
-BIG = kernels.TORCH_MIN  # elements: tensors this large take the torch kernel
+BIG = kernels.LARGE_MIN  # elements: tensors this large take the sliced kernel
 
 
 def reference_accumulate(total: np.ndarray, values: np.ndarray, weight: int) -> None:
@@ -168,7 +168,8 @@ def test_accumulate_and_finish_add_no_update_sized_temporary() -> None:
     assert result["w"].dtype == np.float32
 
 
-@pytest.mark.parametrize("shape", [(), (1,), (7, 3), (BIG - 1,), (BIG,), (kernels.CHUNK * 3,), (3, BIG // 2 + 5), (4096, 32)])
+@pytest.mark.parametrize("shape", [(), (1,), (7, 3), (BIG - 1,), (BIG,), (kernels.CHUNK * 3,), (kernels.CHUNK + 1,),
+                                   (3, BIG // 2 + 5), (4096, 32)])
 def test_add_scaled_is_bit_identical_to_numpy(shape: tuple[int, ...]) -> None:
     rng = np.random.default_rng(11)
     start = np.asarray(rng.normal(size=shape) * 1e3, dtype=np.float64)
@@ -186,7 +187,7 @@ def test_add_scaled_is_bit_identical_to_numpy(shape: tuple[int, ...]) -> None:
 
 def test_add_scaled_other_inputs_keep_numpy_behaviour() -> None:
     rng = np.random.default_rng(12)
-    shape = (2, BIG // 2 + 3)  # large enough for the torch path
+    shape = (2, BIG // 2 + 3)  # large enough for the sliced path
     base = rng.normal(size=shape)
 
     def f32(s=shape):
@@ -195,7 +196,7 @@ def test_add_scaled_other_inputs_keep_numpy_behaviour() -> None:
     readonly = f32()
     readonly.flags.writeable = False
     cases = [
-        (readonly, 3),                                         # read-only buffer (torch path)
+        (readonly, 3),                                         # read-only buffer (sliced path)
         (f32(shape[::-1]).T, 5),                               # non-contiguous
         (rng.normal(size=shape), 7),                           # float64 values
         (rng.normal(size=shape).astype(np.float16), 2),        # float16 values
@@ -215,7 +216,7 @@ def test_add_scaled_other_inputs_keep_numpy_behaviour() -> None:
 
 
 def test_add_scaled_never_starts_torch_thread_pool() -> None:
-    """The kernel must stay on the calling thread: torch's OpenMP pool stalls badly
+    """The kernel must stay on the calling thread: an OpenMP pool (torch's) stalls badly
     when the coordinator shares its cores (simulation), see strategies/kernels.py."""
     import subprocess
     import sys
