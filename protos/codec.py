@@ -355,6 +355,6 @@ def check_values(
                 # norm, which the bound rejects (as before)
             total += partial
     norm = total**0.5
-    if norm_bound is not None and norm > norm_bound:
+    if norm_bound is not None and not norm <= norm_bound:  # a NaN norm (NaN reference) is refused too
         raise _reject(RejectReason.NORM_BOUND, f"update norm {norm:.4g} exceeds bound {norm_bound:.4g}")
     return norm

@@ -141,6 +141,14 @@ def test_norm_is_measured_from_the_reference() -> None:
     assert codec.check_values(moved, reference=values) == pytest.approx(expected)
 
 
+def test_a_nan_reference_never_lets_an_update_through_the_bound() -> None:
+    values = adapter()
+    broken = {k: np.full_like(v, np.nan) for k, v in values.items()}
+    with pytest.raises(codec.UpdateRejected) as caught:
+        codec.check_values(values, reference=broken, norm_bound=1e9)
+    assert caught.value.reason == RejectReason.NORM_BOUND
+
+
 def test_generated_protobuf_code_is_current(tmp_path: Path) -> None:
     """The committed update_pb2.py must be what protoc makes of update.proto (`make protos`)."""
     shutil.copytree(ROOT / "protos" / "silotune", tmp_path / "silotune",
