@@ -39,11 +39,11 @@ class PeakMemory(threading.Thread):
         super().__init__(daemon=True)
         self.peak = 0
         self.peak_actor = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()  # not _stop: that name is Thread's own (called after fork)
 
     def run(self) -> None:
         me = psutil.Process()
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             total, actor = 0, 0
             for proc in [me, *me.children(recursive=True)]:
                 try:
@@ -57,7 +57,7 @@ class PeakMemory(threading.Thread):
             time.sleep(0.25)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
 
 class Timer:

@@ -188,7 +188,7 @@ class SecureRound:
 
             messages = [Message(content=content_for(node), dst_node_id=node, message_type=MessageType.TRAIN,
                                 ttl=self.ttl) for node in targets]
-            batch = {} if large else {"pull_batch": SMALL_PULL_BATCH, "collect_garbage": False}
+            batch = {} if large else {"pull_batch": SMALL_PULL_BATCH}
             result = exchange(self.grid, messages, on_message, timeout=self.timeout,
                               poll_interval=self.poll_interval, late=self.late, **batch,
                               what=f"the round {server_round} secure-aggregation {name}", node_name=self.node_name)

@@ -11,6 +11,8 @@ uniform ring elements. Scripted organizations (tests/test_secure_round.py).
 
 from __future__ import annotations
 
+import copy
+
 import re
 from typing import Callable
 
@@ -30,7 +32,8 @@ def _grid() -> SecureGrid:
 
 
 def _tamper(grid: SecureGrid, stage: str, node: int, change: Callable[[Message, dict], None]) -> dict:
-    """Apply ``change(reply, seen)`` to ``node``'s reply at ``stage``; ``seen``: earlier replies at it."""
+    """Apply ``change(reply, seen)`` to ``node``'s reply at ``stage``; ``seen``: copies of the
+    content of earlier replies at it."""
     real_pull = grid.pull_messages
     seen: dict = {}
 
@@ -42,7 +45,9 @@ def _tamper(grid: SecureGrid, stage: str, node: int, change: Callable[[Message, 
             sender = reply.metadata.src_node_id
             if sender == node:
                 change(reply, seen)
-            seen[sender] = reply
+            # a snapshot: the round loop empties each reply's arrays once handled, and on the
+            # wire a copied masked input is a separate, byte-identical object anyway
+            seen[sender] = copy.deepcopy(reply.content)
         return replies
 
     grid.pull_messages = pull  # type: ignore[method-assign]
@@ -77,7 +82,7 @@ def _masked(values: Callable[[np.ndarray], np.ndarray]) -> Callable[[Message, di
 
 
 def _copy_of_2(reply: Message, seen: dict) -> None:
-    reply.content[wire.MASKED_RECORD] = seen[2].content.array_records[wire.MASKED_RECORD]
+    reply.content[wire.MASKED_RECORD] = seen[2].array_records[wire.MASKED_RECORD]
 
 
 @pytest.mark.parametrize("change,reason,detail", [
@@ -130,7 +135,7 @@ def test_a_masked_input_replayed_from_another_attempt_is_refused():
     first = _grid()
     kept = _tamper(first, wire.MASK, 0, lambda *_: None)
     _run(first)
-    old = kept[4].content
+    old = kept[4]
     grid = _grid()
 
     def replay(reply: Message, _: dict) -> None:

@@ -21,7 +21,8 @@ a fixed catalogue of attackers beside the honest organizations.
 
 from __future__ import annotations
 
-import types
+import copy
+
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_round_loop import ScriptedGrid, config, honest
 
-import server.exchange
 from protos import codec
 from protos.errors import RejectReason
 from protos.round_config import CONFIG_RECORD, RoundConfig
@@ -426,7 +426,9 @@ def memoized(handler: Callable[[Message], Message]) -> Callable[[Message], Messa
                RoundConfig.from_record(message.content.config_records[CONFIG_RECORD]).server_round)
         if key not in memo:
             memo[key] = handler(message).content
-        return Message(memo[key], reply_to=message)
+        # a copy per reply, as the wire gives: the round loop empties each reply's arrays once
+        # handled (deepcopy shares the immutable bytes, so this costs little)
+        return Message(copy.deepcopy(memo[key]), reply_to=message)
     return handle
 
 
@@ -490,16 +492,7 @@ class Arena:
 
 
 @pytest.fixture(scope="module")
-def _no_per_pull_gc() -> Any:
-    """exchange() runs the cyclic collector after each pull (coordinator memory);
-    with torch loaded that costs ~0.1-1 s per pull, i.e. minutes over 1000 examples."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(server.exchange, "gc", types.SimpleNamespace(collect=lambda: 0))
-        yield
-
-
-@pytest.fixture(scope="module")
-def arena(tmp_path_factory: pytest.TempPathFactory, _no_per_pull_gc: None) -> Arena:
+def arena(tmp_path_factory: pytest.TempPathFactory) -> Arena:
     global LIMIT
     fuzzed = Fuzzed()
     node1 = honest(0.1)
@@ -586,7 +579,7 @@ CATALOGUE = [
 ]
 
 
-def test_whole_jobs_with_attackers_end_on_the_honest_adapter(tmp_path: Path, _no_per_pull_gc: None) -> None:
+def test_whole_jobs_with_attackers_end_on_the_honest_adapter(tmp_path: Path) -> None:
     """Job.run end to end (two rounds, checkpoints): the attackers change nothing."""
     def run(attackers: dict[int, Any], where: str) -> tuple[Any, list[dict[str, Any]]]:
         round1: list[RecordDict] = []
