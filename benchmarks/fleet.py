@@ -80,6 +80,16 @@ class Timer:
             self.rounds[-1]["eval_s"] = summary.get("eval_seconds", 0.0)
 
 
+def _git_head() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def bare_training_seconds(cfg: Any, organizations: int, samples: int = 20) -> float:
     import torch
 
@@ -140,7 +150,7 @@ def main() -> None:
     overhead = statistics.median(steady)
     lines = [
         f"## Fleet: {args.organizations} virtual organizations, {cfg.fraction_train:.0%} per round "
-        f"({dt.date.today().isoformat()})",
+        f"({dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, code {_git_head()})",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB; {actors} Ray actors × 1 CPU; model {cfg.model}, "
