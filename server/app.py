@@ -32,6 +32,7 @@ def run_job(grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None) -
     provenance = {
         "job_id": cfg.job_id,
         "strategy": cfg.strategy,
+        "secure_aggregation": cfg.secure_aggregation,  # the coordinator saw only sums of updates
         "rounds": final.round,
         "organizations": organizations,
         "num_organizations": len(organizations),

@@ -81,6 +81,8 @@ def _model_card(ckpt: Checkpoint, prov: dict, out_dir: Path) -> str:
         rows.append(("organizations", str(orgs)))
     rows += [
         ("strategy", str(prov.get("strategy", "not recorded"))),
+        ("secure aggregation", {True: "yes: the coordinator saw only sums of updates", False: "no"}.get(
+            prov.get("secure_aggregation"), "not recorded")),
         ("LoRA", f"r={lora.rank}, alpha={lora.alpha:g}, targets={', '.join(lora.target_modules)}"),
         ("adapter parameters", f"{adapter_num_parameters(ckpt.adapter):,}"),
         ("exported", prov["exported_at"]),

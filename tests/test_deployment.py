@@ -33,34 +33,37 @@ def write_silo(path: Path, rows: list[tuple[str, str]]) -> Path:
     return path
 
 
-def test_coordinator_and_two_agents_two_rounds(tmp_path: Path) -> None:
-    corpus = load_bbc_news()
-    silos = [write_silo(tmp_path / "bank-a.jsonl", corpus[0:40]), write_silo(tmp_path / "bank-b.jsonl", corpus[-40:])]
+SETTINGS = {"model": "tiny-llama", "num-rounds": 2, "min-nodes": 2, "local-steps": 2, "max-length": 96,
+            "eval-max-examples": 8, "round-timeout": 240, "node-wait-timeout": 120}
+
+
+def deploy(root: Path, settings: dict, silos: list[Path]) -> Path:
+    """`silotune coordinator` and one `silotune agent start` per silo, as processes on
+    127.0.0.1, until the coordinator's job ends; every process stopped by PID. Returns the run dir."""
+    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    run_dir = tmp_path / "run"
-    settings = {"model": "tiny-llama", "job-id": "deploy-test", "num-rounds": 2, "min-nodes": 2,
-                "local-steps": 2, "max-length": 96, "eval-max-examples": 8, "round-timeout": 240,
-                "node-wait-timeout": 120, "run-dir": str(run_dir)}
-    coordinator_cmd = [SILOTUNE, "coordinator", "--insecure", "--state-dir", str(tmp_path / "coord"),
+    run_dir = root / "run"
+    coordinator_cmd = [SILOTUNE, "coordinator", "--insecure", "--state-dir", str(root / "coord"),
                        "--port", str(port), "--timeout", "500"]
-    for key, value in settings.items():
+    for key, value in {**settings, "run-dir": str(run_dir)}.items():
         coordinator_cmd += ["--set", f"{key}={value}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("coordinator", "bank-a", "bank-b")}
+    names = [silo.stem for silo in silos]
+    logs = {name: open(root / f"{name}.log", "w") for name in ("coordinator", *names)}
     processes: dict[str, subprocess.Popen] = {}
     try:
         processes["coordinator"] = subprocess.Popen(coordinator_cmd, stdout=logs["coordinator"],
-                                                    stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+                                                    stderr=subprocess.STDOUT, env=env, cwd=root)
         for silo in silos:
             processes[silo.stem] = subprocess.Popen(
                 [SILOTUNE, "agent", "start", "--no-resident", "--insecure", "--coordinator", f"127.0.0.1:{port}", "--data", str(silo),
-                 "--name", silo.stem, "--state-dir", str(tmp_path / silo.stem)],
-                stdout=logs[silo.stem], stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+                 "--name", silo.stem, "--state-dir", str(root / silo.stem)],
+                stdout=logs[silo.stem], stderr=subprocess.STDOUT, env=env, cwd=root)
         code = processes["coordinator"].wait(timeout=540)
-        assert code == 0, (tmp_path / "coordinator.log").read_text()[-4000:]
-        for name in ("bank-a", "bank-b"):  # an agent leaves on SIGTERM and stops its SuperNode
+        assert code == 0, (root / "coordinator.log").read_text()[-4000:]
+        for name in names:  # an agent leaves on SIGTERM and stops its SuperNode
             processes[name].send_signal(signal.SIGTERM)
-            assert processes[name].wait(timeout=60) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+            assert processes[name].wait(timeout=60) == 0, (root / f"{name}.log").read_text()[-3000:]
     finally:
         leftovers = []
         for process in processes.values():
@@ -69,6 +72,14 @@ def test_coordinator_and_two_agents_two_rounds(tmp_path: Path) -> None:
         for handle in logs.values():
             handle.close()
     assert leftovers == [] and alive([p.pid for p in processes.values()]) == []
+    shutil.rmtree(root / "coord", ignore_errors=True)
+    return run_dir
+
+
+def test_coordinator_and_two_agents_two_rounds(tmp_path: Path) -> None:
+    corpus = load_bbc_news()
+    silos = [write_silo(tmp_path / "bank-a.jsonl", corpus[0:40]), write_silo(tmp_path / "bank-b.jsonl", corpus[-40:])]
+    run_dir = deploy(tmp_path, {**SETTINGS, "job-id": "deploy-test"}, silos)
 
     report = json.loads((run_dir / "report.json").read_text())
     assert sorted(report["organizations"]) == ["bank-a", "bank-b"]
@@ -87,7 +98,30 @@ def test_coordinator_and_two_agents_two_rounds(tmp_path: Path) -> None:
     for name, value in last.adapter.items():
         assert np.array_equal(loaded[name].numpy(), value), name
     # the raw silo text never reached the coordinator's side
+    assert json.loads((run_dir / "specialist" / "provenance.json").read_text())["secure_aggregation"] is False
     for path in (run_dir / "report.json", run_dir / "specialist" / "provenance.json"):
         text = path.read_text()
         assert corpus[0][0][:60] not in text and corpus[-1][0][:60] not in text
-    shutil.rmtree(tmp_path / "coord", ignore_errors=True)
+
+
+def test_secure_aggregation_across_processes_equals_the_plain_deployment(tmp_path: Path) -> None:
+    """The four secure-aggregation exchanges over Flower's gRPC transport (each agent's
+    ClientApp a new process per message, its keys kept in the SuperNode's context.state):
+    the round ends on the plain deployment's adapter, within the quantization error."""
+    corpus = load_bbc_news()
+    silos = [write_silo(tmp_path / f"org-{i}.jsonl", corpus[40 * i: 40 * (i + 1)]) for i in range(3)]
+    settings = {**SETTINGS, "min-nodes": 3, "num-rounds": 1}
+    plain = CheckpointStore(deploy(tmp_path / "plain", {**settings, "job-id": "plain"}, silos) / "checkpoints").latest()
+    secure_run = deploy(tmp_path / "secure", {**settings, "job-id": "plain", "secure-aggregation": "true"}, silos)
+    secure = CheckpointStore(secure_run / "checkpoints").latest()
+    assert plain is not None and secure is not None and plain.round == secure.round == 1
+    for h in secure.run_state["history"][1:]:
+        assert sorted(h["accepted"]) == ["org-0", "org-1", "org-2"] and h["rejected"] == [], h
+    moved = 0.0
+    for name, value in plain.adapter.items():
+        np.testing.assert_allclose(secure.adapter[name], value, rtol=0, atol=1e-5, err_msg=name)
+        moved += float(np.abs(value).sum()) if "lora_B" in name else 0.0
+    assert moved > 0, "training moved nothing: the comparison would be vacuous"
+    provenance = json.loads((secure_run / "specialist" / "provenance.json").read_text())
+    assert provenance["secure_aggregation"] is True
+    assert "| secure aggregation | yes" in (secure_run / "specialist" / "README.md").read_text()
