@@ -34,7 +34,7 @@ demo-qa: install
 
 # The default run: unit, numerical-oracle, codec, validation, secure-round and fault tests,
 # minutes. Suites that start Ray, Flower processes or real-model simulations are marked
-# slow: `make test-slow` runs them (about 20-40 minutes on 2 cores); CI runs both.
+# slow: `make test-slow` runs them (about 10 minutes on an idle 2-core machine); CI runs both.
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not faults_long"
 
@@ -42,7 +42,7 @@ test-slow: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "slow and not faults_long"
 
 # The whole fault-injection suite (tests/faults/): coordinator SIGKILLs, agent
-# kills and restarts, stragglers, quorum loss; about 40 minutes on a 2-core CPU.
+# kills and restarts, stragglers, quorum loss; about 25 minutes on a 2-core CPU.
 # `make test` runs only its time-bounded part (everything not marked faults_long).
 faults: install
 	$(PY) -m pytest -q -p no:cacheprovider tests/faults
