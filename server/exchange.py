@@ -64,10 +64,9 @@ class _Collector:
         self.pending = 0
 
     def release(self, reply: Message) -> None:
-        content = reply.content if not reply.has_error() else None
-        if content is None:
-            return
-        for record in content.array_records.values():
+        if reply.has_error():
+            return  # an error reply carries no content
+        for record in reply.content.array_records.values():
             for array in record.values():
                 # Emptied rather than deleted: a RecordDict keeps its records in more than
                 # one dict. A numpy view on_reply kept still holds the bytes it points at.
@@ -119,6 +118,7 @@ class LateReplies:
         for start in range(0, len(asked), pull_batch):
             replies = grid.pull_messages(asked[start : start + pull_batch])
             for reply in replies:
+                _COLLECTOR.release(reply)  # nothing here reads its arrays
                 entry = self._ids.pop(reply.metadata.reply_to_message_id, None)
                 if entry is None:
                     continue
@@ -129,8 +129,6 @@ class LateReplies:
                 kind = f"error reply ({reply.error.reason})" if reply.has_error() else "reply"
                 log.warning("late %s from %s to %s arrived after its deadline: discarded", kind, node, what)
                 self.discarded.append({"node": node, "instruction": what, "error": reply.has_error()})
-                _COLLECTOR.release(reply)
-            del replies
 
     def take_discarded(self) -> list[dict[str, Any]]:
         """The discarded replies logged since the last call."""
@@ -178,12 +176,10 @@ def exchange(
             replies = grid.pull_messages(asked[start : start + pull_batch])
             for reply in replies:
                 node_id = pending.pop(reply.metadata.reply_to_message_id, None)
-                if node_id is None:
-                    continue  # a duplicate delivery of a reply already handled
-                result.replied.append(node_id)
-                on_reply(node_id, reply)
-                _COLLECTOR.release(reply)  # on_reply is done with it: its arrays go now
-            del replies
+                if node_id is not None:  # else a duplicate delivery of a reply already handled
+                    result.replied.append(node_id)
+                    on_reply(node_id, reply)
+                _COLLECTOR.release(reply)  # handled or a duplicate: its arrays go now
         if pending:
             time.sleep(poll_interval)
     result.timed_out = sorted(pending.values())

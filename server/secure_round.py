@@ -168,7 +168,7 @@ class SecureRound:
 
         def stage(name: str, targets: list[int], content_for: Callable[[int], RecordDict],
                   handle: Callable[[int, Message], None], large: bool = False) -> None:
-            """One exchange; ``large``: replies of P values (pulled a few at a time, then collected)."""
+            """One exchange; ``large``: replies of P values (pulled a few at a time)."""
             admission = UpdateValidator(max_reply_bytes(name, session, large and name == wire.UNMASK),
                                         f"the session's bound for {name} replies")
             admission.begin_round(server_round)
