@@ -124,14 +124,8 @@ def _reject(reason: RejectReason, detail: str) -> UpdateRejected:
     return UpdateRejected(reason, detail)
 
 
-def decode(content: RecordDict) -> tuple[pb.UpdateHeader, Adapter]:
-    """Parse header and tensors; raise UpdateRejected on any inconsistency."""
-    try:
-        header_record = content.config_records[HEADER_RECORD]
-        arrays = content.array_records[TENSORS_RECORD]
-    except KeyError as missing:
-        raise _reject(RejectReason.MALFORMED, f"record {missing} absent") from None
-    raw = header_record.get("bytes")
+def parse_header(raw: object) -> pb.UpdateHeader:
+    """The header's bytes, parsed, in a protocol version this side speaks; UpdateRejected otherwise."""
     if not isinstance(raw, bytes):
         raise _reject(RejectReason.MALFORMED, "header bytes absent")
     header = pb.UpdateHeader()
@@ -144,6 +138,17 @@ def decode(content: RecordDict) -> tuple[pb.UpdateHeader, Adapter]:
             RejectReason.PROTOCOL_VERSION,
             f"protocol {header.protocol_version}, this side speaks {PROTOCOL_VERSION}",
         )
+    return header
+
+
+def decode(content: RecordDict) -> tuple[pb.UpdateHeader, Adapter]:
+    """Parse header and tensors; raise UpdateRejected on any inconsistency."""
+    try:
+        header_record = content.config_records[HEADER_RECORD]
+        arrays = content.array_records[TENSORS_RECORD]
+    except KeyError as missing:
+        raise _reject(RejectReason.MALFORMED, f"record {missing} absent") from None
+    header = parse_header(header_record.get("bytes"))
     spec_names = [t.name for t in header.tensors]
     if len(set(spec_names)) != len(spec_names):
         raise _reject(RejectReason.TENSOR_NAMES, "a tensor is announced twice")
@@ -168,7 +173,7 @@ def _decode_tensor(spec: pb.TensorSpec, array: Array) -> np.ndarray:
     if min(shape, default=0) < 0 or tuple(array.shape) != shape:
         raise _reject(RejectReason.TENSOR_SHAPE, f"{spec.name}: array {tuple(array.shape)} vs spec {shape}")
     try:
-        wire = _wire_view(array)
+        wire = wire_view(array)
     except Exception as err:  # a corrupt Array buffer must not crash the round
         raise _reject(RejectReason.MALFORMED, f"{spec.name}: array does not deserialize: {err}") from None
     if wire.dtype != wire_dtype:
@@ -183,7 +188,7 @@ def _decode_tensor(spec: pb.TensorSpec, array: Array) -> np.ndarray:
     return wire if wire.dtype == np.float32 else wire.astype(np.float32)
 
 
-def _wire_view(array: Array) -> np.ndarray:
+def wire_view(array: Array) -> np.ndarray:
     """The Array's values as a read-only view over its bytes, without a copy.
 
     Flower's ``Array.numpy()`` copies the payload through ``np.load``; on the

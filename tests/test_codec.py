@@ -163,27 +163,12 @@ def test_generated_protobuf_code_is_current(tmp_path: Path) -> None:
                            shallow=False), f"{name} is stale: run `make protos`"
 
 
-# ---- the .npy header cache of _wire_view --------------------------------------------------
+# ---- the .npy header cache of wire_view --------------------------------------------------
 
 
 def _wire_view_uncached(data: bytes) -> np.ndarray:
-    """_wire_view as it was before headers were cached (numpy's parser every time)."""
-    import io
-
-    from numpy.lib import format as npy_format
-
-    stream = io.BytesIO(data)
-    version = npy_format.read_magic(stream)
-    if version == (1, 0):
-        shape, fortran_order, dtype = npy_format.read_array_header_1_0(stream)
-    elif version == (2, 0):
-        shape, fortran_order, dtype = npy_format.read_array_header_2_0(stream)
-    else:
-        raise ValueError(f"unsupported .npy version {version}")
-    if fortran_order or dtype.hasobject:
-        raise ValueError("fortran-ordered or object arrays are not accepted")
-    count = int(np.prod(shape, dtype=np.int64))
-    offset = stream.tell()
+    """wire_view as it was before headers were cached: numpy's parser every time."""
+    shape, dtype, count, offset = codec._parse_npy_header(data)
     if len(data) - offset != count * dtype.itemsize:
         raise ValueError("byte count")
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
@@ -237,7 +222,7 @@ def test_cached_headers_accept_and_reject_exactly_as_numpy_does() -> None:
         expected = _outcome(_wire_view_uncached, data)
         accepted += expected != "rejected"
         for _ in range(2):
-            assert _outcome(lambda d: codec._wire_view(SimpleNamespace(data=d)),
+            assert _outcome(lambda d: codec.wire_view(SimpleNamespace(data=d)),
                             data) == expected, data[:140]
     assert 10 < accepted < len(cases) - 100  # both sides of the check were exercised
     assert len(codec._header_cache) <= codec._HEADER_CACHE_MAX_ENTRIES
@@ -245,12 +230,12 @@ def test_cached_headers_accept_and_reject_exactly_as_numpy_does() -> None:
 
 def test_a_cached_header_still_checks_each_buffer_and_gives_read_only_views() -> None:
     data = _npy(np.arange(12, dtype="<f4").reshape(3, 4))
-    first = codec._wire_view(SimpleNamespace(data=data))
+    first = codec.wire_view(SimpleNamespace(data=data))
     assert not first.flags.writeable and np.shares_memory(first, np.frombuffer(data, np.uint8))
     with pytest.raises(ValueError):  # same header, one value missing
-        codec._wire_view(SimpleNamespace(data=data[:-4]))
+        codec.wire_view(SimpleNamespace(data=data[:-4]))
     with pytest.raises(ValueError):  # same header, a value too many
-        codec._wire_view(SimpleNamespace(data=data + bytes(4)))
+        codec.wire_view(SimpleNamespace(data=data + bytes(4)))
     content = encoded()  # through decode: a truncated tensor is MALFORMED, cached header or not
     codec.decode(content)
     arrays = content.array_records[codec.TENSORS_RECORD]
@@ -262,12 +247,12 @@ def test_a_cached_header_still_checks_each_buffer_and_gives_read_only_views() ->
 def test_the_header_cache_is_bounded() -> None:
     codec._header_cache.clear()
     for n in range(codec._HEADER_CACHE_MAX_ENTRIES + 50):
-        codec._wire_view(Array(np.zeros(n % 3000 + 1, np.float32)))
+        codec.wire_view(Array(np.zeros(n % 3000 + 1, np.float32)))
     assert len(codec._header_cache) == codec._HEADER_CACHE_MAX_ENTRIES
     big = b"\x93NUMPY\x01\x00" + (2000).to_bytes(2, "little") + (
         b"{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }".ljust(1999) + b"\n") + bytes(12)
     before = dict(codec._header_cache)
-    assert codec._wire_view(SimpleNamespace(data=big)).shape == (3,)
+    assert codec.wire_view(SimpleNamespace(data=big)).shape == (3,)
     assert codec._header_cache == before  # long headers are parsed, not kept
 
 

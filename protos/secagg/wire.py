@@ -27,10 +27,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from google.protobuf.message import DecodeError
-
 from protos import codec
-from protos.codec import _wire_view as wire_view   # read-only view over the message bytes, no copy
+from protos.codec import wire_view   # read-only view over the message bytes, no copy
 from protos.errors import RejectReason, UpdateRejected
 from protos.secagg.errors import SecAggError
 from protos.secagg.messages import PublicKeys, SealedShares, UnmaskShares
@@ -176,15 +174,7 @@ def parse_masked_header(content: RecordDict) -> codec.UpdateHeader:
     raw = record.get("bytes") if record is not None else None
     if not isinstance(raw, bytes):
         raise UpdateRejected(RejectReason.MALFORMED, f"masked input without its header ({codec.HEADER_RECORD})")
-    header = codec.UpdateHeader()
-    try:
-        header.ParseFromString(raw)
-    except DecodeError as err:
-        raise UpdateRejected(RejectReason.MALFORMED, f"header does not parse: {err}") from None
-    if header.protocol_version != codec.PROTOCOL_VERSION:
-        raise UpdateRejected(RejectReason.PROTOCOL_VERSION,
-                             f"protocol {header.protocol_version}, this side speaks {codec.PROTOCOL_VERSION}")
-    return header
+    return codec.parse_header(raw)
 
 
 def mask_reply(session_id: bytes, index: int, vector: np.ndarray, header: bytes | None = None) -> RecordDict:
