@@ -32,16 +32,19 @@ def test_weighted_mean_matches_oracle() -> None:
         assert result[name].dtype == np.float32
 
 
+def _fedavg(global_adapter, updates) -> dict:  # type: ignore[no-untyped-def]
+    """One FedAvg round over (update, num_examples) pairs, in the order given."""
+    strategy = FedAvg()
+    strategy.begin_round(1, global_adapter)
+    for update, n in updates:
+        strategy.accumulate(update, n)
+    return strategy.finish_round()
+
+
 def test_arrival_order_does_not_change_a_bit() -> None:
     rng = np.random.default_rng(1)
     updates = [(random_adapter(rng), int(rng.integers(1, 100))) for _ in range(5)]
-    results = []
-    for order in itertools.islice(itertools.permutations(updates), 0, 120, 7):
-        strategy = FedAvg()
-        strategy.begin_round(1, updates[0][0])
-        for update, n in order:
-            strategy.accumulate(update, n)
-        results.append(strategy.finish_round())
+    results = [_fedavg(updates[0][0], order) for order in itertools.islice(itertools.permutations(updates), 0, 120, 7)]
     for other in results[1:]:
         for name in SHAPES:
             assert np.array_equal(results[0][name], other[name])
@@ -117,13 +120,7 @@ def test_arrival_order_does_not_change_a_bit_on_large_tensors() -> None:
     shapes = {"w.lora_A.weight": (2, BIG + 77)}
     updates = [({k: (rng.normal(size=s) * 0.05).astype(np.float32) for k, s in shapes.items()},
                 int(rng.integers(1, 5000))) for _ in range(6)]
-    results = []
-    for order in (updates, updates[::-1], updates[3:] + updates[:3]):
-        strategy = FedAvg()
-        strategy.begin_round(1, updates[0][0])
-        for update, n in order:
-            strategy.accumulate(update, n)
-        results.append(strategy.finish_round())
+    results = [_fedavg(updates[0][0], order) for order in (updates, updates[::-1], updates[3:] + updates[:3])]
     for other in results[1:]:
         assert all(np.array_equal(results[0][k], other[k]) for k in shapes)
 

@@ -34,8 +34,8 @@ def _updates(n: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
     return rng.normal(0, CLIP / 4, (n, length)).clip(-CLIP, CLIP).astype(np.float32), rng.integers(1, MAX_WEIGHT, n)
 
 
-def _run(session, updates, weights, drop_before_masked=(), drop_before_unmask=(), corrections=True):
-    """One whole session in process; returns (result, clients, coordinator)."""
+def _masked(session, updates, weights, drop_before_masked=(), corrections=True):
+    """A session in process up to the masked inputs; returns (clients, coordinator)."""
     clients = {i: MaskingClient(session, i) for i in session.participants}
     coordinator = SecAggCoordinator(session, survivor_corrections=corrections)
     for i, client in clients.items():
@@ -47,6 +47,12 @@ def _run(session, updates, weights, drop_before_masked=(), drop_before_unmask=()
         masked = clients[i].mask(sealed, updates[i - 1], int(weights[i - 1]))  # every one masks ...
         if i not in drop_before_masked:                                         # ... some never arrive
             coordinator.add_masked(i, masked)
+    return clients, coordinator
+
+
+def _run(session, updates, weights, drop_before_masked=(), drop_before_unmask=(), corrections=True):
+    """One whole session in process; returns (result, clients, coordinator)."""
+    clients, coordinator = _masked(session, updates, weights, drop_before_masked, corrections)
     survivors, dropped = coordinator.unmask_request()
     for i in survivors:
         if i not in drop_before_unmask:
@@ -354,17 +360,7 @@ def test_a_correction_is_uniform_and_only_taken_when_asked():
     n = 6
     session = _session(n, 20_000, threshold=4)
     updates, weights = _updates(n, session.length)
-    clients = {i: MaskingClient(session, i) for i in session.participants}
-    coordinator = SecAggCoordinator(session)
-    for i, c in clients.items():
-        coordinator.add_keys(i, c.advertise())
-    roster = coordinator.roster()
-    for i in roster:
-        coordinator.add_shares(i, clients[i].share_keys(roster))
-    for i, sealed in coordinator.routing().items():
-        masked = clients[i].mask(sealed, updates[i - 1], int(weights[i - 1]))
-        if i != 6:
-            coordinator.add_masked(i, masked)
+    clients, coordinator = _masked(session, updates, weights, drop_before_masked={6})
     survivors, dropped = coordinator.unmask_request()
     assert dropped == [6] and coordinator.asks_corrections
     answer = clients[1].unmask(survivors, dropped, correction=True)
