@@ -15,13 +15,11 @@ steps and evaluation examples than `make demo`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
-from simulations.runner import run_scenario
+from simulations.experiments.arms import run_once
 from simulations.scenario import Scenario
 
 ARMS: dict[str, dict[str, Any]] = {
@@ -62,21 +60,17 @@ def run_arm(name: str, orgs: int, out: Path, report_only: bool = False) -> dict[
     settings = {**BASE, **ARMS[name], "min-nodes": orgs, "job-id": f"compare-{slug}-{orgs}",
                 "run-dir": str(run_dir)}
     scenario = Scenario(name=f"compare-{orgs}", num_organizations=orgs, run_config=settings)
-    report_path = run_dir / "report.json"
-    if not report_path.exists() and report_only:
+    done = run_once(scenario, report_only=report_only)
+    if done is None:
         return None
-    if not report_path.exists():  # finished arms are kept: the experiment resumes where it stopped
-        started = time.perf_counter()
-        run_scenario(scenario, scenario.job_config())
-        (run_dir / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.0f}\n")
-    report = json.loads(report_path.read_text())
+    report, wall = done
     return {
         "arm": name,
         "orgs": orgs,
         "accuracy": [h["eval_overall"].get("accuracy", math.nan) for h in report["history"]],
         "min_org_gain": min(o["specialist"]["accuracy"] - o["base"]["accuracy"]
                             for o in report["organizations"].values()),
-        "wall_s": float((run_dir / "wall_seconds.txt").read_text()),
+        "wall_s": wall,
     }
 
 

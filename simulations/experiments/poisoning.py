@@ -22,12 +22,11 @@ import argparse
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 from clients.attacks import attackers
-from simulations.runner import run_scenario
+from simulations.experiments.arms import run_once
 from simulations.scenario import Scenario
 
 ORGS = 5
@@ -73,12 +72,9 @@ def run_arm(attack: str, strategy: str, base: dict[str, Any], out: Path) -> dict
     settings = {**base, **STRATEGIES[strategy], "sim-attack": ATTACKS[attack][1],
                 "job-id": f"poisoning-{name}", "run-dir": str(run_dir)}
     scenario = Scenario(name=f"poisoning-{name}", num_organizations=ORGS, run_config=settings)
-    report_path = run_dir / "report.json"
-    if not report_path.exists():
-        started = time.perf_counter()
-        run_scenario(scenario, scenario.job_config())
-        (run_dir / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.0f}\n")
-    report = json.loads(report_path.read_text())
+    done = run_once(scenario)
+    assert done is not None
+    report, wall = done
     history = report["history"]
     return {
         "attack": ATTACKS[attack][0],
@@ -86,7 +82,7 @@ def run_arm(attack: str, strategy: str, base: dict[str, Any], out: Path) -> dict
         "accuracy": [h["eval_overall"].get("accuracy", math.nan) for h in history],
         "loss": [h["eval_overall"].get("loss", math.nan) for h in history],
         "examples": history[-1]["eval_overall"].get("num_examples", 0),
-        "wall_s": float((run_dir / "wall_seconds.txt").read_text()),
+        "wall_s": wall,
     }
 
 
