@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.silotune-installed
 
-.PHONY: install demo demo-qa test test-slow faults protos clean
+.PHONY: install demo demo-qa test test-slow faults protos run-config clean
 
 # torch first: a bare `torch` requirement with no torch installed pulls the
 # CUDA build (several GB). GPU users: install the CUDA build of torch 2.13.0
@@ -53,3 +53,7 @@ protos: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Regenerate pyproject.toml's [tool.flwr.app.config] from protos/job_settings.py (a test fails when stale).
+run-config: install
+	$(PY) -c "import re, pathlib; from protos.job_settings import render_run_config as r; p = pathlib.Path('pyproject.toml'); t = p.read_text(); s = t.index('[tool.flwr.app.config]'); e = t.index('\n[', s + 1); p.write_text(t[:s] + r() + t[e:])"

@@ -553,7 +553,8 @@ def main() -> None:
         notes.append(f"- WARNING: code under test changed during the run ({code0} → {code1}): "
                      "rows may mix versions; run again.")
     else:
-        notes.append(f"- code under test (sha256 of protos/codec.py, strategies/fedavg.py, strategies/kernels.py): {code0}")
+        notes.append(f"- code under test (sha256 of protos/codec.py, protos/encodings/*.py, strategies/fedavg.py, "
+                     f"strategies/kernels.py): {code0}")
     report = "\n".join([text, "", "Targets:", *targets, "",
                         "Per reply, ours (medians of the repeats; check_values: median over up to 32 replies "
                         "of each case, run after the timed part, reference = the global adapter):", "",
@@ -569,7 +570,9 @@ def _code_digest() -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for name in ("protos/codec.py", "strategies/fedavg.py", "strategies/kernels.py"):
+    # decode dispatches to the encoding modules (fp32's is the one timed here): they are code under test too
+    encodings = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "protos" / "encodings").glob("*.py"))
+    for name in ("protos/codec.py", *encodings, "strategies/fedavg.py", "strategies/kernels.py"):
         path = ROOT / name
         digest.update(path.read_bytes() if path.exists() else b"-")
     return digest.hexdigest()[:12]

@@ -130,7 +130,7 @@ def case_plain(n: int, shapes) -> dict:
 def case_ours(n: int, shapes, dropped: int) -> dict:
     from protos.secagg import MaskingClient, RingSpec, Session, wire
     from protos.secagg.layout import flatten, layout_of
-    from server.secagg import SecAggCoordinator
+    from server.secure_aggregation import SecAggCoordinator
 
     lay = layout_of(shapes)
     p = sum(math.prod(s) for s in shapes.values())
@@ -377,8 +377,9 @@ def section(rows: list[dict], command: str, load_start: tuple, load_end: tuple, 
         *targets(rows),
         "",
         "- ours: protos/secagg (X25519 + HKDF-SHA256 pairwise masks, AES-128-CTR PRG, 32-bit ring sized for N, "
-        "Shamir over GF(2^521−1) of the mask key and self-mask seed, threshold t = ⌊N/2⌋+1) + server/secagg.py; "
-        "every organization really masks, the coordinator really unmasks; clip 0.05, max weight 1000.",
+        "Shamir over GF(2^521−1) of the mask key and self-mask seed, threshold t = ⌊N/2⌋+1) + "
+        "server/secure_aggregation/coordinator.py; every organization really masks, the coordinator really unmasks; "
+        "clip 0.05, max weight 1000.",
         "- Flower: SecAggPlusWorkflow(num_shares=N, reconstruction_threshold=t, clipping_range=0.05, "
         "max_weight=max nᵢ) run unchanged against an in-process Grid feeding its own secaggplus_mod "
         "(benchmarks/secagg_flower.py); its coordinator time includes its legacy FedAvg.aggregate_fit over N copies "

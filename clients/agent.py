@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clients.local_data import ORG_NAME_KEY, RANK_KEY, SILO_PATH_KEY
 from clients.local_ray import keep_ray_on_loopback
-from clients.resident_trainer import NAMESPACE, RAY_ADDRESS_KEY, TRAINER_ACTOR_KEY, actor_name, start_resident_trainer
+from clients.node_config import NAMESPACE, ORG_NAME_KEY, RANK_KEY, RAY_ADDRESS_KEY, SILO_PATH_KEY, TRAINER_ACTOR_KEY
+from clients.resident_trainer import actor_name, start_resident_trainer
 from clients.silo import Silo, load_silo
 from clients.supernode import SuperNodeProcess
 from clients.train_workers import TrainWorkersError, check_capacity, plan_devices

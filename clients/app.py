@@ -7,7 +7,7 @@ when the agent started one (its node config names it), else in this process
 live in this node's Flower ``context.state`` between rounds.
 
 Under secure aggregation a TRAIN message is one of four exchanges
-(clients/secure_round.py); its train stage runs the same round work.
+(clients/secure_aggregation.py); its train stage runs the same round work.
 
 A refused instruction (another base model, another adapter config) raises
 UpdateRejected: Flower turns it into an error reply that the coordinator logs
@@ -19,8 +19,9 @@ from __future__ import annotations
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import round_work, secure_round
-from clients.resident_trainer import TRAINER_ACTOR_KEY, run_on_resident_trainer
+from clients import round_work, secure_aggregation
+from clients.node_config import TRAINER_ACTOR_KEY
+from clients.resident_trainer import run_on_resident_trainer
 
 app = ClientApp()
 
@@ -40,8 +41,8 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    if secure_round.is_secure(msg.content):  # one of secure aggregation's four exchanges
-        reply = secure_round.handle(msg.content, context.state, lambda content: _run("train", content, context))
+    if secure_aggregation.is_secure(msg.content):  # one of secure aggregation's four exchanges
+        reply = secure_aggregation.handle(msg.content, context.state, lambda content: _run("train", content, context))
         return Message(content=reply, reply_to=msg)
     return _handle("train", msg, context)
 

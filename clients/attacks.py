@@ -3,10 +3,11 @@
 This exists so that robust aggregation (median, trimmed mean, Krum,
 norm-bounded) can be measured against attackers in simulation
 (simulations/experiments/poisoning.py, tests/faults/). It is switched on by
-the run-config key ``sim-attack = "KIND:FRACTION"`` and acts ONLY on virtual
-organizations of Flower's Simulation Engine (those with a ``partition-id``
-in their node config). A deployed agent has a silo file and no partition id:
-no run config can turn it into an attacker.
+the run-config key ``sim-attack = "KIND:FRACTION"``, which travels only in the
+simulation settings record, and acts ONLY on virtual organizations of
+Flower's Simulation Engine (those with a ``partition-id`` in their node
+config). A deployed agent has a silo file and no partition id: no run config
+can turn it into an attacker.
 
 Kinds, with Δ = (trained adapter − global adapter it started from):
 
@@ -28,6 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from clients.node_config import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
 from protos.adapter import Adapter
 
 log = logging.getLogger("silotune.client")
@@ -71,10 +73,10 @@ def poison(start: Adapter, trained: Adapter, kind: str) -> Adapter:
 def maybe_attack(node_config: Mapping[str, Any], spec: str, seed: int, start: Adapter, trained: Adapter) -> Adapter:
     """``trained``, or its poisoned version if this virtual organization is an attacker."""
     parsed = parse(spec)
-    if parsed is None or "partition-id" not in node_config:
+    if parsed is None or PARTITION_ID_KEY not in node_config:
         return trained
     kind, fraction = parsed
-    pid, total = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    pid, total = int(node_config[PARTITION_ID_KEY]), int(node_config[NUM_PARTITIONS_KEY])
     if pid not in attackers(total, fraction, seed):
         return trained
     log.warning("partition %d is a SIMULATED ATTACKER (%s): sending a poisoned update", pid, kind)

@@ -14,11 +14,10 @@ FedProx term, bf16 autocast, the per-organization seed.
 
 Cost: TorchTrainer starts a fresh worker group for every ``fit()``, so each
 call (each round, from the agent) starts N processes that import torch and
-load the base model again; the caller's resident model is not reused.
-Measured on the shared 2-core CPU with the tiny model, 5 steps of batch 4:
-a round on 2 workers took 15-32 s, of which 0.3-2 s was the training loop;
-the same round in the resident trainer's own process 0.4-0.9 s. The
-``train_wall_seconds`` metric shows this overhead in every reply.
+load the base model again; the caller's resident model is not reused, so
+multi-worker training pays off only when a round's training outweighs that
+start (figures: benchmarks/RESULTS.md). The ``train_wall_seconds`` metric
+shows this overhead in every reply.
 """
 
 from __future__ import annotations

@@ -13,14 +13,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from clients.formatting import EncodedExample, encode_example
+from clients.node_config import NUM_PARTITIONS_KEY, ORG_NAME_KEY, PARTITION_ID_KEY, RANK_KEY, SILO_PATH_KEY
 from clients.silo import Silo, load_silo, split_silo, virtual_silo
-from protos.round_config import RoundConfig
+from protos.round_config import RoundConfig, SimulationSettings
 
 log = logging.getLogger("silotune.client")
-
-SILO_PATH_KEY = "silo-path"
-ORG_NAME_KEY = "org-name"
-RANK_KEY = "lora-rank"
 
 
 @dataclass
@@ -38,12 +35,12 @@ _CACHE: dict[tuple[Any, ...], LocalData] = {}
 def org_name(node_config: Mapping[str, Any]) -> str:
     if ORG_NAME_KEY in node_config:
         return str(node_config[ORG_NAME_KEY])
-    if "partition-id" in node_config:
-        return f"org-{int(node_config['partition-id'])}"
+    if PARTITION_ID_KEY in node_config:
+        return f"org-{int(node_config[PARTITION_ID_KEY])}"
     return "organization"
 
 
-def local_rank(node_config: Mapping[str, Any], cfg: RoundConfig) -> int:
+def local_rank(node_config: Mapping[str, Any], cfg: RoundConfig, sim: SimulationSettings | None) -> int:
     """The LoRA rank this organization trains: its own setting, else the job's.
 
     Deployment: node config ``lora-rank`` (what the organization's GPUs afford).
@@ -51,22 +48,25 @@ def local_rank(node_config: Mapping[str, Any], cfg: RoundConfig) -> int:
     """
     if RANK_KEY in node_config:
         return int(node_config[RANK_KEY])
-    if cfg.sim_ranks and "partition-id" in node_config:
-        ranks = [int(r) for r in cfg.sim_ranks.split(",") if r.strip()]
-        return ranks[int(node_config["partition-id"]) % len(ranks)]
-    return cfg.lora_rank
+    if sim is not None and sim.sim_ranks and PARTITION_ID_KEY in node_config:
+        ranks = [int(r) for r in sim.sim_ranks.split(",") if r.strip()]
+        return ranks[int(node_config[PARTITION_ID_KEY]) % len(ranks)]
+    return cfg.lora_r
 
 
-def load_local_silo(node_config: Mapping[str, Any], cfg: RoundConfig) -> Silo:
+def load_local_silo(node_config: Mapping[str, Any], cfg: RoundConfig, sim: SimulationSettings | None) -> Silo:
     if SILO_PATH_KEY in node_config:
         return load_silo(str(node_config[SILO_PATH_KEY]))
-    if "partition-id" in node_config:
+    if PARTITION_ID_KEY in node_config:
+        if sim is None:
+            raise ValueError("a virtual organization (partition-id) needs the simulation settings, "
+                             "which only a simulation's coordinator sends")
         return virtual_silo(
-            cfg.sim_dataset,
-            int(node_config["partition-id"]),
-            int(node_config["num-partitions"]),
-            skew=cfg.sim_skew,
-            max_records=cfg.sim_max_records or None,
+            sim.sim_dataset,
+            int(node_config[PARTITION_ID_KEY]),
+            int(node_config[NUM_PARTITIONS_KEY]),
+            skew=sim.sim_skew,
+            max_records=sim.sim_max_records or None,
             seed=cfg.seed,
         )
     raise ValueError(
@@ -75,16 +75,17 @@ def load_local_silo(node_config: Mapping[str, Any], cfg: RoundConfig) -> Silo:
     )
 
 
-def local_data(node_config: Mapping[str, Any], cfg: RoundConfig, tokenizer: Any) -> LocalData:
+def local_data(node_config: Mapping[str, Any], cfg: RoundConfig, sim: SimulationSettings | None,
+               tokenizer: Any) -> LocalData:
     """The split, tokenized silo of this organization (cached per process)."""
     key = (
         tuple(sorted((k, str(v)) for k, v in node_config.items())),
         cfg.model, cfg.max_length, cfg.test_fraction, cfg.seed,
-        cfg.sim_dataset, cfg.sim_skew, cfg.sim_max_records,
+        (sim.sim_dataset, sim.sim_skew, sim.sim_max_records) if sim is not None else None,
     )
     if key in _CACHE:
         return _CACHE[key]
-    silo = load_local_silo(node_config, cfg)
+    silo = load_local_silo(node_config, cfg, sim)
     train, test = split_silo(silo, test_fraction=cfg.test_fraction, seed=cfg.seed)
     train_ids = [encode_example(tokenizer, e.prompt, e.answer, cfg.max_length) for e in train.examples]
     test_ids = [encode_example(tokenizer, e.prompt, e.answer, cfg.max_length) for e in test.examples]

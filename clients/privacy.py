@@ -28,9 +28,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from clients.node_config import NOISE_SEED_KEY
 from protos.adapter import Adapter
-
-NOISE_SEED_KEY = "dp-noise-seed"
 
 
 def noise_generator(node_config: Mapping[str, Any], server_round: int, org: str) -> np.random.Generator:

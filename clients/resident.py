@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from protos import base_model
 from protos.adapter import Adapter, LoraSpec
+from runtime import base_model
 
 log = logging.getLogger("silotune.client")
 

@@ -7,11 +7,12 @@ named Ray actor once; it keeps the model on the organization's devices and
 runs every instruction (clients/round_work.py). The ClientApp only connects
 to the agent's Ray and forwards the instruction.
 
-Node config written by `silotune agent start`: ``ray-address`` (the agent's
-Ray GCS address) and ``trainer-actor`` (the actor's name, namespace
-``silotune``); with ``--train-workers N`` > 1 also ``train-workers`` (N) and
-``train-use-gpu``: the actor then trains each round on N Ray Train workers
-(clients/train_workers.py, clients/distributed.py) instead of in itself.
+Node config written by `silotune agent start` (keys in clients/node_config.py):
+``ray-address`` (the agent's Ray GCS address) and ``trainer-actor`` (the
+actor's name, namespace ``silotune``); with ``--train-workers N`` > 1 also
+``train-workers`` (N) and ``train-use-gpu``: the actor then trains each round
+on N Ray Train workers (clients/train_workers.py, clients/distributed.py)
+instead of in itself.
 """
 
 from __future__ import annotations
@@ -20,25 +21,18 @@ from typing import Any
 
 from flwr.app import RecordDict
 
-NAMESPACE = "silotune"
-RAY_ADDRESS_KEY = "ray-address"
-TRAINER_ACTOR_KEY = "trainer-actor"
-TRAIN_WORKERS_KEY = "train-workers"
-TRAIN_USE_GPU_KEY = "train-use-gpu"
+from clients import resident, round_work
+from clients.node_config import NAMESPACE, RAY_ADDRESS_KEY, TRAINER_ACTOR_KEY
 
 
 class ResidentTrainer:
     """Runs instructions in a long-lived process that keeps the model (Ray actor body)."""
 
     def handle(self, kind: str, content: RecordDict, node_config: dict, state: RecordDict) -> tuple[RecordDict, RecordDict]:
-        from clients import round_work
-
         reply = round_work.HANDLERS[kind](content, node_config, state)
         return reply, state
 
     def base_model_loads(self) -> int:
-        from clients import resident
-
         return resident.LOAD_COUNT
 
 

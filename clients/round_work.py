@@ -36,19 +36,19 @@ from clients.resident import ResidentModel, get_resident
 from clients.trainer import TrainSettings, train_adapter
 from protos import codec
 from protos.adapter import Adapter, LoraSpec, layout_for_rank, parse_factors, select_factors, spec_for_rank
-from protos.lora_rank import reduce_adapter
-from protos.round_config import CONFIG_RECORD, RoundConfig
+from strategies.lora_rank import reduce_adapter
+from protos.records import CONFIG_RECORD, METRICS_RECORD, ORG_RECORD, SIMULATION_RECORD
+from protos.round_config import RoundConfig, SimulationSettings
 
 log = logging.getLogger("silotune.client")
 
-METRICS_RECORD = "metrics"
-ORG_RECORD = "organization"
 LOCAL_FACTORS_STATE = "silotune.local-factors"
 
 
 @dataclass
 class Instruction:
     cfg: RoundConfig
+    sim: SimulationSettings | None  # virtual organizations of a simulation only
     spec: LoraSpec            # this organization's own spec (its rank)
     resident: ResidentModel
     adapter: Adapter          # the global, at this organization's rank, with its local factors
@@ -57,7 +57,9 @@ class Instruction:
 
 def _receive(content: RecordDict, node_config: dict, state: RecordDict) -> Instruction:
     cfg = RoundConfig.from_record(content.config_records[CONFIG_RECORD])
-    spec = spec_for_rank(cfg.lora, local_rank(node_config, cfg))
+    sim_record = content.config_records.get(SIMULATION_RECORD)
+    sim = SimulationSettings.from_record(sim_record) if sim_record is not None else None
+    spec = spec_for_rank(cfg.lora, local_rank(node_config, cfg, sim))
     resident = get_resident(cfg.model, spec)
     header, global_adapter = codec.decode(content)
     codec.check_header(
@@ -74,8 +76,8 @@ def _receive(content: RecordDict, node_config: dict, state: RecordDict) -> Instr
     codec.check_values(global_adapter)
     adapter = reduce_adapter(global_adapter, spec.rank, cfg.rank_reduction)
     adapter.update(_local_factors(state))
-    data = local_data(node_config, cfg, resident.tokenizer)
-    return Instruction(cfg, spec, resident, adapter, data)
+    data = local_data(node_config, cfg, sim, resident.tokenizer)
+    return Instruction(cfg, sim, spec, resident, adapter, data)
 
 
 def _local_factors(state: RecordDict) -> Adapter:
@@ -120,7 +122,8 @@ def train(content: RecordDict, node_config: dict, state: RecordDict) -> RecordDi
         metrics = {**metrics, "dp_clip": cfg.dp_clip, "dp_noise": cfg.dp_noise}
     log.info("%s round %d: loss %.4f (%d steps, rank %d)", ins.data.org_name, cfg.server_round,
              metrics["train_loss"], int(metrics["train_steps"]), ins.spec.rank)
-    sent = attacks.maybe_attack(node_config, cfg.sim_attack, cfg.seed, ins.adapter, adapter)  # simulation experiments only
+    attack = ins.sim.sim_attack if ins.sim is not None else ""  # simulation experiments only
+    sent = attacks.maybe_attack(node_config, attack, cfg.seed, ins.adapter, adapter)
     reply = codec.encode(
         select_factors(sent, shared),
         kind=codec.Kind.Value("UPDATE"),

@@ -38,7 +38,7 @@ class SiloSummary:
 def check_silo(path: str | Path, *, model: str = "smollm2-135m", max_length: int = 160,
                test_fraction: float = 0.2, seed: int = 0) -> SiloSummary:
     """Validate and summarize a silo file (raises the named SiloError on a bad file)."""
-    from protos.base_model import load_tokenizer
+    from runtime.base_model import load_tokenizer
 
     silo = load_silo(path)
     train, test = split_silo(silo, test_fraction=test_fraction, seed=seed)

@@ -29,7 +29,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from protos.flower_processes import (
+from runtime.flower_processes import (
     LOCALHOST,
     flower_env,
     flower_executable,

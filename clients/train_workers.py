@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from clients.resident_trainer import TRAIN_USE_GPU_KEY, TRAIN_WORKERS_KEY
+from clients.node_config import TRAIN_USE_GPU_KEY, TRAIN_WORKERS_KEY
 
 
 class TrainWorkersError(ValueError):

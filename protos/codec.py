@@ -6,8 +6,10 @@ Layout inside a Flower ``RecordDict``:
 * ``TENSORS_RECORD`` (ArrayRecord) — one Array per TensorSpec, keyed by name
 
 Flower's ArrayRecord rejects bfloat16 and knows nothing of our quantization,
-so each Array holds the *encoded* values (float32, float16 or int8) and the
-header's TensorSpec says how to decode them. ``decode`` trusts nothing: it
+so each Array holds the *encoded* values and the header's TensorSpec says how
+to decode them. The encodings themselves (fp32, fp16, int8, ...) live one per
+module in protos/encodings/; this module only dispatches on the TensorSpec's
+wire id, so a new encoding does not edit it. ``decode`` trusts nothing: it
 parses the header, matches every spec to exactly one Array of the announced
 dtype and shape, and decodes to float32. ``check_header`` and
 ``check_values`` then compare against what the receiver expects.
@@ -18,34 +20,30 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 from numpy.lib import format as npy_format
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from google.protobuf.message import DecodeError
 
+from protos import encodings
 from protos.adapter import Adapter, LoraSpec
+from protos.encodings import UpdateEncoding, encoding_names  # noqa: F401  (encoding_names: part of this API)
 from protos.errors import RejectReason, UpdateRejected
+from protos.records import HEADER_RECORD, TENSORS_RECORD
 from protos.silotune.v1 import update_pb2 as pb
 
 PROTOCOL_VERSION = 1
-HEADER_RECORD = "silotune.header"
-TENSORS_RECORD = "silotune.tensors"
 
 Encoding = pb.Encoding
 Kind = pb.Kind
 UpdateHeader = pb.UpdateHeader
 
-_WIRE_DTYPE = {pb.FP32: np.dtype("<f4"), pb.FP16: np.dtype("<f2"), pb.INT8: np.dtype("i1")}
-ENCODINGS = {"fp32": pb.FP32, "fp16": pb.FP16, "int8": pb.INT8}
-
 
 def encoding_from_name(name: str) -> int:
-    try:
-        return ENCODINGS[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown encoding {name!r}; valid: {sorted(ENCODINGS)}") from None
+    """The wire id of the encoding called ``name`` (any case); ValueError listing the valid names."""
+    return encodings.get(name).wire_id
 
 
 def adapter_config_proto(spec: LoraSpec) -> pb.AdapterConfig:
@@ -66,20 +64,12 @@ def lora_spec_from_proto(cfg: pb.AdapterConfig) -> LoraSpec:
     )
 
 
-def _encode_tensor(name: str, values: np.ndarray, encoding: int) -> tuple[pb.TensorSpec, np.ndarray]:
+def _encode_tensor(name: str, values: np.ndarray, encoding: type[UpdateEncoding]) -> tuple[pb.TensorSpec, np.ndarray]:
     values = np.asarray(values, dtype=np.float32)
-    spec = pb.TensorSpec(name=name, shape=list(values.shape), dtype="float32", encoding=encoding)
-    if encoding == pb.FP32:
-        wire = np.ascontiguousarray(values, dtype="<f4")
-    elif encoding == pb.FP16:
-        wire = values.astype("<f2")
-    elif encoding == pb.INT8:
-        peak = float(np.max(np.abs(values))) if values.size else 0.0
-        scale = peak / 127.0 if peak > 0 else 1.0
-        wire = np.clip(np.rint(values / scale), -127, 127).astype("i1")
-        spec.scale = scale
-    else:
-        raise ValueError(f"unsupported encoding {encoding}")
+    wire, scale = encoding.encode(values)
+    # scale 0.0 (unused) is proto3's default and is not serialized
+    spec = pb.TensorSpec(name=name, shape=list(values.shape), dtype="float32", encoding=encoding.wire_id,
+                         scale=float(scale))
     return spec, wire
 
 
@@ -95,7 +85,14 @@ def encode(
     metrics: Mapping[str, float] | None = None,
     encoding: int = pb.FP32,
 ) -> RecordDict:
-    """Pack an adapter and its header into a RecordDict ready for a Message."""
+    """Pack an adapter and its header into a RecordDict ready for a Message.
+
+    ``encoding`` is a wire id (``encoding_from_name("int8")``); ValueError if no
+    registered encoding has it.
+    """
+    chosen = encodings.by_wire_id().get(encoding)
+    if chosen is None:
+        raise ValueError(f"unsupported encoding {encoding}; registered: {encoding_names()}")
     header = pb.UpdateHeader(
         protocol_version=PROTOCOL_VERSION,
         kind=kind,
@@ -109,7 +106,7 @@ def encode(
         header.metrics[key] = float(value)
     arrays: dict[str, Array] = {}
     for name in sorted(adapter):
-        spec, wire = _encode_tensor(name, adapter[name], encoding)
+        spec, wire = _encode_tensor(name, adapter[name], chosen)
         header.tensors.append(spec)
         arrays[name] = Array(wire)
     return RecordDict(
@@ -156,48 +153,79 @@ def decode(content: RecordDict) -> tuple[pb.UpdateHeader, Adapter]:
         extra = sorted(set(arrays.keys()) - set(spec_names))[:3]
         missing = sorted(set(spec_names) - set(arrays.keys()))[:3]
         raise _reject(RejectReason.TENSOR_NAMES, f"header/arrays differ: extra {extra}, missing {missing}")
-    present = dict(arrays.items())  # plain dict: ArrayRecord's __getitem__ costs ~1 µs a tensor
+    present = dict(arrays.items())  # plain dict: ArrayRecord's __getitem__ is far slower per tensor
+    table = _decoders()  # once per reply; per tensor, one dict lookup
     adapter: Adapter = {}
     for spec in header.tensors:
-        adapter[spec.name] = _decode_tensor(spec, present[spec.name])
+        adapter[spec.name] = _decode_tensor(spec, present[spec.name], table)
     return header, adapter
 
 
-def _decode_tensor(spec: pb.TensorSpec, array: Array) -> np.ndarray:
-    wire_dtype = _WIRE_DTYPE.get(spec.encoding)
-    if wire_dtype is None:
+class _Decoder(NamedTuple):
+    """What _decode_tensor needs of an encoding, taken out of its class once."""
+
+    encoding: type[UpdateEncoding]
+    wire_dtype: np.dtype
+    decode: Callable[[np.ndarray, pb.TensorSpec], np.ndarray]
+    wire_shape: Callable[[tuple[int, ...]], tuple[int, ...]] | None  # None: the logical shape
+
+
+_decoder_table: tuple[Mapping[int, type[UpdateEncoding]], dict[int, _Decoder]] = ({}, {})
+
+
+def _decoders() -> dict[int, _Decoder]:
+    """encodings.by_wire_id() as _Decoder tuples, rebuilt when that table changes.
+
+    Per tensor this saves the attribute lookups and method binding of going
+    through the class, which show on fp32, whose decode is only a view and checks.
+    """
+    global _decoder_table
+    table = encodings.by_wire_id()
+    built_from, decoders = _decoder_table
+    if table is not built_from:
+        decoders = {}
+        for wire_id, encoding in table.items():
+            packs = getattr(encoding.wire_shape, "__func__", None) is not UpdateEncoding.wire_shape.__func__
+            decoders[wire_id] = _Decoder(encoding, encoding.wire_dtype, encoding.decode,
+                                         encoding.wire_shape if packs else None)
+        _decoder_table = (table, decoders)
+    return decoders
+
+
+def _decode_tensor(spec: pb.TensorSpec, array: Array, table: Mapping[int, _Decoder]) -> np.ndarray:
+    decoder = table.get(spec.encoding)
+    if decoder is None:
         raise _reject(RejectReason.TENSOR_DTYPE, f"{spec.name}: unknown encoding {spec.encoding}")
+    encoding, wire_dtype, decode_values, packed_shape = decoder
     if spec.dtype != "float32":
         raise _reject(RejectReason.TENSOR_DTYPE, f"{spec.name}: logical dtype {spec.dtype!r}")
     shape = tuple(spec.shape)  # repeated int64: Python ints
-    if min(shape, default=0) < 0 or tuple(array.shape) != shape:
+    if min(shape, default=0) < 0:
+        raise _reject(RejectReason.TENSOR_SHAPE, f"{spec.name}: array {tuple(array.shape)} vs spec {shape}")
+    wire_shape = shape if packed_shape is None else packed_shape(shape)
+    if tuple(array.shape) != wire_shape:
         raise _reject(RejectReason.TENSOR_SHAPE, f"{spec.name}: array {tuple(array.shape)} vs spec {shape}")
     try:
         wire = wire_view(array)
     except Exception as err:  # a corrupt Array buffer must not crash the round
         raise _reject(RejectReason.MALFORMED, f"{spec.name}: array does not deserialize: {err}") from None
     if wire.dtype != wire_dtype:
-        raise _reject(RejectReason.TENSOR_DTYPE, f"{spec.name}: array {wire.dtype} vs encoding {wire_dtype}")
-    if tuple(wire.shape) != shape:
+        raise _reject(RejectReason.TENSOR_DTYPE,
+                      f"{spec.name}: array {wire.dtype} vs encoding {encoding.name} ({wire_dtype})")
+    if tuple(wire.shape) != wire_shape:
         raise _reject(RejectReason.TENSOR_SHAPE, f"{spec.name}: data {tuple(wire.shape)} vs spec {shape}")
-    if spec.encoding == pb.INT8:
-        if not np.isfinite(spec.scale) or spec.scale <= 0:
-            raise _reject(RejectReason.NON_FINITE, f"{spec.name}: int8 scale {spec.scale}")
-        return wire.astype(np.float32) * np.float32(spec.scale)
-    # fp32: the read-only view itself; fp16: one conversion
-    return wire if wire.dtype == np.float32 else wire.astype(np.float32)
+    return decode_values(wire, spec)
 
 
 def wire_view(array: Array) -> np.ndarray:
     """The Array's values as a read-only view over its bytes, without a copy.
 
-    Flower's ``Array.numpy()`` copies the payload through ``np.load``; on the
-    coordinator, where every update is decoded once, that copy was the largest
-    single cost (benchmarks/RESULTS.md). The .npy header is parsed here and
-    the data is viewed in place; anything that tries to write to it fails.
-    Parsed headers are cached by their exact bytes (``_npy_header``): every
-    reply of a job carries the same few headers, and numpy's parser (ast-based)
-    cost ~15 µs per tensor.
+    Flower's ``Array.numpy()`` copies the payload through ``np.load``; the
+    coordinator decodes every update once and needs no copy of it. The .npy
+    header is parsed here and the data is viewed in place; anything that tries
+    to write to it fails. Parsed headers are cached by their exact bytes
+    (``_npy_header``): every reply of a job carries the same few headers, and
+    numpy's parser (ast-based) is slow next to a dict lookup.
     """
     data = array.data
     shape, dtype, count, offset = _npy_header(data)

@@ -55,7 +55,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from server.pki import check_name, load_org_public_key, public_key_fingerprint
+from runtime.keys import check_name, load_org_public_key, public_key_fingerprint
 from server.superlink import CONNECTION_NAME, FlwrCliError, run_flwr_json
 
 REGISTRY = "enrollment.json"

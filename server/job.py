@@ -1,6 +1,6 @@
 """One federated job: resume or initialise, run the rounds, export.
 
-Round k (see DESIGN.md, "One round"):
+Round k (docs/design.md, "One round"):
   sample online organizations (deadline) → push the global adapter →
   validate each reply as it arrives, feed the strategy, drop it →
   quorum check → new global → federated evaluation → checkpoint (atomic).
@@ -11,7 +11,6 @@ it *is* the base model, so its metrics are the "base" column of the report.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -21,25 +20,25 @@ from typing import Any, Protocol
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.superlink.grid import InMemoryGrid
 
-from protos import base_model, codec
+from protos import codec
 from protos.adapter import Adapter, adapter_layout, init_adapter, layout_for_rank, select_factors, spec_for_rank
 from protos.errors import RejectReason, UpdateRejected
-from protos.lora_rank import reduce_adapter
-from protos.round_config import CONFIG_RECORD, RoundConfig
+from strategies.lora_rank import reduce_adapter
+from protos.records import CONFIG_RECORD, METRICS_RECORD, ORG_RECORD, SIMULATION_RECORD
+from runtime import base_model
 from server.checkpoint import Checkpoint, CheckpointStore
 from server.exchange import ExchangeResult, LateReplies, QuorumError, exchange, wait_for_nodes
 from server.fault_points import fault_point
 from server.job_config import JobConfig
-from server.secure_round import SecureRound, SecureSettings
+from server.secure_aggregation import SecureRound, SecureSettings
 from server.privacy import PrivacyBudgetExhausted, PrivacyLedger
 from server.validation import UpdateValidator, derived_max_update_bytes
 from strategies import AggregationError, Strategy
 
 log = logging.getLogger("silotune.server")
 
-METRICS_RECORD = "metrics"    # names used by clients/app.py replies
-ORG_RECORD = "organization"
 MAX_ORG_NAME = 128
 
 
@@ -103,6 +102,9 @@ class Job:
             cfg.max_update_bytes or derived_max_update_bytes(select_factors(self.layout, self.shared_factors)))
         # what organizations mask under secure aggregation (JobConfig.validate has checked it works)
         self.secure_input = self.strategy.secure_input() if cfg.secure_aggregation else None
+        # Flower's Simulation Engine (run_simulation, `flwr run` on a simulation federation) drives
+        # the ServerApp through an InMemoryGrid; a deployment through a SuperLink never does
+        self.simulated = isinstance(grid, InMemoryGrid)
 
     # ---- state -------------------------------------------------------------
     def _resume_or_init(self) -> JobState:
@@ -161,10 +163,12 @@ class Job:
             lora=self.cfg.lora,
         )
         content[CONFIG_RECORD] = self._round_config(server_round).to_record()
+        if self.simulated:  # virtual organizations build their silos from these; deployed agents never get them
+            content[SIMULATION_RECORD] = self.cfg.simulation_settings().to_record()
         return [Message(content=content, dst_node_id=node, message_type=message_type,
                         ttl=self.cfg.round_timeout + 60) for node in nodes]
 
-    def _round_config(self, server_round: int) -> RoundConfig:
+    def _round_config(self, server_round: int) -> Any:
         """The job's round config plus what the strategy asks of the organizations."""
         plan = self.strategy.factor_plan
         extra = {key.replace("-", "_"): value for key, value in self.strategy.configure_train(server_round).items()}
@@ -172,8 +176,8 @@ class Job:
             # DP-FedAvg under secure aggregation: the coordinator cannot clip what it cannot see,
             # so each organization clips its delta; no local noise, it goes once on the sum
             extra.update(dp_clip=self.secure_input.clip_norm, dp_noise=0.0)
-        return dataclasses.replace(
-            self.cfg.round_config(server_round),
+        return self.cfg.round_config(
+            server_round,
             train_factors=",".join(plan["train"]),
             share_factors=",".join(plan["share"]),
             rank_reduction=self.strategy.rank_reduction,
@@ -309,7 +313,7 @@ class Job:
 
     def _secure_attempt(self, state: JobState, server_round: int, sampled: list[int]) -> tuple[
             ExchangeResult, list[str], list[dict[str, str]]]:
-        """The train exchange under secure aggregation (server/secure_round.py): four
+        """The train exchange under secure aggregation (server/secure_aggregation/round.py): four
         exchanges, after which the strategy holds the survivors' weighted mean (or, for
         dp-fedavg, the sum of their clipped deltas) and the coordinator has seen no
         single update."""

@@ -1,82 +1,37 @@
-"""The coordinator's job configuration, read from a Flower run config.
+"""The coordinator's job configuration: the job's settings, checked.
 
-Keys are the `[tool.flwr.app.config]` keys of pyproject.toml (dashed), so
-``flwr run . -c 'num-rounds=3'`` and scenario files use the same names. Every
-key is validated here with a message naming it; an unknown key is an error,
-because a misspelt ``num-round`` silently ignored would waste a day of GPUs.
+The settings themselves (keys, defaults, help, who receives each) are
+declared once in protos/job_settings.py; ``JobConfig`` adds the checks that
+need the strategies and encodings, and derives what each organization
+receives. Keys are the `[tool.flwr.app.config]` keys of pyproject.toml
+(dashed), so ``flwr run . -c 'num-rounds=3'`` and scenario files use the same
+names. An unknown key is an error, because a misspelt ``num-round`` silently
+ignored would waste a day of GPUs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from protos import codec
 from protos.adapter import LoraSpec
-from protos.round_config import RoundConfig
-
+from protos.job_settings import JobSettings, SettingsError
+from protos.round_config import round_config, simulation_settings
 
 #: simulated attacks (clients/attacks.py; a test checks both lists agree)
 SIM_ATTACKS = ("sign-flip", "scale10", "flip10")
 
-
-class JobConfigError(ValueError):
-    """A run-config value that cannot be used, with the key named."""
+#: a bad run-config value, with the key named (the settings' own error)
+JobConfigError = SettingsError
 
 
 @dataclass(frozen=True)
-class JobConfig:
-    job_id: str = "silotune-demo"
-    model: str = "tiny-llama"
-    num_rounds: int = 2
-    min_nodes: int = 2               # wait for this many organizations online...
-    node_wait_timeout: float = 120.0  # ...at most this long, then stop with a clear error
-    fraction_train: float = 1.0      # share of online organizations sampled per round
-    fraction_evaluate: float = 1.0   # share evaluated after each round (large fleets: a sample)
-    min_replies: int = 0             # quorum of accepted updates (0: same as min_nodes)
-    round_timeout: float = 600.0     # deadline for replies, per round
-    round_retries: int = 0           # a round below quorum is retried this often (fresh sample), then stops
-    poll_interval: float = 0.2
-    strategy: str = "fedavg"
-    strategy_params: str = ""        # "key=value,key=value", e.g. "mu=0.01" for fedprox
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: str = "q_proj,v_proj"
-    lora_dropout: float = 0.0
-    local_steps: int = 4
-    batch_size: int = 4
-    learning_rate: float = 5e-4
-    max_length: int = 160
-    test_fraction: float = 0.2
-    eval_max_examples: int = 64
-    update_encoding: str = "fp32"
-    norm_bound: float = 0.0          # 0: no bound on the update norm
-    dp_epsilon_max: float = 0.0      # DP strategies: stop before a round that would spend more ε (0: no budget)
-    dp_delta: float = 1e-5           # the δ at which ε is reported and the budget is checked
-    max_update_bytes: int = 0        # a reply above this is refused before decoding (0: 2x the fp32 update + 64 KiB)
-    secure_aggregation: bool = False  # organizations mask their updates; the coordinator learns only the sum
-    secagg_clip: float = 0.05        # secure aggregation: per-coordinate bound on a delta (dp-fedavg: clip_norm)
-    secagg_max_weight: int = 10000   # secure aggregation: example counts above this count as this
-    secagg_threshold: int = 0        # secure aggregation: shares to unmask (0: floor(N/2)+1); N - t may drop
-    seed: int = 0
-    run_dir: str = "runs/silotune"
-    sim_dataset: str = "bbc-news"
-    sim_skew: float = 0.8
-    sim_max_records: int = 120
-    sim_ranks: str = ""              # heterogeneous ranks for virtual organizations, e.g. "4,8,16"
-    sim_attack: str = ""             # EXPERIMENTS ONLY: "sign-flip:0.2" makes 20% of virtual organizations attackers
-
+class JobConfig(JobSettings):
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "JobConfig":
-        known = {f.name: f for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for raw_key, value in run_config.items():
-            key = raw_key.replace("-", "_")
-            if key not in known:
-                valid = ", ".join(sorted(k.replace("_", "-") for k in known))
-                raise JobConfigError(f"unknown run-config key {raw_key!r}; valid keys: {valid}")
-            values[key] = _coerce(raw_key, value, type(known[key].default))
-        config = cls(**values)
+        config = super().from_run_config(run_config)
         config.validate()
         return config
 
@@ -98,7 +53,10 @@ class JobConfig:
         need(self.learning_rate > 0, "learning-rate", "must be > 0")
         need(self.max_length >= 16, "max-length", "must be >= 16 tokens")
         need(0.0 < self.test_fraction < 1.0, "test-fraction", "must be in (0, 1)")
-        need(self.update_encoding in ("fp32", "fp16", "int8"), "update-encoding", "one of fp32, fp16, int8")
+        try:
+            codec.encoding_from_name(self.update_encoding)
+        except ValueError as err:
+            need(False, "update-encoding", str(err))
         need(self.norm_bound >= 0, "norm-bound", "must be >= 0")
         need(self.max_update_bytes >= 0, "max-update-bytes", "must be >= 0 (0: derived from the adapter size)")
         need(self.dp_epsilon_max >= 0, "dp-epsilon-max", "must be >= 0 (0: no budget)")
@@ -111,6 +69,7 @@ class JobConfig:
         strategy = self.build_strategy()
         self._validate_secure_aggregation(strategy, need)
         from strategies.dp_fedavg import PrivateStrategy
+        from strategies.registry import heterogeneous_rank_strategies
 
         need(self.dp_epsilon_max == 0 or isinstance(strategy, PrivateStrategy), "dp-epsilon-max",
              f"a privacy budget needs a differentially private strategy (dp-fedavg), not {self.strategy!r}")
@@ -122,7 +81,8 @@ class JobConfig:
             need(bool(ranks) and all(1 <= r <= self.lora_r for r in ranks), "sim-ranks",
                  f"each rank must be in [1, lora-r={self.lora_r}]")
             need(strategy.supports_heterogeneous_ranks or set(ranks) == {self.lora_r}, "sim-ranks",
-                 f"strategy {self.strategy!r} needs one rank for all; use hetlora or flexlora")
+                 f"strategy {self.strategy!r} needs one rank for all; "
+                 f"use {' or '.join(heterogeneous_rank_strategies())}")
         if self.sim_attack:
             kind, _, fraction = self.sim_attack.partition(":")
             try:
@@ -180,29 +140,14 @@ class JobConfig:
     def checkpoint_dir(self) -> Path:
         return Path(self.run_dir) / "checkpoints"
 
-    def round_config(self, server_round: int) -> RoundConfig:
-        return RoundConfig(
-            job_id=self.job_id,
-            server_round=server_round,
-            model=self.model,
-            lora_rank=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_targets=self.lora_targets,
-            lora_dropout=self.lora_dropout,
-            local_steps=self.local_steps,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            max_length=self.max_length,
-            seed=self.seed,
-            test_fraction=self.test_fraction,
-            eval_max_examples=self.eval_max_examples,
-            update_encoding=self.update_encoding,
-            sim_dataset=self.sim_dataset,
-            sim_skew=self.sim_skew,
-            sim_max_records=self.sim_max_records,
-            sim_ranks=self.sim_ranks,
-            sim_attack=self.sim_attack,
-        )
+    def round_config(self, server_round: int, **instructions: Any) -> Any:
+        """What every organization receives for ``server_round`` (protos/round_config.py);
+        ``instructions`` are the strategy's (StrategyInstructions fields)."""
+        return round_config(self, server_round, **instructions)
+
+    def simulation_settings(self) -> Any:
+        """What the virtual organizations of a simulation receive besides; never a deployed agent."""
+        return simulation_settings(self)
 
 
 def _parse_scalar(text: str) -> Any:
@@ -216,17 +161,3 @@ def _parse_scalar(text: str) -> Any:
             pass
     return text
 
-
-def _coerce(key: str, value: Any, target: type) -> Any:
-    try:
-        if target is bool:
-            return bool(value)
-        if target is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError("not a whole number")
-            return int(value)
-        if target is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError) as err:
-        raise JobConfigError(f"{key}={value!r}: expected {target.__name__} ({err})") from None

@@ -10,7 +10,7 @@ Runs are submitted the way users do it: a connection named
 `CONNECTION_NAME` is written into `$FLWR_HOME/config.toml` and `flwr run`,
 `flwr ls`, `flwr log`, `flwr stop`, `flwr supernode list` are called with
 `--format json` where they have it. Every process started here is stopped by
-PID together with its descendants (protos.flower_processes.stop_process_tree).
+PID together with its descendants (runtime.flower_processes.stop_process_tree).
 
 Security (see server/pki.py and server/enrollment.py): with `tls=` the
 SuperLink serves HTTPS (`--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile`; the
@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from protos.flower_processes import (
+from runtime.flower_processes import (
     LOCALHOST,
     ManagedProcess,
     flower_env,

@@ -25,7 +25,7 @@ update. A retried round (``round-retries``) starts its attempt afresh, as the
 strategy does: an organization retrained from the same global may send the
 very same update again, legitimately.
 
-Under secure aggregation (server/secure_round.py) each of the four exchanges
+Under secure aggregation (server/secure_aggregation/round.py) each of the four exchanges
 admits its replies with its own validator (sender, once per stage, a size the
 session fixes), and a masked input's header is checked by
 ``check_secure_header``. Its values are masked, uniform in the ring: content

@@ -1,21 +1,17 @@
-"""What a person sees: progress lines per reply, a table per round, the final table."""
+"""What a person sees during a simulation: progress lines per reply, a table per round.
+
+The final table (base model vs specialist) is server/cli/report_table.py,
+which `silotune coordinator` prints too.
+"""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
-# Not a terminal (CI, `make demo | tee`): rich would wrap tables at 80 columns.
-console = Console(highlight=False, width=None if Console().is_terminal else 120)
-
-
-def _fmt(value: float | None, kind: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value:.3f}" if kind == "accuracy" else f"{value:.2f}"
+from runtime.console import console
+from server.cli.report_table import format_metric
 
 
 class RichObserver:
@@ -39,30 +35,6 @@ class RichObserver:
         rows = list(summary.get("eval", {}).items()) + [("overall", summary.get("eval_overall", {}))]
         for org, metrics in rows:
             table.add_row(org, f"{int(metrics.get('num_examples', 0))}",
-                          _fmt(metrics.get("accuracy"), "accuracy"), _fmt(metrics.get("perplexity"), "ppl"))
+                          format_metric(metrics.get("accuracy"), "accuracy"),
+                          format_metric(metrics.get("perplexity"), "ppl"))
         console.print(table)
-
-
-def report_table(report: dict[str, Any]) -> Table:
-    """Base model vs federated specialist, per organization and overall."""
-    has_accuracy = any("accuracy" in m["base"] for m in report["organizations"].values())
-    table = Table(title=f"{report['job_id']}: base model vs federated specialist "
-                        f"({report['rounds']} rounds, {report['strategy']}) — held-out split of each organization")
-    table.add_column("organization")
-    table.add_column("test examples", justify="right")
-    if has_accuracy:
-        for column in ("base acc", "specialist acc", "Δ acc"):
-            table.add_column(column, justify="right")
-    for column in ("base ppl", "specialist ppl"):
-        table.add_column(column, justify="right")
-    rows = list(report["organizations"].items()) + [("overall", report["overall"])]
-    for org, pair in rows:
-        base, spec = pair["base"], pair["specialist"]
-        cells = [org, f"{int(spec.get('num_examples', 0))}"]
-        if has_accuracy:
-            delta = spec.get("accuracy", math.nan) - base.get("accuracy", math.nan)
-            cells += [_fmt(base.get("accuracy"), "accuracy"), _fmt(spec.get("accuracy"), "accuracy"),
-                      f"{delta:+.3f}"]
-        cells += [_fmt(base.get("perplexity"), "ppl"), _fmt(spec.get("perplexity"), "ppl")]
-        table.add_row(*cells)
-    return table

@@ -15,7 +15,7 @@ from typing import Any
 
 from clients.app import app as client_app
 from clients.local_ray import keep_ray_on_loopback
-from protos import base_model
+from runtime import base_model
 from server.app import make_server_app
 from server.job import RoundObserver
 from server.job_config import JobConfig

@@ -16,6 +16,12 @@ each clipped by its organization (``secure_input`` says so; the sum arrives
 through ``accumulate_secure_sum``). The others (robust, exact-product,
 heterogeneous-rank strategies) need each update and refuse secure aggregation.
 
+A concrete strategy registers itself in its own module with
+``@register_strategy("its-name")`` (strategies/registry.py), which sets
+``name``; the coordinator learns everything else about it (``linear``,
+``needs_every_update``, ``rank_reduction``, ``family``) from these class
+attributes, never from a list of names.
+
 ``state_dict`` / ``load_state_dict`` hold whatever must survive a coordinator
 restart between rounds (server-optimizer moments, momentum); it is written
 into every checkpoint.
@@ -30,7 +36,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from protos.adapter import Adapter
-from protos.lora_rank import reduce_adapter
+from protos.registry import Registry
+from strategies.lora_rank import reduce_adapter
+
+#: the families strategies are listed by (error messages, ``STRATEGIES.names()``), in that order
+FAMILIES = ("classic", "robust", "lora", "private")
 
 
 class AggregationError(RuntimeError):
@@ -55,8 +65,10 @@ class SecureInput:
 
 
 class Strategy(ABC):
-    #: the name used in run configs and scenario files
+    #: the name used in run configs and scenario files; set by ``@register_strategy``
     name: ClassVar[str]
+    #: one of FAMILIES (another value is listed after them)
+    family: ClassVar[str] = "other"
     #: True when finish_round needs every update at once (memory grows with N)
     needs_every_update: ClassVar[bool] = False
     #: cap on updates per round for such strategies (None: unbounded)
@@ -72,7 +84,7 @@ class Strategy(ABC):
     #: example-weighted mean and total weight (then secure aggregation works)
     linear: ClassVar[bool] = False
     #: how an organization maps the rank-R global to its own rank
-    #: ("none": every organization must train rank R; see protos/lora_rank.py)
+    #: ("none": every organization must train rank R; see strategies/lora_rank.py)
     rank_reduction: ClassVar[str] = "none"
 
     def configure_train(self, server_round: int) -> dict[str, Any]:
@@ -109,10 +121,14 @@ class Strategy(ABC):
         return SecureInput()
 
     def _needs_each_update(self) -> AggregationError:
+        linear = [name for name, cls in STRATEGIES.items() if cls.linear]
+        # non-linear strategies with their own secure input (dp-fedavg: a sum of clipped deltas)
+        own_input = [name for name, cls in STRATEGIES.items()
+                     if not cls.linear and cls.secure_input is not Strategy.secure_input]
         return AggregationError(
             f"strategy {self.name!r} needs every individual update, which secure aggregation hides; "
-            "use a linear strategy (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, ffa-lora, "
-            "fedsa-lora), dp-fedavg, or turn secure-aggregation off"
+            f"use a linear strategy ({', '.join(linear)}), {', '.join(own_input + [''])}"
+            "or turn secure-aggregation off"
         )
 
     def accumulate_secure(self, mean: Adapter, weight_sum: int, count: int) -> None:
@@ -139,3 +155,14 @@ class Strategy(ABC):
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         if state:
             raise ValueError(f"strategy {self.name!r} keeps no state, got keys {sorted(state)[:3]}")
+
+
+def _family_order(name: str, cls: type[Strategy]) -> tuple[int, str, str]:
+    family = getattr(cls, "family", "")
+    rank = FAMILIES.index(family) if family in FAMILIES else len(FAMILIES)
+    return rank, family, name
+
+
+#: every strategy, by name; a strategy joins it in its own module with
+#: ``@register_strategy("name")`` (strategies/registry.py reads it)
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy", "strategies", order=_family_order, name_attr="name")

@@ -62,6 +62,7 @@ import numpy as np
 from protos.adapter import Adapter
 from strategies.base import AggregationError, SecureInput, Strategy
 from strategies.checks import check_choice, check_float, check_int, check_same_layout
+from strategies.registry import register_strategy
 
 PLACEMENTS = ("server", "local")
 _RNG_KEY = "noise_rng_state"
@@ -89,6 +90,7 @@ class PrivateStrategy(Protocol):
     def plan_round(self, sampled: int, online: int) -> PrivacyStep: ...
 
 
+@register_strategy("dp-fedavg")
 class DpFedAvg(Strategy):
     """DP-FedAvg: clip each organization's delta to C, sum, divide by the expected
     number of organizations, add Gaussian noise of standard deviation z·C once.
@@ -106,7 +108,7 @@ class DpFedAvg(Strategy):
             experiments only: whoever knows the seed can remove the noise).
     """
 
-    name = "dp-fedavg"
+    family = "private"
 
     def __init__(self, clip_norm: float = 1.0, noise_multiplier: float = 1.0,
                  noise_placement: str = "server", noise_seed: int = -1) -> None:

@@ -8,7 +8,7 @@ al., NeurIPS 2024: stacking) and FedEx-LoRA (Singhal et al., NAACL 2025:
 exact aggregation with a residual), re-factored without forming the
 out × in matrix: [w₁B₁ … w_NB_N] and [A₁; …; A_N] are stacked (N·r wide), a
 thin QR of each and the SVD of the small (N·r × N·r) core give M's top-r
-singular triplets (lora_math.svd_of_sum), split as balanced factors
+singular triplets (lora_rank.svd_of_sum), split as balanced factors
 B' = U_r·√S_r, A' = √S_r·V_rᵀ. All organizations share the rank r and alpha,
 so the LoRA scaling alpha/r is common and B·A is aggregated unscaled.
 
@@ -33,11 +33,14 @@ import numpy as np
 from protos.adapter import Adapter
 from strategies.checks import check_bool
 from strategies.collect import DEFAULT_MAX_UPDATES, CollectingStrategy, stacked
-from strategies.lora_math import adapter_rank, balanced_factors, lora_pairs, svd_of_sum, tail_factors
+from strategies.lora_math import tail_factors
+from strategies.lora_rank import adapter_rank, balanced_factors, lora_pairs, svd_of_sum
+from strategies.registry import register_strategy
 
 _RES = "residual/"
 
 
+@register_strategy("exact-lora")
 class ExactLora(CollectingStrategy):
     """Best rank-r approximation of the example-weighted mean of B·A (keeps every update).
 
@@ -47,7 +50,7 @@ class ExactLora(CollectingStrategy):
         max_updates: most updates accepted in one round, >= 1 (default 256).
     """
 
-    name = "exact-lora"
+    family = "lora"
 
     def __init__(self, residual: bool = False, max_updates: int = DEFAULT_MAX_UPDATES) -> None:
         super().__init__(max_updates=max_updates)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from strategies.fedopt import FedOpt
+from strategies.registry import register_strategy
 
 
+@register_strategy("fedadagrad")
 class FedAdagrad(FedOpt):
     """Server-side Adagrad over the organizations' weighted mean update.
 
@@ -20,8 +22,6 @@ class FedAdagrad(FedOpt):
         tau: adaptivity τ > 0 (default 1e-3; Flower's legacy
             ``flwr.server.strategy.FedAdagrad`` used 1e-9).
     """
-
-    name = "fedadagrad"
 
     def __init__(self, eta: float = 1e-1, tau: float = 1e-3) -> None:
         super().__init__(eta=eta, beta_1=0.0, beta_2=0.0, tau=tau)

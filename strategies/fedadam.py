@@ -13,8 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 from strategies.fedopt import FedOpt
+from strategies.registry import register_strategy
 
 
+@register_strategy("fedadam")
 class FedAdam(FedOpt):
     """Server-side Adam over the organizations' weighted mean update.
 
@@ -26,8 +28,6 @@ class FedAdam(FedOpt):
             ``flwr.server.strategy.FedAdam`` used 1e-9, which makes the first
             steps ≈ η·sign(Δ), far too large for LoRA factors).
     """
-
-    name = "fedadam"
 
     def __init__(self, eta: float = 1e-1, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3) -> None:
         super().__init__(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau)

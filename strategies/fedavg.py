@@ -18,8 +18,10 @@ import numpy as np
 from protos.adapter import Adapter
 from strategies.base import AggregationError, Strategy
 from strategies.kernels import add_scaled_all
+from strategies.registry import register_strategy
 
 
+@register_strategy("fedavg")
 class FedAvg(Strategy):
     """Example-weighted average of the organizations' adapters.
 
@@ -27,7 +29,7 @@ class FedAvg(Strategy):
     examples its organization reported.
     """
 
-    name = "fedavg"
+    family = "classic"
     linear = True  # the weighted mean is the result: secure aggregation can feed it
 
     def __init__(self) -> None:
@@ -49,7 +51,7 @@ class FedAvg(Strategy):
             raise ValueError("update tensors differ from the global adapter's")
         # sum += n·update in float64, tensor by tensor, bit-identical to
         # np.add(sum, np.multiply(update, n, dtype=float64), out=sum); no temporary
-        # beyond a 256 KiB scratch per thread (strategies/kernels.py)
+        # beyond a 1 MiB float64 scratch per thread (strategies/kernels.py)
         add_scaled_all(self._sum, update, num_examples)
         self._weight += float(num_examples)
 

@@ -18,10 +18,12 @@ from protos.adapter import Adapter
 from strategies.base import AggregationError, Strategy
 from strategies.checks import check_float, check_same_layout, check_state_layout
 from strategies.fedavg import FedAvg
+from strategies.registry import register_strategy
 
 _V = "momentum/"
 
 
+@register_strategy("fedavgm")
 class FedAvgM(Strategy):
     """Example-weighted mean followed by a server SGD-with-momentum step.
 
@@ -31,16 +33,16 @@ class FedAvgM(Strategy):
             which with η = 1 is plain FedAvg).
     """
 
-    name = "fedavgm"
+    family = "classic"
 
     linear = True  # momentum on mean − global
 
     def __init__(self, server_learning_rate: float = 1.0, server_momentum: float = 0.9) -> None:
         self.server_learning_rate = check_float(
-            "fedavgm", "server_learning_rate", server_learning_rate, low=0.0, low_open=True
+            self.name, "server_learning_rate", server_learning_rate, low=0.0, low_open=True
         )
         self.server_momentum = check_float(
-            "fedavgm", "server_momentum", server_momentum, low=0.0, high=1.0, high_open=True
+            self.name, "server_momentum", server_momentum, low=0.0, high=1.0, high_open=True
         )
         self._mean = FedAvg()
         self._global: Adapter | None = None
@@ -48,7 +50,7 @@ class FedAvgM(Strategy):
 
     def begin_round(self, server_round: int, global_adapter: Adapter) -> None:
         if self._v is not None:
-            check_state_layout(self._v, global_adapter, "fedavgm momentum")
+            check_state_layout(self._v, global_adapter, f"{self.name} momentum")
         self._global = global_adapter
         self._mean.begin_round(server_round, global_adapter)
 
@@ -83,6 +85,6 @@ class FedAvgM(Strategy):
             return
         bad = [k for k in state if not k.startswith(_V)]
         if bad:
-            raise ValueError(f"strategy 'fedavgm': unexpected state keys {sorted(bad)[:3]}")
+            raise ValueError(f"strategy {self.name!r}: unexpected state keys {sorted(bad)[:3]}")
         self._v = {k[len(_V):]: np.array(v, dtype=np.float64) for k, v in state.items()}
 

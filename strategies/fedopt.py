@@ -38,6 +38,7 @@ class FedOpt(Strategy):
         tau: adaptivity / numerical floor τ > 0.
     """
 
+    family = "classic"
     linear = True  # Δ = mean − global: the mean is all it needs
 
     def __init__(self, eta: float, beta_1: float, beta_2: float, tau: float) -> None:

@@ -14,8 +14,10 @@ from typing import Any
 from protos.adapter import Adapter
 from strategies.checks import check_float, check_same_layout
 from strategies.fedavg import FedAvg
+from strategies.registry import register_strategy
 
 
+@register_strategy("fedprox")
 class FedProx(FedAvg):
     """FedAvg aggregation plus the proximal-term weight sent to the organizations.
 
@@ -24,11 +26,9 @@ class FedProx(FedAvg):
             (Flower's default is 0.0; the paper tunes μ in {0.001, 0.01, 0.1, 1}.)
     """
 
-    name = "fedprox"
-
     def __init__(self, mu: float = 0.01) -> None:
         super().__init__()
-        self.mu = check_float("fedprox", "mu", mu, low=0.0)
+        self.mu = check_float(self.name, "mu", mu, low=0.0)
 
     def configure_train(self, server_round: int) -> dict[str, Any]:
         return {"proximal-mu": self.mu}

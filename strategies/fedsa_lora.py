@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from protos.adapter import LORA_A, LORA_B
 from strategies.partial_share import PartialShare
+from strategies.registry import register_strategy
 
 
+@register_strategy("fedsa-lora")
 class FedSaLora(PartialShare):
     """Example-weighted mean of A; B stays local (updates hold only lora_A).
 
     Parameters: none.
     """
 
-    name = "fedsa-lora"
     factor_plan = {"train": (LORA_A, LORA_B), "share": (LORA_A,)}

@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 
 from strategies.fedopt import FedOpt
+from strategies.registry import register_strategy
 
 
+@register_strategy("fedyogi")
 class FedYogi(FedOpt):
     """Server-side Yogi over the organizations' weighted mean update.
 
@@ -22,8 +24,6 @@ class FedYogi(FedOpt):
         beta_2: second-moment decay in [0, 1) (default 0.99).
         tau: adaptivity τ > 0 (default 1e-3).
     """
-
-    name = "fedyogi"
 
     def __init__(self, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3) -> None:
         super().__init__(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau)

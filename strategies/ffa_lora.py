@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from protos.adapter import LORA_B
 from strategies.partial_share import PartialShare
+from strategies.registry import register_strategy
 
 
+@register_strategy("ffa-lora")
 class FfaLora(PartialShare):
     """Example-weighted mean of B; A frozen (updates hold only lora_B).
 
     Parameters: none.
     """
 
-    name = "ffa-lora"
     factor_plan = {"train": (LORA_B,), "share": (LORA_B,)}

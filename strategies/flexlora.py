@@ -4,17 +4,17 @@ under Heterogeneous Tasks and Client Resources", NeurIPS 2024).
 Organizations train different ranks rᵢ <= R. The server averages the full
 updates ΔWᵢ = Bᵢ·Aᵢ, weighted by examples, and re-factors the mean to the
 global rank R by SVD (exactly, from the stacked factors:
-lora_math.svd_of_sum; the out × in matrix is never formed). Each
+lora_rank.svd_of_sum; the out × in matrix is never formed). Each
 organization then starts from the global re-factored down to its own rank,
 the best rank-rᵢ approximation of B·A (``rank_reduction = "svd"``, computed
-by each organization with protos.lora_rank; ``adapter_for_rank`` here).
+by each organization with strategies/lora_rank.py; ``adapter_for_rank`` here).
 
 Scaling: PEFT applies alpha/r. The contract gives an organization at rank rᵢ
 the alpha R/rᵢ times smaller (``protos.adapter.spec_for_rank``), so alpha/r
 is the same at every rank and the products are averaged unscaled: the mean
 of Bᵢ·Aᵢ is the mean of the applied updates up to that common factor. (With
 one alpha for all ranks, each product would have to be weighted by R/rᵢ and
-the downlink by rᵢ/R; ``lora_math.svd_reduce`` takes that ``scale``.)
+the downlink by rᵢ/R; ``lora_rank.svd_reduce`` takes that ``scale``.)
 
 Memory: every update is kept until the round ends (``needs_every_update``,
 capped by ``max_updates``). Tensors that are not LoRA factors are averaged as
@@ -27,9 +27,11 @@ import numpy as np
 
 from protos.adapter import Adapter
 from strategies.collect import DEFAULT_MAX_UPDATES, CollectingStrategy, stacked
-from strategies.lora_math import adapter_rank, balanced_factors, lora_pairs, svd_of_sum
+from strategies.lora_rank import adapter_rank, balanced_factors, lora_pairs, svd_of_sum
+from strategies.registry import register_strategy
 
 
+@register_strategy("flexlora")
 class FlexLora(CollectingStrategy):
     """Weighted mean of full LoRA products of mixed ranks, SVD-refactored to the global rank.
 
@@ -37,8 +39,8 @@ class FlexLora(CollectingStrategy):
         max_updates: most updates accepted in one round, >= 1 (default 256).
     """
 
-    name = "flexlora"
-    #: organizations reduce the rank-R global by SVD (protos.lora_rank)
+    family = "lora"
+    #: organizations reduce the rank-R global by SVD (strategies/lora_rank.py)
     rank_reduction = "svd"
 
     def __init__(self, max_updates: int = DEFAULT_MAX_UPDATES) -> None:

@@ -22,9 +22,12 @@ from protos.adapter import Adapter
 from strategies.base import AggregationError, Strategy
 from strategies.checks import check_same_layout
 from strategies.fedavg import FedAvg
-from strategies.lora_math import adapter_rank, pad_adapter
+from strategies.lora_math import pad_adapter
+from strategies.lora_rank import adapter_rank
+from strategies.registry import register_strategy
 
 
+@register_strategy("hetlora")
 class HetLora(Strategy):
     """Weighted mean of zero-padded factors from organizations of different ranks.
 
@@ -32,8 +35,8 @@ class HetLora(Strategy):
     ``begin_round``; an update of rank rᵢ <= R is padded, a larger one refused.
     """
 
-    name = "hetlora"
-    #: organizations reduce the rank-R global by truncation (protos.lora_rank)
+    family = "lora"
+    #: organizations reduce the rank-R global by truncation (strategies/lora_rank.py)
     rank_reduction = "truncate"
 
     def __init__(self) -> None:

@@ -13,17 +13,12 @@ update-sized float64 temporary of ``np.multiply(..., dtype=float64)`` is gone.
 Three NumPy calls per slice, each releasing the GIL while it runs. Small tensors
 take the expression itself.
 
-Measured against the slicer this replaced (torch, zero-copy on the NumPy buffers,
-32,768-element slices: ``copy_`` into a 256 KiB scratch then ``add_(alpha=n)``,
-each torch call a GIL release and re-acquire): same bits; per 13.6M update,
-2 threads, interleaved in one process on this shared 2-core machine (load ~7),
-median of 41 rounds: 10.1 → 6.7 ms wall, 14.8 → 9.9 ms CPU. The work is bound
-by memory traffic (≥ 20 bytes per parameter: read the float32 value, read and
-write the float64 sum); what the larger slices cut is per-call overhead and
-GIL hand-offs between the threads. Torch's OpenMP pool is not an option: measured on this
-shared 2-core machine it was fastest when idle but 17-35× slower than plain
-NumPy whenever other processes held the cores, and a coordinator in simulation
-shares its cores with training clients.
+NumPy rather than torch: the work is bound by memory traffic (≥ 20 bytes per
+parameter: read the float32 value, read and write the float64 sum), so what
+counts is per-call overhead and GIL hand-offs between threads, which the large
+slices keep low; torch's OpenMP pool slows down badly whenever other processes
+hold the cores, and a coordinator in simulation shares its cores with training
+clients.
 
 ``add_scaled_all`` deals the large tensors of a large update to a few plain
 Python threads (NumPy releases the GIL while it computes); a thread that is
@@ -47,8 +42,8 @@ import numpy as np
 CHUNK = 1 << 17
 #: tensors smaller than this take the NumPy expression (slicing gains nothing there)
 LARGE_MIN = 1 << 16
-#: integer weights below this (kept from the torch slicer, whose fused add needed an
-#: exact product; the slices here round exactly as the expression for any weight)
+#: the sliced path takes integer weights below this (a conservative bound: the slices
+#: round exactly as the expression does for any weight)
 EXACT_WEIGHT = 1 << 29
 #: add_scaled_all uses threads when an update has at least this many elements in large tensors
 PARALLEL_MIN = 1 << 21

@@ -22,6 +22,7 @@ from protos.adapter import Adapter
 from strategies.base import AggregationError
 from strategies.checks import check_int
 from strategies.collect import DEFAULT_MAX_UPDATES, CollectingStrategy, stacked
+from strategies.registry import register_strategy
 
 
 def krum_scores(sq_distances: np.ndarray, num_malicious: int) -> np.ndarray:
@@ -35,6 +36,7 @@ def krum_scores(sq_distances: np.ndarray, num_malicious: int) -> np.ndarray:
     return scores
 
 
+@register_strategy("krum")
 class Krum(CollectingStrategy):
     """(Multi-)Krum selection followed by the weighted mean of the selected (keeps every update).
 
@@ -46,7 +48,7 @@ class Krum(CollectingStrategy):
         max_updates: most updates accepted in one round, >= 1 (default 256).
     """
 
-    name = "krum"
+    family = "robust"
 
     def __init__(self, num_malicious: int = 0, num_to_select: int = 1, max_updates: int = DEFAULT_MAX_UPDATES) -> None:
         super().__init__(max_updates=max_updates)

@@ -1,42 +1,19 @@
-"""Pure LoRA algebra on adapters: pairing factors, changing rank, exact refactoring.
+"""The coordinator's side of the LoRA algebra: padding up to a rank, residual tails.
 
 An adapter holds, per adapted module ``X``, ``X.lora_A.weight`` (r × in) and
 ``X.lora_B.weight`` (out × r); the update PEFT applies is (alpha/r)·B@A.
-Everything here works on the factors and never forms an out × in matrix:
-the product of stacked factors is refactored by two thin QRs and the SVD of a
-small core (``svd_of_sum``), so the cost is O((out + in)·K²) for K stacked
-ranks instead of O(out·in·K).
-
-Tensors that are not LoRA factors (none in today's layouts) pass through
-the rank changes unchanged.
-
-Rank reduction, pairing and the exact refactoring live in ``protos.lora_rank``
-(the contract: organizations reduce the global to their own rank with the
-same code); what this module adds is the server's side: padding and residual
-tails.
+Pairing, rank reduction and the exact refactoring of stacked factors live in
+``strategies.lora_rank``, which the organizations run too (they reduce the
+global to their own rank with the same code); this module adds what only the
+coordinator does. Tensors that are not LoRA factors pass through unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
 from protos.adapter import LORA_A, LORA_B, Adapter
-from protos.lora_rank import (  # noqa: F401  (re-exported: the server's algebra builds on the contract's)
-    _check_rank,
-    _zero_tolerance,
-    adapter_rank,
-    balanced_factors,
-    lora_factor,
-    lora_pairs,
-    svd_of_sum,
-    svd_reduce,
-    truncate_adapter,
-)
-
-_A_TAG = f".{LORA_A}."
-_B_TAG = f".{LORA_B}."
+from strategies.lora_rank import _check_rank, _zero_tolerance, adapter_rank, lora_factor
 
 
 def pad_adapter(adapter: Adapter, rank: int) -> Adapter:

@@ -13,8 +13,10 @@ import numpy as np
 
 from protos.adapter import Adapter
 from strategies.collect import DEFAULT_MAX_UPDATES, CollectingStrategy, stacked
+from strategies.registry import register_strategy
 
 
+@register_strategy("median")
 class Median(CollectingStrategy):
     """Coordinate-wise median of the updates (keeps every update).
 
@@ -22,7 +24,7 @@ class Median(CollectingStrategy):
         max_updates: most updates accepted in one round, >= 1 (default 256).
     """
 
-    name = "median"
+    family = "robust"
 
     def __init__(self, max_updates: int = DEFAULT_MAX_UPDATES) -> None:
         super().__init__(max_updates=max_updates)

@@ -17,8 +17,10 @@ import numpy as np
 from protos.adapter import Adapter
 from strategies.base import AggregationError, Strategy
 from strategies.checks import check_float, check_num_examples, check_same_layout
+from strategies.registry import register_strategy
 
 
+@register_strategy("norm-bounded")
 class NormBounded(Strategy):
     """Example-weighted mean of deltas clipped to an L2 norm bound.
 
@@ -26,7 +28,7 @@ class NormBounded(Strategy):
         clip_norm: the bound on each update's delta L2 norm, > 0 (default 1.0).
     """
 
-    name = "norm-bounded"
+    family = "robust"
 
     def __init__(self, clip_norm: float = 1.0) -> None:
         self.clip_norm = check_float(self.name, "clip_norm", clip_norm, low=0.0, low_open=True)

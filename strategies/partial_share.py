@@ -14,7 +14,7 @@ from protos.adapter import Adapter
 from strategies.base import AggregationError, Strategy
 from strategies.checks import check_same_layout
 from strategies.fedavg import FedAvg
-from strategies.lora_math import lora_factor, lora_pairs
+from strategies.lora_rank import lora_factor, lora_pairs
 
 
 def shared_part(adapter: Adapter, share: tuple[str, ...]) -> Adapter:
@@ -25,6 +25,7 @@ def shared_part(adapter: Adapter, share: tuple[str, ...]) -> Adapter:
 class PartialShare(Strategy):
     """FedAvg over the shared factors; subclasses set ``factor_plan``."""
 
+    family = "lora"
     linear = True  # FedAvg over the shared factors
 
     def __init__(self) -> None:

@@ -1,38 +1,40 @@
-"""Strategies by name, for run configs and scenario files."""
+"""Strategies by name, for run configs and scenario files.
+
+A strategy registers itself where it is defined::
+
+    @register_strategy("fedavg")
+    class FedAvg(Strategy): ...
+
+which also sets ``FedAvg.name``. ``STRATEGIES`` imports every module of this
+package the first time it is asked for a name, so adding a strategy is adding
+one module here (or on ``strategies.__path__``); nothing else lists them.
+Names are listed by family (``Strategy.family``: classic, robust, LoRA-specific,
+private, then any other), alphabetically within a family.
+"""
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Callable
 
-from strategies.base import Strategy
-from strategies.dp_fedavg import DpFedAvg
-from strategies.exact_lora import ExactLora
-from strategies.fedadagrad import FedAdagrad
-from strategies.fedadam import FedAdam
-from strategies.fedavg import FedAvg
-from strategies.fedavgm import FedAvgM
-from strategies.fedprox import FedProx
-from strategies.fedsa_lora import FedSaLora
-from strategies.fedyogi import FedYogi
-from strategies.ffa_lora import FfaLora
-from strategies.flexlora import FlexLora
-from strategies.hetlora import HetLora
-from strategies.krum import Krum
-from strategies.median import Median
-from strategies.norm_bounded import NormBounded
-from strategies.trimmed_mean import TrimmedMean
+from strategies.base import STRATEGIES, Strategy
 
-# listed by family (classic, robust, LoRA-specific, private), the order error messages show
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls
-    for cls in (
-        FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad,
-        Median, TrimmedMean, Krum, NormBounded,
-        ExactLora, HetLora, FlexLora, FfaLora, FedSaLora,
-        DpFedAvg,
-    )
-}
+register_strategy = STRATEGIES.register
+
+
+def strategy_names(where: Callable[[type[Strategy]], bool] | None = None) -> list[str]:
+    """Registered names, in family order, of the classes for which ``where`` holds."""
+    return [name for name, cls in STRATEGIES.items() if where is None or where(cls)]
+
+
+def linear_strategies() -> list[str]:
+    """Strategies that take the example-weighted mean secure aggregation hands over."""
+    return strategy_names(lambda cls: cls.linear)
+
+
+def heterogeneous_rank_strategies() -> list[str]:
+    """Strategies whose organizations may train a rank below the global's."""
+    return strategy_names(lambda cls: cls.rank_reduction != "none")
 
 
 def build_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
@@ -41,10 +43,7 @@ def build_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
     Bad parameter values raise ValueError naming the parameter and its range.
     """
     params = dict(params or {})
-    try:
-        cls = STRATEGIES[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; valid: {list(STRATEGIES)}") from None
+    cls = STRATEGIES.get(name)
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(params) - set(accepted))
     if unknown:

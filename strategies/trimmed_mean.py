@@ -14,8 +14,10 @@ import numpy as np
 from protos.adapter import Adapter
 from strategies.checks import check_float
 from strategies.collect import DEFAULT_MAX_UPDATES, CollectingStrategy, stacked
+from strategies.registry import register_strategy
 
 
+@register_strategy("trimmed-mean")
 class TrimmedMean(CollectingStrategy):
     """Coordinate-wise β-trimmed mean of the updates (keeps every update).
 
@@ -25,7 +27,7 @@ class TrimmedMean(CollectingStrategy):
         max_updates: most updates accepted in one round, >= 1 (default 256).
     """
 
-    name = "trimmed-mean"
+    family = "robust"
 
     def __init__(self, beta: float = 0.2, max_updates: int = DEFAULT_MAX_UPDATES) -> None:
         super().__init__(max_updates=max_updates)

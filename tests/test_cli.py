@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from protos.adapter import LoraSpec, adapter_layout, init_adapter, read_adapter_folder
-from protos.base_model import model_config
+from runtime.base_model import model_config
 from server.checkpoint import CheckpointStore
 from simulations.cli.main import main
 
@@ -78,7 +78,7 @@ def test_generate_equals_plain_peft_generation(run_dir: Path, tmp_path: Path) ->
     from peft import PeftModel
 
     from clients.formatting import render_prompt
-    from protos.base_model import load_model, load_tokenizer
+    from runtime.base_model import load_model, load_tokenizer
 
     main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "spec")])
     result = silotune("generate", "--adapter", str(tmp_path / "spec"), "--prompt", "Topic?", "--max-new-tokens", "8")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from clients.privacy import noise_generator, privatize
-from protos.round_config import RoundConfig
+from protos.job_settings import JobSettings
+from protos.round_config import RoundConfig, round_config
 
 
 def _adapters(scale: float) -> tuple[dict, dict]:
@@ -47,11 +48,11 @@ def test_noise_is_secret_unless_the_node_sets_a_seed() -> None:
 
 
 def test_round_config_carries_the_settings() -> None:
-    cfg = RoundConfig(job_id="j", server_round=1, model="tiny-llama", lora_rank=4, lora_alpha=8.0,
-                      lora_targets="q_proj", dp_clip=0.5, dp_noise=1.1)
+    settings = JobSettings(job_id="j", model="tiny-llama", lora_r=4, lora_alpha=8.0, lora_targets="q_proj")
+    cfg = round_config(settings, 1, dp_clip=0.5, dp_noise=1.1)
     back = RoundConfig.from_record(cfg.to_record())
     assert (back.dp_clip, back.dp_noise) == (0.5, 1.1)
-    assert RoundConfig(job_id="j", server_round=1, model="m", lora_rank=4, lora_alpha=8.0, lora_targets="q").dp_clip == 0.0
+    assert round_config(settings, 1).dp_clip == 0.0
 
 
 def test_the_train_path_clips_and_noises_what_is_sent() -> None:
@@ -62,9 +63,10 @@ def test_the_train_path_clips_and_noises_what_is_sent() -> None:
     from flwr.app import RecordDict
 
     from clients import round_work
-    from protos import base_model, codec
+    from protos import codec
     from protos.adapter import adapter_layout, init_adapter
-    from protos.round_config import CONFIG_RECORD
+    from protos.records import CONFIG_RECORD, SIMULATION_RECORD
+    from runtime import base_model
     from server.job_config import JobConfig
 
     cfg = JobConfig(model="tiny-llama", job_id="dp", lora_r=4, local_steps=1, batch_size=2,
@@ -78,6 +80,7 @@ def test_the_train_path_clips_and_noises_what_is_sent() -> None:
                                fingerprint=base_model.fingerprint(cfg.model), lora=cfg.lora)
         content[CONFIG_RECORD] = dataclasses.replace(cfg.round_config(1), dp_clip=dp_clip,
                                                      dp_noise=dp_noise).to_record()
+        content[SIMULATION_RECORD] = cfg.simulation_settings().to_record()
         _, update = codec.decode(round_work.train(content, node, RecordDict()))
         return {k: v.astype(np.float64) - start[k] for k, v in update.items()}
 

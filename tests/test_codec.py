@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -13,8 +15,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ConfigRecord
 
-from protos import codec
+from protos import codec, encodings
 from protos.adapter import LoraSpec
+from protos.encodings import ENCODINGS, UpdateEncoding
 from protos.errors import RejectReason, UpdateRejected
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +67,218 @@ def test_compressed_encodings_within_tolerance(encoding: str, tolerance: float) 
         assert relative < tolerance
     wire = content.array_records[codec.TENSORS_RECORD]
     assert wire["m.q_proj.lora_A.weight"].dtype == {"fp16": "float16", "int8": "int8"}[encoding]
+
+
+# ---- encodings: one module each (protos/encodings/), the codec dispatches ------------------
+
+
+def _golden_adapter() -> dict[str, np.ndarray]:
+    """Values with exact float32 arithmetic (no RNG, no libm) and the edge cases of each
+    encoding: fp16 and int8 rounding ties, fp16 subnormals and its largest value, -0.0,
+    an empty tensor and a tensor of zeros (int8 scale 1)."""
+    ramp = (np.arange(64, dtype=np.float32) - np.float32(31.5)) / np.float32(7.0)
+    ties = np.array([0.5, 1.5, -2.5, 1 + 2**-11, 1 + 3 * 2**-11, 2**-25, -0.0, 6e-8, 65504.0, 1e-30, 127.5,
+                     -126.5, 3.0, -3.0, 0.25, 1.0], np.float32)
+    return {"m.q_proj.lora_A.weight": ramp.reshape(4, 16),
+            "m.q_proj.lora_B.weight": np.tile(ties, 4).reshape(16, 4) * np.float32(0.01),
+            "m.v_proj.lora_A.weight": ties.reshape(4, 4), "m.z.empty": np.zeros((0, 3), np.float32),
+            "m.z.zero": np.zeros((2, 2), np.float32)}
+
+
+#: sha256 (first 32 hex digits) of the header bytes, each wire array (dtype, shape, values) and each
+#: decoded tensor, as the codec produced them before the encodings moved to protos/encodings/
+GOLDEN = {"fp32": "d0776b18c4c461773327a7f6979a2460", "fp16": "5544111d15e72c34c724edcef4f107e1",
+          "int8": "13fe240f4b59e3722a018bf47810db80"}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_built_in_encodings_put_the_same_bytes_on_the_wire_as_before(name: str) -> None:
+    """Peers, checkpoints and recorded updates from before stay valid: same bytes, same values."""
+    content = encoded(_golden_adapter(), encoding=codec.encoding_from_name(name))
+    digest = hashlib.sha256(content.config_records[codec.HEADER_RECORD]["bytes"])
+    arrays = content.array_records[codec.TENSORS_RECORD]
+    for key in sorted(arrays.keys()):
+        wire = codec.wire_view(arrays[key])
+        digest.update(key.encode() + wire.dtype.str.encode() + repr(wire.shape).encode() + wire.tobytes())
+    _, decoded = codec.decode(content)
+    for key in sorted(decoded):
+        digest.update(decoded[key].dtype.str.encode() + decoded[key].tobytes())
+    assert digest.hexdigest()[:32] == GOLDEN[name]
+
+
+def test_the_proto_enum_and_the_encoding_modules_correspond_one_to_one() -> None:
+    """update.proto's Encoding enum is the wire truth: every value but ENCODING_UNSPECIFIED has
+    a module of that name registering that wire id, and there is no other built-in encoding."""
+    unspecified = codec.Encoding.Value("ENCODING_UNSPECIFIED")
+    enum = {name.lower(): value for name, value in codec.Encoding.items() if value != unspecified}
+    registered = {name: encoding.wire_id for name, encoding in ENCODINGS.items()}
+    assert registered == enum
+    assert len(set(registered.values())) == len(registered)
+    for name, encoding in ENCODINGS.items():
+        assert encoding.name == name and encoding.__module__ == f"protos.encodings.{name}"
+        assert codec.encoding_from_name(name.upper()) == codec.Encoding.Value(name.upper())
+    assert dict(encodings.by_wire_id()) == {value: ENCODINGS.get(name) for name, value in enum.items()}
+    assert codec.encoding_names() == sorted(enum, key=enum.__getitem__)  # wire-id order: fp32, fp16, int8
+
+
+def _tensors_for_the_bounds() -> list[np.ndarray]:
+    rng = np.random.default_rng(11)
+    out = [rng.normal(size=(33, 7)).astype(np.float32) * np.float32(s) for s in (1e-6, 1e-3, 1.0, 300.0)]
+    out.append(_golden_adapter()["m.v_proj.lora_A.weight"])
+    out.append(np.array([1e-40, -3e-39, 2e-7, 0.0, -0.0, 6e-5], np.float32))  # float32 and fp16 subnormals
+    out.append(np.full((5,), 7.25, np.float32))
+    out.append(np.zeros((3, 3), np.float32))
+    out.append(np.zeros((0, 4), np.float32))
+    return out
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16", "int8"])
+def test_each_encoding_keeps_within_its_documented_error_bound(name: str) -> None:
+    encoding = ENCODINGS.get(name)
+    tensors = _tensors_for_the_bounds()
+    values = {f"t{i}": v for i, v in enumerate(tensors)}
+    content = encoded(values, encoding=encoding.wire_id)
+    _, decoded = codec.decode(content)
+    for key, original in values.items():
+        bound = encoding.max_abs_error(original)
+        assert np.isfinite(bound) and bound >= 0
+        error = float(np.max(np.abs(decoded[key] - original))) if original.size else 0.0
+        assert error <= bound, (key, error, bound)
+    assert all(encoding.max_abs_error(v) == 0.0 for v in tensors) == (name == "fp32")  # fp32 only is exact
+    if name == "fp16":  # beyond 65504 fp16 holds infinity: no finite bound
+        assert encoding.max_abs_error(np.array([7e4], np.float32)) == np.inf
+
+
+def test_fp32_decodes_to_a_read_only_view_over_the_received_bytes() -> None:
+    content = encoded()
+    _, values = codec.decode(content)
+    for name, array in content.array_records[codec.TENSORS_RECORD].items():
+        assert not values[name].flags.writeable
+        assert np.shares_memory(values[name], np.frombuffer(array.data, np.uint8))
+
+
+def test_encoding_names_and_wire_ids() -> None:
+    with pytest.raises(ValueError, match=r"unknown encoding 'int4'; valid: .*'fp16'.*'fp32'.*'int8'"):
+        codec.encoding_from_name("int4")
+    with pytest.raises(ValueError, match="unsupported encoding 42"):
+        encoded(encoding=42)
+    with pytest.raises(ValueError, match="unsupported encoding 0"):  # ENCODING_UNSPECIFIED
+        encoded(encoding=0)
+    for unknown in (0, 42):  # a tensor announced in an encoding no module provides
+        content = encoded()
+        header = codec.UpdateHeader()
+        header.ParseFromString(content.config_records[codec.HEADER_RECORD]["bytes"])
+        header.tensors[1].encoding = unknown
+        content[codec.HEADER_RECORD] = ConfigRecord({"bytes": header.SerializeToString()})
+        assert reason_of(content) is RejectReason.TENSOR_DTYPE
+
+
+@contextlib.contextmanager
+def _registered(name: str, encoding: type[UpdateEncoding]):  # type: ignore[no-untyped-def]
+    ENCODINGS.register(name)(encoding)
+    try:
+        yield encoding
+    finally:
+        ENCODINGS.unregister(name)
+        assert codec.encoding_names() == ["fp32", "fp16", "int8"]
+
+
+def _encoding_class(wire_id: object, wire_dtype: object = np.dtype("<f4")) -> type[UpdateEncoding]:
+    fp32 = ENCODINGS.get("fp32")
+
+    class Probe(UpdateEncoding):
+        encode = fp32.encode
+        decode = fp32.decode
+        max_abs_error = fp32.max_abs_error
+
+    Probe.wire_id = wire_id  # type: ignore[assignment]
+    Probe.wire_dtype = wire_dtype  # type: ignore[assignment]
+    return Probe
+
+
+def test_two_encodings_on_one_wire_id_are_refused_with_both_named() -> None:
+    with _registered("fp32-again", _encoding_class(codec.Encoding.Value("FP32"))):
+        for use in (encodings.by_wire_id, codec.encoding_names, lambda: codec.encoding_from_name("fp16"),
+                    lambda: codec.decode(encoded())):
+            with pytest.raises(ValueError, match=r"'fp32'.*'fp32-again'.*share wire id 1"):
+                use()
+    codec.decode(encoded())  # removed again: all is well
+
+
+@pytest.mark.parametrize("wire_id,wire_dtype,message", [
+    (0, np.dtype("<f4"), "wire id 0 is not in"),      # ENCODING_UNSPECIFIED: what an unset field reads as
+    (2**31, np.dtype("<f4"), "is not in 1..2147483647"),  # TensorSpec.encoding is an int32
+    ("7", np.dtype("<f4"), "wire id '7'"),
+    (77, "<f4", "wire_dtype must be a numpy dtype"),
+])
+def test_an_encoding_with_an_unusable_wire_id_or_dtype_is_refused(  # type: ignore[no-untyped-def]
+        wire_id, wire_dtype, message) -> None:
+    with _registered("probe", _encoding_class(wire_id, wire_dtype)):
+        with pytest.raises(ValueError, match=message):
+            codec.encoding_names()
+
+
+class _Int4Packed(UpdateEncoding):
+    """Two 4-bit values a byte, value = q * scale with q in [-7, 7]: a wire shape other than the tensor's."""
+
+    wire_id = 90
+    wire_dtype = np.dtype("u1")
+
+    @classmethod
+    def wire_shape(cls, shape):  # type: ignore[no-untyped-def]
+        return ((int(np.prod(shape, dtype=np.int64)) + 1) // 2,)
+
+    @classmethod
+    def encode(cls, values):  # type: ignore[no-untyped-def]
+        peak = float(np.max(np.abs(values))) if values.size else 0.0
+        scale = peak / 7.0 if peak > 0 else 1.0
+        q = (np.clip(np.rint(values.reshape(-1) / scale), -7, 7).astype(np.int8) + 8).astype(np.uint8)
+        q = np.append(q, np.uint8(8)) if q.size % 2 else q
+        return q[0::2] | (q[1::2] << 4), scale
+
+    @classmethod
+    def decode(cls, wire, spec):  # type: ignore[no-untyped-def]
+        q = np.stack([wire & 0xF, wire >> 4], axis=1).reshape(-1).astype(np.float32) - 8
+        count = int(np.prod(tuple(spec.shape), dtype=np.int64))
+        return (q[:count] * np.float32(spec.scale)).reshape(tuple(spec.shape))
+
+    @classmethod
+    def max_abs_error(cls, values):  # type: ignore[no-untyped-def]
+        peak = float(np.max(np.abs(values))) if values.size else 0.0
+        return peak / 7.0 * (0.5 + 2.0**-14)
+
+
+def test_an_encoding_may_pack_values_into_another_wire_shape() -> None:
+    """A 4-bit encoding is one class: the codec checks the packed shape it declares."""
+    with _registered("int4-packed", _Int4Packed):
+        values = {"a": np.linspace(-1, 1, 15, dtype=np.float32).reshape(3, 5), "b": np.zeros((0, 2), np.float32)}
+        content = encoded(values, encoding=_Int4Packed.wire_id)
+        arrays = content.array_records[codec.TENSORS_RECORD]
+        assert codec.wire_view(arrays["a"]).shape == (8,) and codec.wire_view(arrays["a"]).dtype == np.uint8
+        header, decoded = codec.decode(content)
+        assert [tuple(t.shape) for t in header.tensors] == [(3, 5), (0, 2)]  # the logical shapes
+        assert decoded["a"].shape == (3, 5) and decoded["b"].shape == (0, 2)
+        assert np.max(np.abs(decoded["a"] - values["a"])) <= _Int4Packed.max_abs_error(values["a"])
+        arrays["a"] = Array(np.zeros(15, np.uint8))  # unpacked: the tensor's count, not the packed one
+        assert reason_of(content) is RejectReason.TENSOR_SHAPE
+
+
+def test_an_encoding_missing_part_of_the_interface_cannot_register() -> None:
+    class NoDecode(UpdateEncoding):
+        wire_id = 77
+        wire_dtype = np.dtype("<f4")
+
+        @classmethod
+        def encode(cls, values):  # type: ignore[no-untyped-def]
+            return values, 0.0
+
+        @classmethod
+        def max_abs_error(cls, values):  # type: ignore[no-untyped-def]
+            return 0.0
+
+    with pytest.raises(TypeError, match="abstract"):
+        ENCODINGS.register("no-decode")(NoDecode)
+    assert "no-decode" not in ENCODINGS
 
 
 @pytest.mark.parametrize(

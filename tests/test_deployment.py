@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from clients.silo.corpora import load_bbc_news
-from protos.flower_processes import alive, free_port, stop_process_tree
+from runtime.flower_processes import alive, free_port, stop_process_tree
 from server.checkpoint import CheckpointStore
 
 pytestmark = pytest.mark.slow
@@ -88,7 +88,7 @@ def test_coordinator_and_two_agents_two_rounds(tmp_path: Path) -> None:
 
     from peft import PeftModel, get_peft_model_state_dict
 
-    from protos.base_model import load_model
+    from runtime.base_model import load_model
 
     last = CheckpointStore(run_dir / "checkpoints").latest()
     assert last is not None and last.round == 2

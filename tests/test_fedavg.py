@@ -68,7 +68,7 @@ def test_mismatched_update_is_refused() -> None:
 
 def test_registry_lists_valid_choices() -> None:
     assert isinstance(build_strategy("FedAvg"), FedAvg)
-    with pytest.raises(ValueError, match="valid: \\['fedavg'"):
+    with pytest.raises(ValueError, match="valid: \\[.*'fedavg'"):
         build_strategy("fedmagic")
     with pytest.raises(ValueError, match="no parameter"):
         build_strategy("fedavg", {"mu": 0.1})

@@ -23,7 +23,7 @@ import pytest
 from flwr.common.config import parse_config_args
 
 from clients.supernode import SuperNodeProcess
-from protos.flower_processes import (
+from runtime.flower_processes import (
     alive,
     find_local_superlink_pid,
     flower_env,

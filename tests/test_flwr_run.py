@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from protos.flower_processes import (
+from runtime.flower_processes import (
     alive,
     find_local_superlink_pid,
     flower_env,

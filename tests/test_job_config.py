@@ -13,19 +13,18 @@ from simulations.scenario import ScenarioError, builtin_scenarios, load_scenario
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_pyproject_run_config_is_a_valid_job() -> None:
-    """`flwr run .` passes exactly these keys to the ServerApp."""
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    job = JobConfig.from_run_config(config)
-    assert job.num_rounds == config["num-rounds"]
-    assert job.lora.target_modules == ("q_proj", "v_proj")
-
-
 def test_every_job_key_can_be_overridden_by_flwr_run() -> None:
     """The SuperLink refuses run-config overrides for keys absent from pyproject."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     fields = {f.replace("_", "-") for f in JobConfig.__dataclass_fields__}
     assert fields == set(config)
+    assert JobConfig.from_run_config(config).lora.target_modules == ("q_proj", "v_proj")
+
+
+def test_booleans_must_say_true_or_false() -> None:
+    assert JobConfig.from_run_config({"secure-aggregation": "false", "min-nodes": 2}).secure_aggregation is False
+    with pytest.raises(JobConfigError, match="secure-aggregation.*true or false"):
+        JobConfig.from_run_config({"secure-aggregation": "maybe"})
 
 
 def test_unknown_key_lists_valid_ones() -> None:

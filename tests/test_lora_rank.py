@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from protos.adapter import LoraSpec, factor_of, layout_for_rank, parse_factors, select_factors, spec_for_rank
-from protos.lora_rank import adapter_rank, reduce_adapter, svd_reduce, truncate_adapter
+from strategies.lora_rank import adapter_rank, reduce_adapter, svd_reduce, truncate_adapter
 
 PREFIXES = ("m.layers.0.q_proj", "m.layers.1.v_proj")
 

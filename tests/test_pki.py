@@ -1,4 +1,4 @@
-"""server/pki.py, server/enrollment.py and `silotune pki`, without a SuperLink.
+"""runtime/keys.py, server/pki.py, server/enrollment.py and `silotune pki`, without a SuperLink.
 
 Every key and certificate is generated here, under tmp_path. Keys are loaded
 with Flower's own loaders (`flwr supernode register`'s and
@@ -26,9 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
+from clients.cli.agent import check_coordinator_tls
+from runtime import keys
 from server import enrollment, pki
 from server.superlink import FlwrCliError
-from simulations.cli.deploy_commands import check_coordinator_tls
 from simulations.cli.main import main as silotune_main
 
 
@@ -49,7 +50,7 @@ def test_ca_is_a_self_signed_ca_with_a_private_key_only_its_owner_reads(tmp_path
     files = pki.init_ca(tmp_path / "pki", days=30)
     assert (files.key.name, files.cert.name) == ("ca.key", "ca.pem")
     assert mode(files.key) == 0o600 and mode(files.cert) == 0o644
-    cert = pki.load_ca(files.cert)
+    cert = keys.load_ca(files.cert)
     cert.verify_directly_issued_by(cert)
     constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
     assert constraints.critical and constraints.value.ca
@@ -120,7 +121,7 @@ def test_agent_tls_probe_names_a_wrong_ca_a_plaintext_server_and_an_absent_one(
 
     other = pki.init_ca(tmp_path / "other", days=5)
     port, thread = serve_tls_once(federation)
-    with pytest.raises(pki.PkiWrongCA, match="does not vouch"):
+    with pytest.raises(keys.PkiWrongCA, match="does not vouch"):
         check_coordinator_tls(f"127.0.0.1:{port}", other.cert)
     thread.join(10)
 
@@ -134,7 +135,7 @@ def test_agent_tls_probe_names_a_wrong_ca_a_plaintext_server_and_an_absent_one(
         conn.close()
 
     threading.Thread(target=answer_plaintext, daemon=True).start()
-    with pytest.raises(pki.PkiError, match="--insecure"):
+    with pytest.raises(keys.PkiError, match="--insecure"):
         check_coordinator_tls(f"127.0.0.1:{port}", federation / "ca.pem")
     plain.close()
 
@@ -146,84 +147,84 @@ def test_agent_tls_probe_names_a_wrong_ca_a_plaintext_server_and_an_absent_one(
 
 # ------------------------------------------------------------------- named errors
 def test_missing_files_are_named(tmp_path: Path) -> None:
-    with pytest.raises(pki.PkiFileMissing, match=r"ca\.pem does not exist.*pki init"):
+    with pytest.raises(keys.PkiFileMissing, match=r"ca\.pem does not exist.*pki init"):
         pki.coordinator_files(tmp_path / "nothing")
     pki.init_ca(tmp_path / "half", days=5)
-    with pytest.raises(pki.PkiFileMissing, match=r"server\.pem does not exist.*server-cert"):
+    with pytest.raises(keys.PkiFileMissing, match=r"server\.pem does not exist.*server-cert"):
         pki.coordinator_files(tmp_path / "half")
-    with pytest.raises(pki.PkiFileMissing, match="create the CA first"):
+    with pytest.raises(keys.PkiFileMissing, match="create the CA first"):
         pki.issue_server_cert(tmp_path / "nothing", ["127.0.0.1"])
-    with pytest.raises(pki.PkiFileMissing, match="missing.pub does not exist"):
-        pki.load_org_public_key(tmp_path / "missing.pub")
+    with pytest.raises(keys.PkiFileMissing, match="missing.pub does not exist"):
+        keys.load_org_public_key(tmp_path / "missing.pub")
 
 
 def test_corrupt_files_are_named(federation: Path, tmp_path: Path) -> None:
     (federation / "server.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
-    with pytest.raises(pki.PkiFileCorrupt, match="server.pem is not a PEM X.509 certificate"):
+    with pytest.raises(keys.PkiFileCorrupt, match="server.pem is not a PEM X.509 certificate"):
         pki.coordinator_files(federation)
     junk = tmp_path / "junk.key"
     junk.write_bytes(os.urandom(64))
     junk.chmod(0o600)
-    with pytest.raises(pki.PkiFileCorrupt, match="not an OpenSSH private key"):
-        pki.load_org_private_key(junk)
-    with pytest.raises(pki.PkiFileCorrupt, match="not a PEM private key"):
-        pki.load_pem_private_key(junk)
-    with pytest.raises(pki.PkiFileCorrupt, match="not an OpenSSH public key"):
-        pki.load_org_public_key(junk)
+    with pytest.raises(keys.PkiFileCorrupt, match="not an OpenSSH private key"):
+        keys.load_org_private_key(junk)
+    with pytest.raises(keys.PkiFileCorrupt, match="not a PEM private key"):
+        keys.load_pem_private_key(junk)
+    with pytest.raises(keys.PkiFileCorrupt, match="not an OpenSSH public key"):
+        keys.load_org_public_key(junk)
 
 
 def test_expired_and_not_yet_valid_certificates_are_named(federation: Path) -> None:
     later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=11)  # server cert: 10 days
-    with pytest.raises(pki.PkiCertificateExpired, match="server certificate .* expired on"):
-        pki.verify_server_cert(federation / "ca.pem", federation / "server.pem", at=later)
+    with pytest.raises(keys.PkiCertificateExpired, match="server certificate .* expired on"):
+        keys.verify_server_cert(federation / "ca.pem", federation / "server.pem", at=later)
     much_later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=31)  # CA: 30 days
-    with pytest.raises(pki.PkiCertificateExpired, match="CA certificate .* expired on"):
-        pki.verify_server_cert(federation / "ca.pem", federation / "server.pem", at=much_later)
+    with pytest.raises(keys.PkiCertificateExpired, match="CA certificate .* expired on"):
+        keys.verify_server_cert(federation / "ca.pem", federation / "server.pem", at=much_later)
     earlier = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)
-    with pytest.raises(pki.PkiCertificateExpired, match="not valid before"):
-        pki.verify_server_cert(federation / "ca.pem", federation / "server.pem", at=earlier)
+    with pytest.raises(keys.PkiCertificateExpired, match="not valid before"):
+        keys.verify_server_cert(federation / "ca.pem", federation / "server.pem", at=earlier)
 
 
 def test_wrong_ca_key_mismatch_and_host_mismatch_are_named(federation: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     pki.init_ca(other, days=5)
     pki.issue_server_cert(other, ["127.0.0.1"])
-    with pytest.raises(pki.PkiWrongCA, match="was not issued by the CA"):
-        pki.verify_server_cert(other / "ca.pem", federation / "server.pem")
-    with pytest.raises(pki.PkiWrongCA, match="is not a CA"):
-        pki.load_ca(federation / "server.pem")
-    with pytest.raises(pki.PkiKeyMismatch, match="does not belong"):
-        pki.verify_server_cert(federation / "ca.pem", federation / "server.pem", other / "server.key")
-    with pytest.raises(pki.PkiHostMismatch, match="not valid for 'elsewhere.example.org'"):
-        pki.verify_server_cert(federation / "ca.pem", federation / "server.pem",
+    with pytest.raises(keys.PkiWrongCA, match="was not issued by the CA"):
+        keys.verify_server_cert(other / "ca.pem", federation / "server.pem")
+    with pytest.raises(keys.PkiWrongCA, match="is not a CA"):
+        keys.load_ca(federation / "server.pem")
+    with pytest.raises(keys.PkiKeyMismatch, match="does not belong"):
+        keys.verify_server_cert(federation / "ca.pem", federation / "server.pem", other / "server.key")
+    with pytest.raises(keys.PkiHostMismatch, match="not valid for 'elsewhere.example.org'"):
+        keys.verify_server_cert(federation / "ca.pem", federation / "server.pem",
                                hosts=["elsewhere.example.org"])
-    with pytest.raises(pki.PkiHostMismatch):
+    with pytest.raises(keys.PkiHostMismatch):
         pki.coordinator_files(federation, ["10.9.9.9"])
-    with pytest.raises(pki.PkiError, match="neither an IP address nor a DNS name"):
+    with pytest.raises(keys.PkiError, match="neither an IP address nor a DNS name"):
         pki.issue_server_cert(federation, ["bad host!"], force=True)
 
 
 def test_private_keys_readable_by_others_are_refused(federation: Path, tmp_path: Path) -> None:
     (federation / "server.key").chmod(0o644)
-    with pytest.raises(pki.PkiInsecurePermissions, match="chmod 600"):
+    with pytest.raises(keys.PkiInsecurePermissions, match="chmod 600"):
         pki.coordinator_files(federation)
-    org = pki.create_org_key(tmp_path / "keys", "bank-a")
+    org = keys.create_org_key(tmp_path / "keys", "bank-a")
     org.private_key.chmod(0o640)
-    with pytest.raises(pki.PkiInsecurePermissions):
-        pki.agent_files(federation / "ca.pem", org.private_key)
+    with pytest.raises(keys.PkiInsecurePermissions):
+        keys.agent_files(federation / "ca.pem", org.private_key)
 
 
 def test_existing_files_are_not_overwritten_without_force(federation: Path, tmp_path: Path) -> None:
     before = (federation / "ca.pem").read_bytes()
-    with pytest.raises(pki.PkiFileExists, match="--force"):
+    with pytest.raises(keys.PkiFileExists, match="--force"):
         pki.init_ca(federation)
     assert (federation / "ca.pem").read_bytes() == before
-    with pytest.raises(pki.PkiFileExists):
+    with pytest.raises(keys.PkiFileExists):
         pki.issue_server_cert(federation, ["127.0.0.1"])
     pki.issue_server_cert(federation, ["127.0.0.1"], force=True)
-    pki.create_org_key(tmp_path, "bank-a")
-    with pytest.raises(pki.PkiFileExists):
-        pki.create_org_key(tmp_path, "bank-a")
+    keys.create_org_key(tmp_path, "bank-a")
+    with pytest.raises(keys.PkiFileExists):
+        keys.create_org_key(tmp_path, "bank-a")
 
 
 # ------------------------------------------------------------------- organization keys
@@ -237,7 +238,7 @@ def test_org_keys_load_with_flowers_own_loaders(tmp_path: Path) -> None:
     )
     from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
 
-    files = pki.create_org_key(tmp_path / "keys", "bank-a")
+    files = keys.create_org_key(tmp_path / "keys", "bank-a")
     assert (files.private_key.name, files.public_key.name) == ("bank-a.key", "bank-a.pub")
     assert mode(files.private_key) == 0o600 and mode(files.public_key) == 0o644
     registered = try_load_public_key(files.public_key)  # what `flwr supernode register` sends
@@ -247,30 +248,30 @@ def test_org_keys_load_with_flowers_own_loaders(tmp_path: Path) -> None:
     assert public_key_to_bytes(public) == registered  # the SuperLink matches on these bytes
     signature = sign_message(private, b"2030-01-01T00:00:00+00:00")
     assert verify_signature(public, b"2030-01-01T00:00:00+00:00", signature)
-    assert files.fingerprint == pki.public_key_fingerprint(pki.load_org_public_key(files.public_key))
+    assert files.fingerprint == keys.public_key_fingerprint(keys.load_org_public_key(files.public_key))
     assert files.fingerprint.startswith("SHA256:")
 
 
 def test_wrong_key_kinds_are_named(tmp_path: Path) -> None:
-    files = pki.create_org_key(tmp_path, "bank-a")
-    with pytest.raises(pki.PkiFileCorrupt, match="that is a private key"):
-        pki.load_org_public_key(files.private_key)
-    with pytest.raises(pki.PkiFileCorrupt, match="that is a public key"):
-        pki.load_org_private_key(files.public_key)
+    files = keys.create_org_key(tmp_path, "bank-a")
+    with pytest.raises(keys.PkiFileCorrupt, match="that is a private key"):
+        keys.load_org_public_key(files.private_key)
+    with pytest.raises(keys.PkiFileCorrupt, match="that is a public key"):
+        keys.load_org_private_key(files.public_key)
     ed = ed25519.Ed25519PrivateKey.generate()
     (tmp_path / "ed.pub").write_bytes(ed.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
-    with pytest.raises(pki.PkiBadKey, match="not an ECDSA key"):
-        pki.load_org_public_key(tmp_path / "ed.pub")
+    with pytest.raises(keys.PkiBadKey, match="not an ECDSA key"):
+        keys.load_org_public_key(tmp_path / "ed.pub")
     k1 = ec.generate_private_key(ec.SECP256K1())  # not a NIST curve
     (tmp_path / "k1.key").write_bytes(k1.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     (tmp_path / "k1.key").chmod(0o600)
-    with pytest.raises(pki.PkiError):
-        pki.load_org_private_key(tmp_path / "k1.key")
+    with pytest.raises(keys.PkiError):
+        keys.load_org_private_key(tmp_path / "k1.key")
     for bad in ("", "../etc", "a b", "-x", "x" * 65):
-        with pytest.raises(pki.PkiBadName):
-            pki.create_org_key(tmp_path, bad)
+        with pytest.raises(keys.PkiBadName):
+            keys.create_org_key(tmp_path, bad)
 
 
 # ------------------------------------------------------------------- enrollment (fake flwr)
@@ -308,8 +309,8 @@ def coordinator_state(tmp_path: Path, insecure: bool = False) -> Path:
 
 def test_enroll_and_revoke_keep_the_name_to_node_map(tmp_path: Path) -> None:
     state = coordinator_state(tmp_path)
-    a = pki.create_org_key(tmp_path / "keys", "bank-a")
-    b = pki.create_org_key(tmp_path / "keys", "bank-b")
+    a = keys.create_org_key(tmp_path / "keys", "bank-a")
+    b = keys.create_org_key(tmp_path / "keys", "bank-b")
     flwr = FakeFlwr()
     row = enrollment.enroll(state, "bank-a", a.public_key, flwr=flwr)
     assert row.node_id == 1000 and row.fingerprint == a.fingerprint and row.active
@@ -335,12 +336,12 @@ def test_enroll_and_revoke_keep_the_name_to_node_map(tmp_path: Path) -> None:
     # a revoked key stays revoked (Flower keeps it, unique); a new key pair can be enrolled
     with pytest.raises(enrollment.EnrollmentError, match="stays revoked"):
         enrollment.enroll(state, "bank-a", a.public_key, flwr=flwr)
-    a2 = pki.create_org_key(tmp_path / "keys", "bank-a", force=True)
+    a2 = keys.create_org_key(tmp_path / "keys", "bank-a", force=True)
     assert enrollment.enroll(state, "bank-a", a2.public_key, flwr=flwr).node_id == 1002
 
 
 def test_enrollment_errors_are_named(tmp_path: Path) -> None:
-    a = pki.create_org_key(tmp_path / "keys", "bank-a")
+    a = keys.create_org_key(tmp_path / "keys", "bank-a")
     with pytest.raises(enrollment.EnrollmentError, match="no coordinator state"):
         enrollment.enroll(tmp_path / "nowhere", "bank-a", a.public_key, flwr=FakeFlwr())
     insecure = coordinator_state(tmp_path, insecure=True)
@@ -357,7 +358,7 @@ def test_enrollment_errors_are_named(tmp_path: Path) -> None:
     with pytest.raises(enrollment.EnrollmentError, match="cannot reach the coordinator"):
         enrollment.enroll(state, "bank-a", a.public_key, flwr=flwr)
     assert enrollment.enrollments(state) == []  # nothing recorded for a failed registration
-    with pytest.raises(pki.PkiFileCorrupt):
+    with pytest.raises(keys.PkiFileCorrupt):
         enrollment.enroll(state, "bank-a", a.private_key, flwr=FakeFlwr())
     with pytest.raises(enrollment.EnrollmentError, match="ORG=PUBLIC_KEY_PATH"):
         enrollment.parse_enroll_arg("bank-a")
@@ -391,7 +392,7 @@ def test_secure_by_default_deployment_commands_refuse_missing_credentials(
     assert "--ca-cert" in capsys.readouterr().err
     pki.init_ca(tmp_path / "pki", days=5)
     pki.issue_server_cert(tmp_path / "pki", [])
-    org = pki.create_org_key(tmp_path / "keys", "bank-a")
+    org = keys.create_org_key(tmp_path / "keys", "bank-a")
     # the server certificate is not a CA certificate
     assert silotune_main(["agent", "start", "--coordinator", "127.0.0.1:1", "--data", str(silo),
                           "--ca-cert", str(tmp_path / "pki" / "server.pem"),

@@ -46,7 +46,7 @@ from clients.app import app as client_app
 from clients.formatting import encode_example
 from clients.silo import load_silo
 from clients.silo.corpora import load_bbc_news, load_construction_faq
-from protos.base_model import load_tokenizer
+from runtime.base_model import load_tokenizer
 from server.job import Job
 
 TEXT_WINDOW = 20       # bytes of record text that count as a leak

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from clients.silo.corpora import load_bbc_news
-from protos.flower_processes import alive, free_port, stop_process_tree
+from runtime.flower_processes import alive, free_port, stop_process_tree
 
 pytestmark = pytest.mark.slow
 

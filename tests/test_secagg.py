@@ -1,4 +1,4 @@
-"""Secure aggregation (protos/secagg + server/secagg): the protocol as a library.
+"""Secure aggregation (protos/secagg + server/secure_aggregation/coordinator.py): the protocol as a library.
 
 The coordinator's unmasked result equals the plain weighted mean within the
 quantization error, with no dropout and with N − t organizations dropping
@@ -17,7 +17,7 @@ import pytest
 from protos.secagg import MaskingClient, RingSpec, SecAggError, Session, ThresholdError, keys, prg, shamir
 from protos.secagg.layout import flatten, layout_of, unflatten
 from protos.secagg.messages import UnmaskShares
-from server.secagg import SecAggCoordinator
+from server.secure_aggregation import SecAggCoordinator
 from strategies.fedavg import FedAvg
 
 CLIP = 0.05

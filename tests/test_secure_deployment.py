@@ -33,7 +33,8 @@ import pytest
 
 from clients.silo.corpora import load_bbc_news
 from clients.supernode import SuperNodeProcess
-from protos.flower_processes import alive, free_port, stop_process_tree
+from runtime.flower_processes import alive, free_port, stop_process_tree
+from runtime.keys import OrgKeyFiles, create_org_key
 from server import pki
 from server.enrollment import enrollments
 from server.superlink import SuperLinkProcess
@@ -80,11 +81,11 @@ def survivors(root: Path) -> list[str]:
     return found
 
 
-def make_federation(tmp_path: Path, *orgs: str) -> tuple[Path, dict[str, pki.OrgKeyFiles]]:
+def make_federation(tmp_path: Path, *orgs: str) -> tuple[Path, dict[str, OrgKeyFiles]]:
     pki_dir = tmp_path / "pki"
     pki.init_ca(pki_dir, days=2)
     pki.issue_server_cert(pki_dir, ["127.0.0.1"], days=1)
-    keys = {org: pki.create_org_key(tmp_path / f"{org}-keys", org) for org in orgs}
+    keys = {org: create_org_key(tmp_path / f"{org}-keys", org) for org in orgs}
     return pki_dir, keys
 
 

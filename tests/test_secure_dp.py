@@ -20,14 +20,16 @@ import pytest
 from flwr.app import RecordDict
 
 from clients import privacy
-from clients.secure_round import _clip_for_ring
+from clients.secure_aggregation import _clip_for_ring
 from protos import codec
-from protos.round_config import CONFIG_RECORD, RoundConfig
+from protos.job_settings import JobSettings
+from protos.records import CONFIG_RECORD
+from protos.round_config import RoundConfig, round_config
 from protos.secagg import RingSpec, SecAggError, wire
 from server.checkpoint import CheckpointStore
 from server.job import Job
 from server.job_config import JobConfig, JobConfigError
-from server.secure_round import SecureRound, SecureSettings
+from server.secure_aggregation import SecureRound, SecureSettings
 from strategies.base import SecureInput
 from strategies.dp_fedavg import DpFedAvg
 from test_dp_job import _epsilon
@@ -77,9 +79,9 @@ class DpGrid(SecureGrid):
 def _train_content(global_adapter):
     content = codec.encode(global_adapter, kind=codec.Kind.Value("GLOBAL"), job_id="j", server_round=1,
                            fingerprint="f", lora=LORA)
-    content[CONFIG_RECORD] = RoundConfig(job_id="j", server_round=1, model="m", lora_rank=LORA.rank,
-                                         lora_alpha=LORA.alpha, lora_targets=",".join(LORA.target_modules),
-                                         dp_clip=CLIP).to_record()
+    settings = JobSettings(job_id="j", model="m", lora_r=LORA.rank, lora_alpha=LORA.alpha,
+                           lora_targets=",".join(LORA.target_modules))
+    content[CONFIG_RECORD] = round_config(settings, 1, dp_clip=CLIP).to_record()
     return content
 
 

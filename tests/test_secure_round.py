@@ -1,6 +1,6 @@
 """Secure aggregation in the round loop's terms: four exchanges over a Grid
-(server/secure_round.py) answered by the ClientApp's handler
-(clients/secure_round.py), organizations keeping their state in their own
+(server/secure_aggregation/round.py) answered by the ClientApp's handler
+(clients/secure_aggregation.py), organizations keeping their state in their own
 context.state between messages. A scripted in-memory Grid; no Ray, no model.
 """
 
@@ -16,23 +16,23 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients import secure_round as client_side
+from clients import secure_aggregation as client_side
 from protos import codec
 from protos.adapter import LoraSpec
 from protos.round_config import CONFIG_RECORD, RoundConfig
 from protos.secagg import wire
 from server.job import Job
 from server.job_config import JobConfig, JobConfigError
-from server.secure_round import SecureRound, SecureSettings
-from strategies import build_strategy
-from strategies.base import AggregationError
+from server.secure_aggregation import SecureRound, SecureSettings
+from strategies import STRATEGIES, build_strategy
+from strategies.base import AggregationError, Strategy
 
 LORA = LoraSpec(rank=4, alpha=8.0)
 SHAPES = {"m.lora_A.weight": (4, 12), "m.lora_B.weight": (12, 4), "n.lora_A.weight": (4, 6), "n.lora_B.weight": (6, 4)}
 
 
 class SecureGrid(Grid):
-    """Nodes run clients/secure_round.handle with a scripted trainer; a node
+    """Nodes run clients/secure_aggregation.handle with a scripted trainer; a node
     listed in ``silent`` for a stage never answers it (it dropped out)."""
 
     def __init__(self, deltas: dict[int, float], weights: dict[int, int],
@@ -199,7 +199,9 @@ def test_a_tampered_reply_is_a_named_dropout():
     assert outcome.rejected == [(3, "secure_aggregation", "advertise: claims index 1, was given 3")]
 
 
-@pytest.mark.parametrize("strategy_name", ["median", "krum", "norm-bounded", "exact-lora", "flexlora", "hetlora"])
+# every strategy that is not linear and has no secure input of its own (dp-fedavg has: a clipped sum)
+@pytest.mark.parametrize("strategy_name", [name for name, cls in STRATEGIES.items()
+                                           if not cls.linear and cls.secure_input is Strategy.secure_input])
 def test_strategies_that_need_each_update_refuse(strategy_name):
     strategy = build_strategy(strategy_name)
     assert not strategy.linear

@@ -79,7 +79,7 @@ def test_report_has_base_and_specialist_per_organization(finished: Path) -> None
 def test_exported_specialist_loads_in_peft_and_equals_the_checkpoint(finished: Path) -> None:
     from peft import PeftModel, get_peft_model_state_dict
 
-    from protos.base_model import load_model
+    from runtime.base_model import load_model
 
     latest = CheckpointStore(finished / "checkpoints").latest()
     assert latest is not None and latest.round == 2

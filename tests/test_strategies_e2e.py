@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from protos.adapter import adapter_layout, init_adapter
-from protos.base_model import model_config
+from runtime.base_model import model_config
 from server.checkpoint import CheckpointStore
 from server.job_config import JobConfig
 from simulations.runner import run_scenario

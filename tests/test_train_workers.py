@@ -8,7 +8,7 @@ import functools
 import numpy as np
 import pytest
 
-from clients.resident_trainer import TRAIN_USE_GPU_KEY, TRAIN_WORKERS_KEY
+from clients.node_config import TRAIN_USE_GPU_KEY, TRAIN_WORKERS_KEY
 from clients.train_workers import (
     DevicePlan,
     NotEnoughResources,
@@ -74,9 +74,10 @@ def test_round_work_on_two_workers_gives_the_one_worker_adapter(ddp_ray, monkeyp
 
     from clients import round_work
     from clients.trainer import TrainSettings
-    from protos import base_model, codec
+    from protos import codec
     from protos.adapter import adapter_layout, init_adapter
-    from protos.round_config import CONFIG_RECORD
+    from protos.records import CONFIG_RECORD, SIMULATION_RECORD
+    from runtime import base_model
     from server.job_config import JobConfig
 
     # fp32: bf16 rounding would differ between a batch of 4 and two batches of 2
@@ -92,6 +93,7 @@ def test_round_work_on_two_workers_gives_the_one_worker_adapter(ddp_ray, monkeyp
         content = codec.encode(start, kind=codec.Kind.Value("GLOBAL"), job_id=cfg.job_id, server_round=1,
                                fingerprint=base_model.fingerprint(cfg.model), lora=cfg.lora)
         content[CONFIG_RECORD] = round_config.to_record()
+        content[SIMULATION_RECORD] = cfg.simulation_settings().to_record()
         node = {"partition-id": 0, "num-partitions": 3, **plan_devices(0, workers).node_config()}
         header, update = codec.decode(round_work.train(content, node, RecordDict()))
         return update, dict(header.metrics)

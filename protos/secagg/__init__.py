@@ -1,8 +1,9 @@
 """Secure aggregation: the coordinator learns the sum of the organizations'
 updates, never one of them (Bonawitz et al. 2017, with a cryptographic PRG).
 
-What both sides share lives here; the coordinator's unmasking is
-``server/secagg.py``.
+What both sides share lives here; the coordinator's side is
+``server/secure_aggregation/`` (its docstring maps the whole protocol), the
+organization's ``clients/secure_aggregation.py``.
 
 * ``ring``     — fixed-point quantization into Z_{2^k}, k sized so N inputs cannot wrap
 * ``prg``      — AES-128/256-CTR / ChaCha20 keystream → uniform ring elements; masks applied in place
@@ -12,7 +13,7 @@ What both sides share lives here; the coordinator's unmasking is
 * ``messages`` — what the parties send each other; mask signs and seed commitments
 * ``client``   — an organization's four stages (advertise, share keys, mask, unmask)
 * ``layout``   — an adapter as one flat vector and back
-* ``wire``     — the four exchanges' messages as Flower records (server/secure_round.py, clients/secure_round.py)
+* ``wire``     — the four exchanges' messages and record names as Flower records (both sides use only these)
 
 Threat model: an honest-but-curious coordinator and honest organizations
 that may drop out at any stage (up to N − t after masking). Not covered: a

@@ -1,13 +1,13 @@
 """Secure-aggregation messages as Flower records.
 
-A secure round is four exchanges of TRAIN messages (server/secure_round.py
-drives them, clients/secure_round.py answers). Each message, both ways,
-carries a ConfigRecord ``SECAGG_RECORD`` with the stage name, the session id
-and the stage's fields (lists of ints and bytes); the masked input travels as
-a uint32/uint64 Array in the ArrayRecord ``MASKED_RECORD``. The stage-3
-instruction also carries the ordinary train instruction (the encoded global
-adapter and the round config), so an organization trains only once the key
-exchange has succeeded.
+A secure round is four exchanges of TRAIN messages
+(server/secure_aggregation/round.py drives them, clients/secure_aggregation.py
+answers). Each message, both ways, carries a ConfigRecord ``SECAGG_RECORD``
+with the stage name, the session id and the stage's fields (lists of ints and
+bytes); the masked input travels as a uint32/uint64 Array in the ArrayRecord
+``MASKED_RECORD``. The stage-3 instruction also carries the ordinary train
+instruction (the encoded global adapter and the round config), so an
+organization trains only once the key exchange has succeeded.
 
 The masked input comes with the update's header (the codec's
 ``HEADER_RECORD``) reduced to what describes the round and not the data

@@ -16,19 +16,23 @@ import argparse
 import logging
 import sys
 
-from simulations.cli import agent_commands, deploy_commands, model_commands, pki_commands, simulate_command
+from clients.cli import agent, model
+from server.cli import coordinator, export, pki
+from simulations.cli import simulate_command
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Each side registers its own commands (server/cli/, clients/cli/); the order is `--help`'s.
     parser = argparse.ArgumentParser(prog="silotune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
     simulate_command.register(commands)
-    deploy_commands.register(commands)
-    agent_commands.register(commands)
-    model_commands.register(commands)
-    pki_commands.register(commands)
+    coordinator.register(commands, read_run_config=simulate_command.scenario_run_config)
+    agent.register(commands)
+    export.register(commands)
+    model.register(commands)
+    pki.register(commands)
     return parser
 
 

@@ -1,4 +1,8 @@
-"""`silotune simulate`: run a scenario on the Simulation Engine and print the table."""
+"""`silotune simulate`: run a scenario on the Simulation Engine and print the table.
+
+Also the scenario reader `silotune coordinator --scenario` borrows
+(`scenario_run_config`): scenario files are the simulation's format.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,11 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
-from simulations.console import RichObserver, console, report_table
+from runtime.console import console
+from server.cli.report_table import report_table
+from simulations.console import RichObserver
 from simulations.scenario import load_scenario, parse_overrides
 
 
@@ -45,3 +52,10 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"wall time {wall:.0f}s · specialist: {report['specialist']} · "
                   f"report: {run_dir}/report.json · curve: {run_dir}/learning_curve.png")
     return 0
+
+
+def scenario_run_config(scenario: str | None, overrides: list[str]) -> dict[str, Any]:
+    """The run config of `--scenario` (its run-config section; {} without one) updated by `--set` pairs."""
+    run_config = dict(load_scenario(scenario).run_config) if scenario else {}
+    run_config.update(parse_overrides(overrides))
+    return run_config

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import psutil
 import pytest
 
-from protos.flower_processes import LOCALHOST, free_port, stop_process_tree
+from runtime.flower_processes import LOCALHOST, free_port, stop_process_tree
 
 SILOTUNE = str(Path(sys.executable).with_name("silotune"))
 TAG = "SILOTUNE_FAULTS_TAG"
@@ -49,7 +49,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session", autouse=True)
 def _warm_imports() -> None:
     """Import what a coordinator needs once, so forked coordinators start at once."""
-    from protos import base_model
+    from runtime import base_model
     import server.job  # noqa: F401
 
     base_model.model_config("tiny-llama")

@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 
-from protos.flower_processes import LOCALHOST
+from runtime.flower_processes import LOCALHOST
 
 
 class HttpHoldProxy:

@@ -53,9 +53,10 @@ def test_a_deployed_agent_is_never_an_attacker() -> None:
 def test_the_client_app_sends_the_poisoned_update_of_its_honest_training() -> None:
     """Through the real round work (tiny model): an attacker trains honestly, then sends start − Δ."""
     from clients import round_work
-    from protos import base_model, codec
+    from protos import codec
     from protos.adapter import adapter_layout, init_adapter
-    from protos.round_config import CONFIG_RECORD
+    from protos.records import CONFIG_RECORD, SIMULATION_RECORD
+    from runtime import base_model
 
     attacker = sorted(attacks.attackers(5, 0.2, seed=0))[0]
     honest_org = next(p for p in range(5) if p != attacker)
@@ -68,6 +69,7 @@ def test_the_client_app_sends_the_poisoned_update_of_its_honest_training() -> No
         content = codec.encode(start, kind=codec.Kind.Value("GLOBAL"), job_id=cfg.job_id, server_round=1,
                                fingerprint=base_model.fingerprint(cfg.model), lora=cfg.lora)
         content[CONFIG_RECORD] = cfg.round_config(1).to_record()
+        content[SIMULATION_RECORD] = cfg.simulation_settings().to_record()
         reply = round_work.train(content, {"partition-id": partition, "num-partitions": 5}, RecordDict())
         return {k: v - start[k] for k, v in codec.decode(reply)[1].items()}  # Δ as sent
 

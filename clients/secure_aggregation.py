@@ -1,4 +1,6 @@
-"""An organization's answers to the four secure-aggregation exchanges.
+"""An organization's answers to the four secure-aggregation exchanges
+(the stages, and where the coordinator's side lives: server/secure_aggregation/;
+the messages and the protocol steps themselves: protos/secagg/).
 
 The ClientApp sends every TRAIN message that carries a secure-aggregation
 record here (clients/app.py). The protocol state — private keys, the shares
@@ -32,13 +34,13 @@ from flwr.app import ConfigRecord, RecordDict
 import numpy as np
 
 from protos import codec
-from protos.round_config import CONFIG_RECORD, RoundConfig
+from protos.records import CONFIG_RECORD, ORG_RECORD
+from protos.round_config import RoundConfig
 from protos.secagg import MaskingClient, RingSpec, SecAggError, wire
 from protos.secagg.layout import flatten, layout_of
 
 log = logging.getLogger("silotune.client")
 
-ORG_RECORD = "organization"   # as in clients/round_work.py
 _NORM_CHUNK = 1 << 16         # float64 scratch of 512 KiB for the norm
 
 

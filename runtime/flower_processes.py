@@ -19,7 +19,7 @@ Facts about flwr 1.41 this relies on (read from its source):
   that launches `flwr-serverapp` / `flwr-clientapp`; stopping therefore walks
   the whole tree via psutil, snapshotted *before* the first signal.
 
-Nothing here imports other silotune code (protos/ is the bottom layer).
+Nothing here imports other silotune code.
 """
 
 from __future__ import annotations

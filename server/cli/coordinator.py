@@ -1,23 +1,16 @@
-"""`silotune coordinator`: a real Flower deployment (the agent side: agent_commands.py).
+"""`silotune coordinator`: a real Flower deployment, the coordinator's side.
 
-coordinator: a SuperLink (state in SQLite under --state-dir) and, submitted to
-it, the silotune ServerApp with the job's run config; it waits for the job,
-prints the report, then stops the SuperLink it started (by PID).
-agent: checks the silo file first (a bad file fails here, not in round 3),
-then runs this organization's SuperNode until stopped.
+A SuperLink (state in SQLite under --state-dir) and, submitted to it, the
+silotune ServerApp with the job's run config; it waits for the job, prints
+the report, then stops the SuperLink it started (by PID). The organizations'
+side is `silotune agent start` (clients/cli/agent.py).
 
-Both are secure by default (TLS + node authentication, see server/pki.py and
-server/enrollment.py):
-
-- coordinator: the SuperLink serves TLS with `--pki-dir`'s server.pem /
-  server.key (checked first: chain, dates, key, SAN for the address its own
-  CLI dials) and runs `--enable-supernode-auth`; `--enroll ORG=ORG.pub`
-  registers organizations as soon as the SuperLink is up (before the job is
-  submitted); `silotune pki enroll` adds more while it runs.
-- agent: `--ca-cert` (the federation's ca.pem) to verify the coordinator,
-  `--private-key` (ORG.key from `silotune pki org-key`) to authenticate; a
-  quick TLS handshake checks the coordinator's certificate against the CA
-  before the SuperNode starts, so a wrong CA file is a named error here.
+Secure by default (TLS + node authentication, see server/pki.py and
+server/enrollment.py): the SuperLink serves TLS with `--pki-dir`'s
+server.pem / server.key (checked first: chain, dates, key, SAN for the
+address its own CLI dials) and runs `--enable-supernode-auth`;
+`--enroll ORG=ORG.pub` registers organizations as soon as the SuperLink is up
+(before the job is submitted); `silotune pki enroll` adds more while it runs.
 
 `--insecure` is an explicit opt-out (plain HTTP, any SuperNode accepted) for
 local experiments; it prints a warning.
@@ -27,25 +20,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import socket
-import ssl
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from simulations.console import console, report_table
-from simulations.scenario import load_scenario, parse_overrides
+from runtime.console import INSECURE_WARNING, console
+from server.cli.report_table import report_table
 
-INSECURE_WARNING = ("[yellow]warning: --insecure: no TLS, no node authentication; anyone who can "
-                    "reach the port can read the traffic and join (local experiments only)[/yellow]")
-AGENT_NEEDS_KEYS = (
-    "TLS and node authentication are on by default: pass --ca-cert (the federation's ca.pem) and "
-    "--private-key (this organization's key, from `silotune pki org-key`), or --insecure to opt "
-    "out (local experiments only)"
-)
+#: (--scenario or None, the --set pairs) → the job's run config. Scenario files
+#: are the simulation's format (simulations/scenario.py), so the `silotune`
+#: command that composes both sides passes the reader in; server/ never
+#: imports simulations/.
+RunConfigReader = Callable[[str | None, list[str]], dict[str, Any]]
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction, read_run_config: RunConfigReader) -> None:
     p = commands.add_parser("coordinator", help="run a SuperLink and the silotune ServerApp for a job")
     p.add_argument("--pki-dir", default="pki",
                    help="ca.pem, server.pem, server.key from `silotune pki init/server-cert` (default ./pki)")
@@ -61,7 +50,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--app-dir", help="the Flower App folder (default: this silotune checkout)")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up on the run after this long")
-    p.set_defaults(handler=coordinator)
+    p.set_defaults(handler=coordinator, read_run_config=read_run_config)
 
 
 def default_app_dir() -> Path:
@@ -75,15 +64,15 @@ def default_app_dir() -> Path:
 
 
 def coordinator(args: argparse.Namespace) -> int:
+    from runtime.flower_processes import LOCALHOST
+    from runtime.keys import load_org_public_key
     from server.enrollment import enroll, parse_enroll_arg
     from server.job_config import JobConfig
-    from server.pki import coordinator_files, load_org_public_key
+    from server.pki import coordinator_files
     from server.superlink import BIND_ALL, SuperLinkProcess
-    from protos.flower_processes import LOCALHOST
 
     state_dir = Path(args.state_dir).resolve()
-    run_config = dict(load_scenario(args.scenario).run_config) if args.scenario else {}
-    run_config.update(parse_overrides(args.overrides))
+    run_config = args.read_run_config(args.scenario, args.overrides)
     run_config.setdefault("run-dir", str(state_dir / "run"))
     cfg = JobConfig.from_run_config(run_config)  # refuse a bad config before starting anything
     # Refuse bad security settings before starting anything too.
@@ -124,40 +113,3 @@ def coordinator(args: argparse.Namespace) -> int:
     console.print(report_table(report))
     console.print(f"specialist: {report['specialist']}")
     return 0
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """HOST:PORT (or [v6]:PORT) → (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"--coordinator {address!r}: expected HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
-def check_coordinator_tls(address: str, ca_cert: Path, timeout: float = 5.0) -> bool:
-    """One TLS handshake with the coordinator, verifying its certificate against `ca_cert`.
-
-    True if it verified; False if the coordinator cannot be reached yet (the
-    SuperNode will keep trying). A certificate from another CA, one without
-    this host among its names, or a coordinator that does not speak TLS is a
-    named PkiError now rather than a retry loop in the SuperNode's log.
-    """
-    from server.pki import PkiError, PkiHostMismatch, PkiWrongCA
-
-    host, port = split_address(address)
-    context = ssl.create_default_context(cafile=str(ca_cert))
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            with context.wrap_socket(sock, server_hostname=host):
-                return True
-    except ssl.SSLCertVerificationError as err:
-        if err.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
-            raise PkiHostMismatch(f"the coordinator's certificate at {address} is not valid for "
-                                  f"{host!r}: {err.verify_message}") from err
-        raise PkiWrongCA(f"the coordinator at {address} presented a certificate that {ca_cert} "
-                         f"does not vouch for ({err.verify_message}): is this the federation's ca.pem?") from err
-    except ssl.SSLError as err:
-        raise PkiError(f"TLS handshake with the coordinator at {address} failed ({err.reason or err}): "
-                       "does it run --insecure? Then the agent needs --insecure too") from err
-    except OSError:
-        return False

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from simulations.console import console
+from runtime.console import console
 
 DEFAULT_COORDINATOR_DIR = "runs/coordinator"  # = `silotune coordinator --state-dir` default
 
@@ -71,7 +71,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def init(args: argparse.Namespace) -> int:
-    from server.pki import init_ca, load_certificate
+    from runtime.keys import load_certificate
+    from server.pki import init_ca
 
     files = init_ca(args.dir, days=args.days, force=args.force)
     cert = load_certificate(files.cert)
@@ -92,7 +93,7 @@ def server_cert(args: argparse.Namespace) -> int:
 
 
 def org_key(args: argparse.Namespace) -> int:
-    from server.pki import create_org_key
+    from runtime.keys import create_org_key
 
     files = create_org_key(args.dir, args.name, force=args.force)
     console.print(f"private key {files.private_key} (mode 0600): stays here; "

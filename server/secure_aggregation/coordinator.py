@@ -1,5 +1,6 @@
-"""The coordinator's side of a secure-aggregation session: route keys and
-shares, sum the masked inputs as they arrive, unmask the sum.
+"""The coordinator's protocol state machine for one secure-aggregation
+session: route keys and shares, sum the masked inputs as they arrive, unmask
+the sum. It knows nothing of Flower: round.py feeds it the parsed replies.
 
 Stages (each closed by the call that starts the next; see
 protos/secagg/client.py for the organizations' side):

@@ -1,22 +1,18 @@
-"""`silotune export | eval | generate`: working with a specialist after a job."""
+"""`silotune eval | generate`: run a base model or a specialist where the data is (an organization's side).
+
+The specialist is an exported PEFT adapter folder (`silotune export`); the
+data never leaves this machine.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from simulations.console import console
+from runtime.console import console
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("export", help="export a run's checkpoint as a PEFT adapter folder")
-    p.add_argument("--run-dir", required=True, help="the job's run dir (holds checkpoints/)")
-    p.add_argument("--out", required=True, help="target folder (must be absent or empty)")
-    p.add_argument("--round", type=int, help="a specific round (default: the latest valid one)")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(handler=export)
-
     p = commands.add_parser("eval", help="score a base model, or base + adapter, on a silo file")
     p.add_argument("--data", required=True, help="silo file (.jsonl, .csv, .parquet)")
     p.add_argument("--model", help="base model (default: the adapter's base, else smollm2-135m)")
@@ -36,29 +32,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=generate)
 
 
-def export(args: argparse.Namespace) -> int:
-    from server.checkpoint import CheckpointStore
-    from server.export import export_specialist
-
-    store = CheckpointStore(Path(args.run_dir) / "checkpoints")
-    checkpoint = store.load(args.round) if args.round is not None else store.latest()
-    if checkpoint is None:
-        raise FileNotFoundError(f"no valid checkpoint under {args.run_dir}/checkpoints")
-    history = checkpoint.run_state.get("history", [])
-    organizations = sorted({org for h in history for org in h.get("eval", {})})
-    provenance = {
-        "job_id": checkpoint.run_state.get("job_id"),
-        "strategy": checkpoint.run_state.get("strategy"),
-        "rounds": checkpoint.round,
-        "organizations": organizations,
-        "num_organizations": len(organizations),
-        "base_model_fingerprint": checkpoint.run_state.get("fingerprint"),
-    }
-    out = export_specialist(checkpoint, args.out, provenance, overwrite=args.overwrite)
-    console.print(f"exported round {checkpoint.round} to {out}")
-    return 0
-
-
 def _resident(model: str | None, adapter_dir: str | None):  # type: ignore[no-untyped-def]
     from clients.resident import get_resident
     from protos.adapter import LoraSpec, read_adapter_folder
@@ -73,7 +46,7 @@ def _resident(model: str | None, adapter_dir: str | None):  # type: ignore[no-un
 
 def _known_base(name: str) -> str:
     """Our exported adapters record the builtin's Hub name; map it back to the builtin."""
-    from protos.base_model import BUILTIN_MODELS
+    from runtime.base_model import BUILTIN_MODELS
 
     if name in BUILTIN_MODELS:
         return name
