@@ -1,9 +1,15 @@
 """Organization data ("silos"): loading, validation, splitting, simulated orgs.
 
 Import from here; the submodules are one responsibility each:
-errors (exception types), records (Example/Silo), readers (file formats),
+errors (exception types), records (Example/Silo), formats/ (one module per
+file format, registering itself: jsonl, csv, parquet; shared helpers in
+formats/_common), readers (picks the format by extension -> raw columns),
 build (rows -> Silo), files (load_silo), split (train/test),
 corpora (public corpora), virtual (simulated organizations).
+
+``SUPPORTED_EXTENSIONS`` is computed from the format registry each time it is
+read (a module ``__getattr__``), so a format added after import is listed too
+and importing this package imports no format module.
 """
 
 from .build import classification_silo, instruction_silo, render_classification_prompt
@@ -17,7 +23,8 @@ from .errors import (
     SiloMissingColumn,
     SiloNoRows,
 )
-from .files import SUPPORTED_EXTENSIONS, load_silo
+from .files import load_silo
+from .formats import supported_extensions
 from .records import Example, Silo
 from .split import split_silo
 from .virtual import DATASETS, virtual_silo
@@ -41,5 +48,13 @@ __all__ = [
     "load_silo",
     "render_classification_prompt",
     "split_silo",
+    "supported_extensions",
     "virtual_silo",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``SUPPORTED_EXTENSIONS``: the registered formats' extensions, read when asked for."""
+    if name == "SUPPORTED_EXTENSIONS":
+        return supported_extensions()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

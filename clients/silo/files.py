@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .build import classification_silo, instruction_silo, render_classification_prompt
 from .errors import SiloFileNotFound, SiloMissingColumn
-from .readers import SUPPORTED_EXTENSIONS, RawTable, read_table
+from .readers import RawTable, read_table
 from .records import TASKS, Silo
 
 logger = logging.getLogger("silotune.silo")
@@ -26,7 +26,6 @@ REQUIRED_COLUMNS: dict[str, tuple[str, str]] = {
 
 __all__ = [
     "REQUIRED_COLUMNS",
-    "SUPPORTED_EXTENSIONS",
     "load_silo",
     "render_classification_prompt",
     "classification_silo",
@@ -35,7 +34,10 @@ __all__ = [
 
 
 def load_silo(path: str | os.PathLike[str], *, task: str = "auto", max_chars: int = 2000) -> Silo:
-    """Read, validate and convert a ``.jsonl``/``.csv``/``.parquet`` silo file.
+    """Read, validate and convert a silo file in any registered format (``formats/``).
+
+    Built in: ``.jsonl``, ``.csv``, ``.parquet``; ``supported_extensions()``
+    lists what is registered now.
 
     ``task="auto"`` picks "instruction" for ``instruction``+``response``
     columns and "classification" for ``text``+``label``; forcing a task makes
