@@ -1,5 +1,9 @@
 """The client agent: everything one organization runs to take part.
 
+``Agent(...)`` reads and validates the organization's policy file
+(clients/policy.py; a bad one is a PolicyError naming the key, before anything
+starts); without one the agent enforces the default policy.
+
 ``Agent.start()``:
 1. validates the silo file (a bad file fails here, with its named error);
 2. starts the organization's Ray — or joins the one named by ``RAY_ADDRESS`` —
@@ -8,9 +12,10 @@
    it trains each round on N Ray Train workers instead (clients/train_workers.py
    splits the devices: one GPU or one CPU per worker, no GPU for the actor);
 3. starts the Flower SuperNode with node config ``silo-path``, ``org-name``,
-   ``ray-address`` and ``trainer-actor`` (and ``train-workers``,
+   ``state-dir`` (where the agent's ε ledger lives), ``policy-path`` (with a
+   policy file), ``ray-address`` and ``trainer-actor`` (and ``train-workers``,
    ``train-use-gpu`` when N > 1), so each ClientApp process forwards its
-   instruction to the resident trainer.
+   instruction to the resident trainer and every round enforces the policy.
 ``Agent.stop()`` stops what it started: the SuperNode (by PID, with its
 children) and the Ray it started (not a Ray it merely joined).
 
@@ -31,7 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from clients.local_ray import keep_ray_on_loopback
-from clients.node_config import NAMESPACE, ORG_NAME_KEY, RANK_KEY, RAY_ADDRESS_KEY, SILO_PATH_KEY, TRAINER_ACTOR_KEY
+from clients.node_config import (NAMESPACE, ORG_NAME_KEY, POLICY_PATH_KEY, RANK_KEY, RAY_ADDRESS_KEY, SILO_PATH_KEY,
+                                 SIGNING_KEY_KEY, STATE_DIR_KEY, TRAINER_ACTOR_KEY, TRUSTED_PEERS_KEY)
+from clients.policy import OrganizationPolicy, load_policy
 from clients.resident_trainer import actor_name, start_resident_trainer
 from clients.silo import Silo, load_silo
 from clients.supernode import SuperNodeProcess
@@ -52,8 +59,13 @@ class Agent:
         gpus: float = 0.0,
         train_workers: int = 1,
         rank: int | None = None,
+        policy: str | Path | None = None,
         supernode_options: dict[str, Any] | None = None,
+        trusted_peers: str | Path | None = None,
     ) -> None:
+        # the policy first: a bad file stops the agent before anything starts
+        self.policy_path = Path(policy).resolve() if policy is not None else None
+        self.policy = load_policy(self.policy_path) if self.policy_path is not None else OrganizationPolicy()
         self.data = Path(data).resolve()
         self.coordinator = coordinator
         self.name = name or self.data.stem
@@ -65,6 +77,12 @@ class Agent:
             raise TrainWorkersError(f"{train_workers} train workers run on the agent's Ray: drop --no-resident")
         self.rank = rank
         self.supernode_options = supernode_options or {"insecure": True}
+        # secure aggregation: the peers whose signed keys this organization accepts (a bad file stops here)
+        self.trusted_peers = Path(trusted_peers).resolve() if trusted_peers is not None else None
+        if self.trusted_peers is not None:
+            from clients.secure_aggregation import load_trusted_peers
+
+            load_trusted_peers(self.trusted_peers)
         self.silo: Silo | None = None
         self.supernode: SuperNodeProcess | None = None
         self._started_ray = False
@@ -72,9 +90,17 @@ class Agent:
 
     def start(self) -> "Agent":
         self.silo = load_silo(self.data)
-        node_config: dict[str, Any] = {SILO_PATH_KEY: str(self.data), ORG_NAME_KEY: self.name}
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        node_config: dict[str, Any] = {SILO_PATH_KEY: str(self.data), ORG_NAME_KEY: self.name,
+                                       STATE_DIR_KEY: str(self.state_dir)}
+        if self.policy_path is not None:
+            node_config[POLICY_PATH_KEY] = str(self.policy_path)
         if self.rank is not None:
             node_config[RANK_KEY] = self.rank
+        if self.supernode_options.get("auth_private_key"):   # the node key also signs secure-aggregation keys
+            node_config[SIGNING_KEY_KEY] = str(self.supernode_options["auth_private_key"])
+        if self.trusted_peers is not None:
+            node_config[TRUSTED_PEERS_KEY] = str(self.trusted_peers)
         try:
             if self.resident:
                 node_config.update(self._start_resident())
@@ -156,11 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=float, default=0.0)
     parser.add_argument("--train-workers", type=int, default=1, help="Ray Train workers per round (DDP)")
     parser.add_argument("--rank", type=int)
+    parser.add_argument("--policy", help="the organization's policy file (YAML; clients/policy.py)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     agent = Agent(args.data, args.coordinator, name=args.name, state_dir=args.state_dir,
                   resident=not args.no_resident, gpus=args.gpus, train_workers=args.train_workers,
-                  rank=args.rank).start()
+                  rank=args.rank, policy=args.policy).start()
     return agent.serve()
 
 

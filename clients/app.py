@@ -42,7 +42,8 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     if secure_aggregation.is_secure(msg.content):  # one of secure aggregation's four exchanges
-        reply = secure_aggregation.handle(msg.content, context.state, lambda content: _run("train", content, context))
+        reply = secure_aggregation.handle(msg.content, context.state, lambda content: _run("train", content, context),
+                                          dict(context.node_config))
         return Message(content=reply, reply_to=msg)
     return _handle("train", msg, context)
 

@@ -25,6 +25,10 @@ import numpy as np
 from clients.formatting import IGNORE_INDEX, EncodedExample, answer_suffix, collate
 from clients.resident import ResidentModel
 
+#: every metric an evaluation reports (``evaluate_examples``); an organization's
+#: policy (clients/policy.py, ``allowed_metrics``) chooses which of them leave
+EVAL_METRICS = ("num_examples", "loss", "perplexity", "accuracy")
+
 
 def _answer_scores(model: Any, batch: dict[str, Any], first_token_ids: list[int] | None) -> dict[str, Any]:
     """Per row: Σ log p(answer tokens), answer token count, and (optionally)

@@ -26,6 +26,27 @@ virtual organization in a simulation. The keys, who writes and who reads them:
     by `silotune agent start --train-workers N` (N > 1) through
     clients/train_workers.py's DevicePlan; read by clients/train_workers.py
     (``plan_from_node_config``) for clients/round_work.py.
+``policy-path`` (POLICY_PATH_KEY)
+    The organization's policy file: what its agent accepts from a coordinator
+    (clients/policy.py). Written by `silotune agent start --policy FILE`
+    (validated at start); read by clients/policy.py (``policy_for``) for
+    clients/round_work.py. Absent: the safe default policy; a virtual
+    organization (``partition-id``) gets the permissive simulation policy.
+``state-dir`` (STATE_DIR_KEY)
+    The agent's state directory (``--state-dir``). Written by `silotune agent
+    start`; read by clients/privacy.py: the agent's own ε ledger
+    (``privacy-ledger.json``, 0600) lives there, across jobs and restarts.
+``signing-key`` (SIGNING_KEY_KEY)
+    The organization's node private key (ORG.key, the one that authenticates
+    its SuperNode), which signs its secure-aggregation keys and survivor sets.
+    Written by `silotune agent start` (its ``--private-key``); read by
+    clients/secure_aggregation.py. Absent (``--insecure``, simulation): unsigned.
+``trusted-peers`` (TRUSTED_PEERS_KEY)
+    A file of the peer organizations' public keys (their ORG.pub lines) or
+    ``SHA256:`` fingerprints, distributed out of band: secure-aggregation
+    sessions must be signed by them (protos/secagg/identity.py). Written by
+    `silotune agent start --trusted-peers FILE`; read by
+    clients/secure_aggregation.py. Absent: peers' signatures are not checked.
 ``dp-noise-seed`` (NOISE_SEED_KEY)
     Makes the local differential-privacy noise reproducible. Written by no
     silotune command: an operator (or a test) sets it by hand; read by
@@ -50,6 +71,12 @@ TRAIN_WORKERS_KEY = "train-workers"
 TRAIN_USE_GPU_KEY = "train-use-gpu"
 
 NOISE_SEED_KEY = "dp-noise-seed"
+
+POLICY_PATH_KEY = "policy-path"
+STATE_DIR_KEY = "state-dir"
+
+SIGNING_KEY_KEY = "signing-key"
+TRUSTED_PEERS_KEY = "trusted-peers"
 
 PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"

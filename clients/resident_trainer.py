@@ -22,6 +22,7 @@ from typing import Any
 from flwr.app import RecordDict
 
 from clients import resident, round_work
+from clients.policy import PolicyViolation
 from clients.node_config import NAMESPACE, RAY_ADDRESS_KEY, TRAINER_ACTOR_KEY
 
 
@@ -58,4 +59,7 @@ def run_on_resident_trainer(kind: str, content: RecordDict, node_config: dict, s
         ray.init(address=str(node_config[RAY_ADDRESS_KEY]), namespace=NAMESPACE,
                  log_to_driver=False, include_dashboard=False)
     actor = ray.get_actor(str(node_config[TRAINER_ACTOR_KEY]), namespace=NAMESPACE)
-    return ray.get(actor.handle.remote(kind, content, dict(node_config), state))
+    try:
+        return ray.get(actor.handle.remote(kind, content, dict(node_config), state))
+    except PolicyViolation as refusal:  # Ray's copy carries the actor's traceback: the reply names the rule only
+        raise PolicyViolation(refusal.rule, refusal.detail) from None

@@ -16,14 +16,28 @@ agent's Ray, from the same global adapter, examples and settings; the reply
 then says ``train_workers`` N. Those workers are a fresh group each round and
 each loads the base model again: ``base_model_loads`` counts the resident
 process's loads only, which still serve evaluation.
+
+The organization's policy (clients/policy.py, ``policy_for(node_config)``)
+is enforced in ``_receive``: every rule the instruction alone decides is
+checked before the base model is loaded, the silo file opened or anything
+trained; the two that need the split sizes right after loading. A refusal is
+a ``PolicyViolation``, logged here with its rule and detail; the error reply
+says only the rule. A secure-aggregation round's train stage
+(clients/secure_aggregation.py) comes through ``train`` with the
+secure-aggregation record still in the content, and its session in ``state``.
+Locally noised updates are charged to the agent's ε ledger
+(clients/privacy.py) before they leave, and only the metrics the policy lets
+out are sent.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -31,10 +45,12 @@ from clients import attacks, privacy
 from clients import resident as resident_module
 from clients import train_workers
 from clients.evaluation import evaluate_examples
-from clients.local_data import LocalData, local_data, local_rank
+from clients.local_data import LocalData, local_data, local_rank, org_name
+from clients.policy import OrganizationPolicy, PolicyViolation, Request, policy_for
 from clients.resident import ResidentModel, get_resident
 from clients.trainer import TrainSettings, train_adapter
 from protos import codec
+from protos.secagg import MaskingClient, wire
 from protos.adapter import Adapter, LoraSpec, layout_for_rank, parse_factors, select_factors, spec_for_rank
 from strategies.lora_rank import reduce_adapter
 from protos.records import CONFIG_RECORD, METRICS_RECORD, ORG_RECORD, SIMULATION_RECORD
@@ -53,15 +69,28 @@ class Instruction:
     resident: ResidentModel
     adapter: Adapter          # the global, at this organization's rank, with its local factors
     data: LocalData
+    policy: OrganizationPolicy
+    request: Request          # what the instruction asks, as the policy judged it
+    ledger: privacy.EpsilonLedger | None
 
 
-def _receive(content: RecordDict, node_config: dict, state: RecordDict) -> Instruction:
+def _receive(kind: str, content: RecordDict, node_config: dict, state: RecordDict) -> Instruction:
     cfg = RoundConfig.from_record(content.config_records[CONFIG_RECORD])
     sim_record = content.config_records.get(SIMULATION_RECORD)
     sim = SimulationSettings.from_record(sim_record) if sim_record is not None else None
-    spec = spec_for_rank(cfg.lora, local_rank(node_config, cfg, sim))
-    resident = get_resident(cfg.model, spec)
     header, global_adapter = codec.decode(content)
+    # the policy first: nothing below (model, silo, training) happens for a refused instruction
+    policy = policy_for(node_config)
+    request = Request(kind=kind, job_id=cfg.job_id, server_round=cfg.server_round, model=cfg.model,
+                      fingerprint=header.base_model_fingerprint, rank=local_rank(node_config, cfg, sim),
+                      batch_size=cfg.batch_size, local_steps=cfg.local_steps, eval_examples=cfg.eval_max_examples,
+                      dp_clip=cfg.dp_clip, dp_noise=cfg.dp_noise, secure_session=_secure_session(content, state))
+    policy.check(request)
+    ledger = privacy.ledger_for(node_config)
+    if kind == "train":
+        policy.check_budget(request, ledger)
+    spec = spec_for_rank(cfg.lora, request.rank)
+    resident = get_resident(cfg.model, spec)
     codec.check_header(
         header,
         codec.Expectation(
@@ -77,7 +106,43 @@ def _receive(content: RecordDict, node_config: dict, state: RecordDict) -> Instr
     adapter = reduce_adapter(global_adapter, spec.rank, cfg.rank_reduction)
     adapter.update(_local_factors(state))
     data = local_data(node_config, cfg, sim, resident.tokenizer)
-    return Instruction(cfg, sim, spec, resident, adapter, data)
+    policy.check_data(request, train_examples=len(data.train), eval_examples=len(data.test[:cfg.eval_max_examples]))
+    return Instruction(cfg, sim, spec, resident, adapter, data, policy, request, ledger)
+
+
+def _secure_session(content: RecordDict, state: RecordDict) -> int | None:
+    """The fewest inputs of a sum the coordinator can unmask in the secure-aggregation session
+    this train stage belongs to — its organizations N and its threshold t, the smaller; None:
+    a plain round.
+
+    clients/secure_aggregation.py hands its mask stage's content here with the
+    secure-aggregation record in it; the session it joined at the advertise
+    stage (where its floor was checked first) is in this node's state (0 when
+    there is none: nothing to count on)."""
+    if not wire.is_secagg(content):
+        return None
+    record = state.config_records.get(wire.STATE_RECORD)
+    if record is None:
+        return 0
+    session = MaskingClient.restore(dict(record)).session
+    return min(len(session.participants), session.threshold)
+
+
+def _refusals_logged(kind: str) -> Callable[[Callable[..., RecordDict]], Callable[..., RecordDict]]:
+    """The agent's own log names the rule and why; the error reply names the rule only."""
+    def wrap(handler: Callable[..., RecordDict]) -> Callable[..., RecordDict]:
+        @functools.wraps(handler)
+        def logged(content: RecordDict, node_config: dict, state: RecordDict) -> RecordDict:
+            try:
+                return handler(content, node_config, state)
+            except PolicyViolation as refusal:
+                record = content.config_records.get(CONFIG_RECORD) or {}
+                job, server_round = record.get("job_id", "?"), record.get("server_round", "?")
+                log.warning("%s refused the %s instruction of job %r round %s: policy rule %s (%s)",
+                            org_name(node_config), kind, job, server_round, refusal.rule, refusal.detail)
+                raise
+        return logged
+    return wrap
 
 
 def _local_factors(state: RecordDict) -> Adapter:
@@ -100,9 +165,10 @@ def _process_metrics() -> dict[str, float]:
     return {"base_model_loads": float(resident_module.LOAD_COUNT), "resident_pid": float(os.getpid())}
 
 
+@_refusals_logged("train")
 def train(content: RecordDict, node_config: dict, state: RecordDict) -> RecordDict:
     """Train locally; the reply holds the shared factors, a header and scalar metrics."""
-    ins = _receive(content, node_config, state)
+    ins = _receive("train", content, node_config, state)
     cfg = ins.cfg
     shared = parse_factors(cfg.share_factors)
     with ins.resident.lock:
@@ -124,6 +190,9 @@ def train(content: RecordDict, node_config: dict, state: RecordDict) -> RecordDi
              metrics["train_loss"], int(metrics["train_steps"]), ins.spec.rank)
     attack = ins.sim.sim_attack if ins.sim is not None else ""  # simulation experiments only
     sent = attacks.maybe_attack(node_config, attack, cfg.seed, ins.adapter, adapter)
+    if ins.request.local_noise and ins.ledger is not None:
+        ins.policy.charge(ins.request, ins.ledger)  # before the update leaves; refused if over a cap now
+    dp = ins.policy.under_local_dp(ins.request)  # then only what DP protects leaves
     reply = codec.encode(
         select_factors(sent, shared),
         kind=codec.Kind.Value("UPDATE"),
@@ -131,8 +200,8 @@ def train(content: RecordDict, node_config: dict, state: RecordDict) -> RecordDi
         server_round=cfg.server_round,
         fingerprint=ins.resident.fingerprint,
         lora=ins.spec,
-        num_examples=len(ins.data.train),
-        metrics={**metrics, **_process_metrics()},
+        num_examples=1 if dp else len(ins.data.train),  # dp-fedavg weighs organizations equally anyway
+        metrics=ins.policy.outgoing_metrics({**metrics, **_process_metrics()}, dp=dp),
         encoding=codec.encoding_from_name(cfg.update_encoding),
     )
     reply[ORG_RECORD] = ConfigRecord({"name": ins.data.org_name})
@@ -163,9 +232,10 @@ def _train_on_devices(ins: Instruction, settings: TrainSettings,
                                      num_workers=plan.train_workers, use_gpu=plan.use_gpu)
 
 
+@_refusals_logged("evaluate")
 def evaluate(content: RecordDict, node_config: dict, state: RecordDict) -> RecordDict:
     """Score the global adapter (with local factors) on the local test split."""
-    ins = _receive(content, node_config, state)
+    ins = _receive("evaluate", content, node_config, state)
     data = ins.data
     with ins.resident.lock:
         ins.resident.load_adapter(ins.adapter)
@@ -176,8 +246,8 @@ def evaluate(content: RecordDict, node_config: dict, state: RecordDict) -> Recor
             data.test_labels[:limit] if data.test_labels is not None else None,
             data.silo.labels,
         )
-    return RecordDict({METRICS_RECORD: MetricRecord({**metrics, **_process_metrics()}),
-                       ORG_RECORD: ConfigRecord({"name": data.org_name})})
+    sent = ins.policy.outgoing_metrics({**metrics, **_process_metrics()}, dp=ins.policy.under_local_dp(ins.request))
+    return RecordDict({METRICS_RECORD: MetricRecord(sent), ORG_RECORD: ConfigRecord({"name": data.org_name})})
 
 
 HANDLERS = {"train": train, "evaluate": evaluate}

@@ -17,6 +17,26 @@ says which round and model it belongs to (``wire.masked_header``): no example
 count, no per-organization metrics. An example count above the session's max
 weight counts as the max weight.
 
+Against a malicious coordinator (the whole argument: server/secure_aggregation/
+__init__.py, "Secure aggregation: what it defends"), three things come from this
+organization, never from the coordinator:
+
+* its session floor, ``min_secure_session`` of its policy (clients/policy.py;
+  3 by default, 2 for a simulation's virtual organizations): at advertise,
+  before it makes a key, it refuses (``PolicyViolation``, rule
+  ``min_secure_session``; nothing of its data is sent) a session of fewer
+  organizations or with a threshold t below the floor — the coordinator can
+  unmask no sum of fewer than t inputs (``Session.check_floor``);
+* its node key (node config ``signing-key``: the agent's ``--private-key``),
+  which signs its advertised keys and, before unmasking, the survivor set;
+* the peers it trusts (node config ``trusted-peers``: a file of their public
+  keys or fingerprints, distributed out of band; ``identity.TrustedPeers``):
+  then every other member of the session must be signed by a distinct one of
+  them, and it reveals unmask shares only for a survivor set that at least t
+  of them signed. Without that file signatures are not checked — the
+  coordinator could invent the other members — and the floor is the only
+  defence. Virtual organizations have neither key nor file: unsigned.
+
 Under DP-FedAvg (the round config's ``dp_clip`` C > 0; ``dp_noise`` is 0: the
 coordinator adds the noise once, to the sum) each organization counts once:
 it masks its delta with weight 1, not its example count, after clipping it
@@ -27,16 +47,21 @@ sum has L2 norm at most C whatever the data: DP-FedAvg's sensitivity.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, RecordDict
 
 import numpy as np
 
+from clients.node_config import SIGNING_KEY_KEY, TRUSTED_PEERS_KEY
 from protos import codec
 from protos.records import CONFIG_RECORD, ORG_RECORD
 from protos.round_config import RoundConfig
 from protos.secagg import MaskingClient, RingSpec, SecAggError, wire
+from protos.secagg.errors import SessionRefused
+from protos.secagg.identity import TrustedPeers
 from protos.secagg.layout import flatten, layout_of
 
 log = logging.getLogger("silotune.client")
@@ -62,32 +87,98 @@ def _save(state: RecordDict, client: MaskingClient) -> None:
     state[wire.STATE_RECORD] = ConfigRecord(client.export_state())
 
 
-def handle(content: RecordDict, state: RecordDict, train: Callable[[RecordDict], RecordDict]) -> RecordDict:
-    """The reply to one secure-aggregation instruction (raises SecAggError if it does not verify)."""
+def session_floor(node_config: Mapping[str, Any]) -> int:
+    """The fewest organizations (and the lowest threshold) this organization's policy accepts."""
+    from clients.policy import policy_for
+
+    return int(policy_for(node_config).min_secure_session)
+
+
+def signing_key(node_config: Mapping[str, Any]) -> ec.EllipticCurvePrivateKey | None:
+    """This organization's node key, if the agent named it (``signing-key``); None in simulation."""
+    path = node_config.get(SIGNING_KEY_KEY)
+    if not path:
+        return None
+    from runtime.keys import PkiError, load_org_private_key
+
+    try:
+        return load_org_private_key(str(path))
+    except PkiError as err:
+        raise SecAggError(f"node config {SIGNING_KEY_KEY}: {err}") from None
+
+
+_PEERS: dict[tuple[str, float], TrustedPeers] = {}
+
+
+def load_trusted_peers(path: str | Path) -> TrustedPeers:
+    """The roster file: one peer per line, its OpenSSH public key (ORG.pub) or ``SHA256:`` fingerprint."""
+    path = Path(path).expanduser()
+    try:
+        stamp = path.stat().st_mtime
+        key = (str(path), stamp)
+        if key not in _PEERS:
+            _PEERS[key] = TrustedPeers.parse(path.read_text(encoding="utf-8"), source=str(path))
+    except (OSError, UnicodeDecodeError) as err:
+        raise SecAggError(f"trusted peers file {path} cannot be read: {err}") from None
+    return _PEERS[key]
+
+
+def trusted_peers(node_config: Mapping[str, Any]) -> TrustedPeers | None:
+    """The peers this organization pins (``trusted-peers``), or None: signatures not checked."""
+    path = node_config.get(TRUSTED_PEERS_KEY)
+    return load_trusted_peers(str(path)) if path else None
+
+
+def handle(content: RecordDict, state: RecordDict, train: Callable[[RecordDict], RecordDict],
+           node_config: Mapping[str, Any] | None = None) -> RecordDict:
+    """The reply to one secure-aggregation instruction (raises SecAggError if it does not verify,
+    PolicyViolation if this organization's policy refuses the session).
+
+    ``node_config``: this node's (the policy's floor, the node key, the trusted peers); None: {}."""
+    node_config = node_config if node_config is not None else {}
     stage, session_id, record = wire.stage_of(content)
     if stage == wire.ADVERTISE:
         session, index = wire.parse_advertise_instruction(record)
-        client = MaskingClient(session, index)
+        _check_floor(session, node_config)   # before anything is made or sent
+        client = MaskingClient(session, index, signer=signing_key(node_config))
         reply = RecordDict({wire.SECAGG_RECORD: wire.advertise_reply(session_id, index, client.advertise())})
         _save(state, client)
         return reply
     client = _load(state, session_id)
     if stage == wire.SHARE_KEYS:
-        shares = client.share_keys(wire.parse_share_keys_instruction(record))
+        shares = client.share_keys(wire.parse_share_keys_instruction(record), trusted_peers(node_config))
         reply = RecordDict({wire.SECAGG_RECORD: wire.share_keys_reply(session_id, client.index, shares)})
     elif stage == wire.MASK:
-        reply = _mask(client, content, wire.parse_mask_instruction(record), train)
+        reply = _mask(client, content, wire.parse_mask_instruction(record), wire.parse_mask_commitments(record),
+                      train)
+    elif stage == wire.CONSISTENCY:
+        survivors, dropped = wire.parse_consistency_instruction(record)
+        signature = client.consistency(survivors, dropped, signing_key(node_config))
+        reply = RecordDict({wire.SECAGG_RECORD: wire.consistency_reply(session_id, client.index, signature)})
     else:
         survivors, dropped, correction = wire.parse_unmask_instruction(record)
-        reply = wire.unmask_reply(session_id, client.index, client.unmask(survivors, dropped, correction))
+        shares = client.unmask(survivors, dropped, correction, wire.parse_unmask_signatures(record),
+                               trusted_peers(node_config))
+        reply = wire.unmask_reply(session_id, client.index, shares)
         del state[wire.STATE_RECORD]   # done: the keys and held shares are not needed any more
         return reply
     _save(state, client)
     return reply
 
 
+def _check_floor(session: Any, node_config: Mapping[str, Any]) -> None:
+    from clients.policy import PolicyViolation
+
+    floor = session_floor(node_config)
+    try:
+        session.check_floor(floor)
+    except SessionRefused as refusal:
+        log.warning("secure aggregation: refused a session: %s", refusal)
+        raise PolicyViolation("min_secure_session", str(refusal)) from None
+
+
 def _mask(client: MaskingClient, content: RecordDict, sealed: dict[int, bytes],
-          train: Callable[[RecordDict], RecordDict]) -> RecordDict:
+          commitments: dict[int, tuple[bytes, bytes]], train: Callable[[RecordDict], RecordDict]) -> RecordDict:
     trained = train(content)
     header, update = codec.decode(trained)
     _, global_adapter = codec.decode(content)
@@ -112,7 +203,7 @@ def _mask(client: MaskingClient, content: RecordDict, sealed: dict[int, bytes],
         clipped = int((abs(delta) > ring.clip).sum())
         if clipped:
             log.warning("%d of %d delta values beyond ±%g are clipped (secagg-clip)", clipped, delta.size, ring.clip)
-    vector = client.mask(sealed, delta, weight)
+    vector = client.mask(sealed, delta, weight, commitments)
     reply = wire.mask_reply(client.session.session_id, client.index, vector, wire.masked_header(header))
     if ORG_RECORD in trained.config_records:
         reply[ORG_RECORD] = trained.config_records[ORG_RECORD]

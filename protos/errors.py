@@ -28,6 +28,8 @@ class RejectReason(str, Enum):
     OVERSIZED = "oversized"                      # more bytes than max-update-bytes, refused before decoding
     STRATEGY_REFUSED = "strategy_refused"        # e.g. more updates than a robust strategy holds
     SECURE_AGGREGATION = "secure_aggregation"    # a secure-aggregation message that does not verify
+    POLICY_VIOLATION = "policy_violation"        # an organization's policy refuses the instruction (clients/policy.py)
+    METRIC_VALUE = "metric_value"                # a metric that is not a scalar, or outside its bounds (loss < 0, accuracy > 1)
 
 
 class UpdateRejected(ValueError):

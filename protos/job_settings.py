@@ -61,6 +61,8 @@ class JobSettings:
                                 "(0: no bound)")
     max_update_bytes: int = setting(0, "replies above this many bytes are refused before decoding "
                                     "(0: twice the fp32 size of the update plus 64 KiB)")
+    max_weight: int = setting(10000, "an update's weight in the aggregate is its example count, at most this "
+                              "(plain rounds; under secure aggregation secagg-max-weight applies)")
     # ---- the adapter and local training ------------------------------------
     lora_r: int = setting(8, "LoRA rank of the global adapter (PEFT's r)", ROUND)
     lora_alpha: float = setting(16.0, "LoRA alpha (PEFT's lora_alpha)", ROUND)

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.export import export_specialist
 from server.job import Job, RoundObserver
 from server.job_config import JobConfig
-from server.report import build_report, write_report
+from server.report import build_report, weight_cap, write_report
 
 log = logging.getLogger("silotune.server")
 
@@ -38,6 +38,7 @@ def run_job(grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None) -
         "num_organizations": len(organizations),
         "base_model_fingerprint": job.fingerprint,
         "seed": cfg.seed,
+        **weight_cap(history),   # max_weight: how far one organization's example count could weigh
     }
     if job.privacy is not None:  # the (ε, δ) spent, for whoever receives the adapter
         provenance["differential_privacy"] = job.privacy.provenance()

@@ -24,6 +24,18 @@ Why it cannot be torn:
   fsync or a bit flip costs one round, not the job.
 * ``.tmp-*`` directories are never read; the store removes stale ones on start.
 
+Who can read it: only the coordinator's user. A checkpoint is the whole state
+of the job, including the history and (for dp-fedavg) the noised globals of
+consecutive rounds, so the root and every round directory (temporary ones
+included) are created 0700 and every file 0600 — created with that mode
+(``os.open``), never chmod-ed after the bytes are in, so no reader can open it
+in between; the umask can only remove bits. A root that already exists with
+group/other bits (made by an older silotune, or by hand) is tightened to 0700
+before anything is written. The exported specialist and the report are meant
+to be shared and keep the default mode (``write_synced``'s default). The
+dp-fedavg noise key never comes here: it lives in ``<run-dir>/secrets/``
+(server/privacy.py).
+
 Saving a round that is already on disk (a replay after a crash that came
 after the rename): if the existing directory is valid and byte-identical
 (same manifest entries), it is kept and the new copy discarded, so there is no
@@ -73,6 +85,9 @@ _OLD_PREFIX = ".old-round-"
 # The writer's pid sits before the random suffix: ".tmp-<what>-<pid>-<hex>".
 _OWNER_RE = re.compile(r".*-(\d+)-[0-9a-f]+")
 _CHUNK = 1 << 20
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+DEFAULT_FILE_MODE = 0o666  # what open() uses; the umask then applies (typically 0644)
 
 
 class CheckpointCorrupt(RuntimeError):
@@ -138,13 +153,36 @@ def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def write_synced(directory: Path, name: str, data: bytes) -> dict[str, Any]:
-    """Write a new file and fsync it; return its manifest entry."""
-    with open(directory / name, "xb") as f:  # "x": a name collision is a bug, not an overwrite
+def write_synced(directory: Path, name: str, data: bytes, *, mode: int = DEFAULT_FILE_MODE) -> dict[str, Any]:
+    """Write a new file and fsync it; return its manifest entry.
+
+    The file is created with ``mode`` (less the umask) in the same call that
+    creates it: a private file (0600) is never readable by others, not even
+    for an instant before a chmod."""
+    # O_EXCL: a name collision is a bug, not an overwrite; O_NOFOLLOW: never write through a planted link
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(directory / name, flags, mode)
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def private_directory(path: Path) -> bool:
+    """Make ``path`` (and missing parents) a directory only its owner can use (0700).
+
+    Created with the mode; an existing one with group/other bits is tightened
+    (a directory, before anything private is written into it). Returns
+    whether ``path`` was created."""
+    path = Path(path)
+    created = not path.exists()
+    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("%s was readable by others (mode %o): tightening it to %o", path, mode, PRIVATE_DIR_MODE)
+        os.chmod(path, PRIVATE_DIR_MODE)
+    return created
 
 
 def fsync_dir(path: Path) -> None:
@@ -313,9 +351,7 @@ class CheckpointStore:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.root = Path(root)
         self.keep_last = keep_last
-        created = not self.root.exists()
-        self.root.mkdir(parents=True, exist_ok=True)
-        if created:
+        if private_directory(self.root):  # 0700: the checkpoints are the coordinator's alone
             fsync_dir(self.root.parent)
         self._recover()
 
@@ -386,12 +422,12 @@ class CheckpointStore:
         name = round_dir_name(round)
         final = self.root / name
         tmp = self.root / f"{_TMP_PREFIX}{name}-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
+        tmp.mkdir(mode=PRIVATE_DIR_MODE)  # becomes round-k by rename: private from its first byte
         try:
-            entries = {fname: write_synced(tmp, fname, data) for fname, data in files.items()}
+            entries = {fname: write_synced(tmp, fname, data, mode=PRIVATE_FILE_MODE) for fname, data in files.items()}
             manifest = {"format": FORMAT, "round": round, "files": entries}
             # Last: a MANIFEST.json means every file it lists was completely written.
-            write_synced(tmp, MANIFEST, json_bytes(manifest))
+            write_synced(tmp, MANIFEST, json_bytes(manifest), mode=PRIVATE_FILE_MODE)
             fsync_dir(tmp)
             self._install(tmp, final, round, manifest)
         except BaseException:
@@ -475,6 +511,9 @@ class CheckpointStore:
         """Clean up after a writer that died: stale .tmp-* dirs, a set-aside old round."""
         for entry in sorted(self.root.iterdir()):
             if not entry.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
+                if _ROUND_RE.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink() \
+                        and entry.stat().st_mode & 0o077:
+                    os.chmod(entry, PRIVATE_DIR_MODE)  # a round written by an older silotune
                 continue
             if _owned_by_other_live_process(entry.name):
                 log.warning("leaving %s: its writer is still running", entry)

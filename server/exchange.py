@@ -5,6 +5,15 @@ holds them all; this pulls whatever has arrived every ``poll_interval``
 seconds, hands each reply to ``on_reply`` (which validates it, feeds the
 strategy and drops it), and gives up on the rest at the deadline.
 
+Replies are pulled PULL_BATCH message ids at a time, so the coordinator
+materializes at most that many replies at once; ``on_reply`` measures each
+(server/validation.py: ``reply_bytes``, before any array is decoded) and refuses
+an oversized one, and its arrays are released as soon as it is handled. A reply
+cannot be refused *before* it is pulled: Flower 1.41's ``Grid.pull_messages``
+returns whole Messages (``HttpGrid`` pulls every object of a reply's object
+tree, which lists ids but no sizes, before returning it), so what bounds a
+reply's bytes on the way in is the HTTP body cap at the fleet entrance.
+
 A reply that arrives after the deadline is never handed to ``on_reply``:
 Flower keeps it on the SuperLink until its instruction's id is pulled or the
 instruction's TTL runs out, so the ids given up on go to a ``LateReplies``
@@ -23,6 +32,8 @@ from typing import Any, Callable, Iterable
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+
+from server.validation import network_text
 
 log = logging.getLogger("silotune.server")
 
@@ -124,9 +135,9 @@ class LateReplies:
                     continue
                 node, what, _ = entry
                 if reply.has_error() and reply.error.code in _NO_REPLY_CODES:
-                    log.debug("no late reply from %s to %s: %s", node, what, reply.error.reason)
+                    log.debug("no late reply from %s to %s: %s", node, what, network_text(reply.error.reason))
                     continue
-                kind = f"error reply ({reply.error.reason})" if reply.has_error() else "reply"
+                kind = f"error reply ({network_text(reply.error.reason)})" if reply.has_error() else "reply"
                 log.warning("late %s from %s to %s arrived after its deadline: discarded", kind, node, what)
                 self.discarded.append({"node": node, "instruction": what, "error": reply.has_error()})
 

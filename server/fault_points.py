@@ -102,8 +102,8 @@ def _tear_next_checkpoint(nth: int, server_round: int | None) -> None:
     original = checkpoint.write_synced
     written = [0]
 
-    def write_then_maybe_die(directory, name, data):  # type: ignore[no-untyped-def]
-        entry = original(directory, name, data)
+    def write_then_maybe_die(directory, name, data, **kwargs):  # type: ignore[no-untyped-def]
+        entry = original(directory, name, data, **kwargs)  # kwargs: the file mode (0600 for checkpoints)
         written[0] += 1
         if written[0] == nth:
             die("checkpoint-write", server_round)

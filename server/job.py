@@ -7,6 +7,14 @@ Round k (docs/design.md, "One round"):
 
 Round 0 is the evaluation of the initial adapter, whose B factors are zero:
 it *is* the base model, so its metrics are the "base" column of the report.
+
+Every reply is validated (server/validation.py) — train and evaluate alike —
+and a bad one is recorded with its named reason (``rejected``,
+``eval_rejected`` in the round's history), never applied. An accepted
+update's weight is its example count, at most ``max-weight``; the round's
+history records the cap and who was capped. Organizations are named by
+``OrganizationNames`` (bound once per node; from enrollment with node
+authentication), never by what a reply says alone.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -26,7 +34,7 @@ from protos import codec
 from protos.adapter import Adapter, adapter_layout, init_adapter, layout_for_rank, select_factors, spec_for_rank
 from protos.errors import RejectReason, UpdateRejected
 from strategies.lora_rank import reduce_adapter
-from protos.records import CONFIG_RECORD, METRICS_RECORD, ORG_RECORD, SIMULATION_RECORD
+from protos.records import CONFIG_RECORD, SIMULATION_RECORD
 from runtime import base_model
 from server.checkpoint import Checkpoint, CheckpointStore
 from server.exchange import ExchangeResult, LateReplies, QuorumError, exchange, wait_for_nodes
@@ -34,12 +42,20 @@ from server.fault_points import fault_point
 from server.job_config import JobConfig
 from server.secure_aggregation import SecureRound, SecureSettings
 from server.privacy import PrivacyBudgetExhausted, PrivacyLedger
-from server.validation import UpdateValidator, derived_max_update_bytes
+from server.validation import (
+    EVALUATE_MAX_BYTES,
+    OrganizationNames,
+    UpdateValidator,
+    check_evaluate_reply,
+    check_metrics,
+    derived_max_update_bytes,
+    enrolled_names_from_env,
+    network_text,
+)
 from strategies import AggregationError, Strategy
 
 log = logging.getLogger("silotune.server")
 
-MAX_ORG_NAME = 128
 
 
 class RoundObserver(Protocol):
@@ -56,7 +72,7 @@ class LogObserver:
 
     def reply(self, server_round: int, org: str, accepted: bool, detail: str) -> None:
         (log.info if accepted else log.warning)(
-            "round %d: %s %s %s", server_round, org, "accepted" if accepted else "REJECTED", detail
+            "round %d: %s %s %s", server_round, org, "accepted" if accepted else "REJECTED", network_text(detail, 500)
         )
 
     def round_finished(self, server_round: int, summary: dict[str, Any]) -> None:
@@ -84,7 +100,10 @@ class JobState:
 
 
 class Job:
-    def __init__(self, grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None) -> None:
+    def __init__(self, grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None,
+                 enrolled: Callable[[], Mapping[int, str]] | None = None) -> None:
+        """``enrolled``: node id → enrolled name (default: the coordinator's enrollment
+        registry when the SuperLink runs with node authentication, else none)."""
         self.grid = grid
         self.cfg = cfg
         self.observer = observer or LogObserver()
@@ -95,11 +114,17 @@ class Job:
         self.layout = adapter_layout(base_model.model_config(cfg.model), cfg.lora)
         self.late = LateReplies()  # instructions past their deadline whose replies are discarded
         # differentially private strategies: the (ε, δ) ledger, in every checkpoint; None otherwise
-        self.privacy = PrivacyLedger.for_job(self.strategy, cfg.dp_epsilon_max, cfg.dp_delta, cfg.secure_aggregation)
+        # (run_dir: the dp-fedavg noise key lives in <run-dir>/secrets/, never in a checkpoint)
+        self.privacy = PrivacyLedger.for_job(self.strategy, cfg.dp_epsilon_max, cfg.dp_delta, cfg.secure_aggregation,
+                                             run_dir=cfg.run_dir)
         self.stop_reason: str | None = None  # why the job ended before num-rounds (privacy budget)
         self._online = 0  # organizations online at the last sampling
         self.validator = UpdateValidator(   # sender, size, duplicates: what the codec cannot check alone
             cfg.max_update_bytes or derived_max_update_bytes(select_factors(self.layout, self.shared_factors)))
+        self.eval_validator = UpdateValidator(EVALUATE_MAX_BYTES, "the evaluate reply bound")
+        self.enrolled = enrolled if enrolled is not None else enrolled_names_from_env()
+        self._names: OrganizationNames | None = None
+        self._capped: list[str] = []   # this attempt's organizations whose example count was capped
         # what organizations mask under secure aggregation (JobConfig.validate has checked it works)
         self.secure_input = self.strategy.secure_input() if cfg.secure_aggregation else None
         # Flower's Simulation Engine (run_simulation, `flwr run` on a simulation federation) drives
@@ -197,12 +222,15 @@ class Job:
             layout=select_factors(layout_for_rank(self.layout, rank), self.shared_factors),
         )
 
+    def names(self, state: JobState) -> OrganizationNames:
+        """The job's node id → name binding, over ``state.org_names`` (saved in checkpoints)."""
+        if self._names is None or self._names.bound is not state.org_names:
+            self._names = OrganizationNames(state.org_names, self.enrolled, online=self.grid.get_node_ids)
+        return self._names
+
     def _org(self, state: JobState, node_id: int, reply: Message | None = None) -> str:
-        if reply is not None and reply.has_content() and ORG_RECORD in reply.content.config_records:
-            name = reply.content.config_records[ORG_RECORD].get("name")
-            if isinstance(name, str) and 0 < len(name) <= MAX_ORG_NAME and name.isprintable():  # from the network
-                state.org_names[str(node_id)] = name
-        return state.org_names.get(str(node_id), f"node-{node_id}")
+        """A node's organization name; a reply's claim binds one only as OrganizationNames allows."""
+        return self.names(state).claim(node_id, reply)
 
     # ---- a round -----------------------------------------------------------
     def _sample(self, state: JobState) -> list[int]:
@@ -246,6 +274,10 @@ class Job:
             "timed_out": [self._org(state, n) for n in result.timed_out],
             "train_loss": sum(loss * n for loss, n in losses) / total if total else float("nan"),
             "train_seconds": time.monotonic() - started,
+            # example counts above the cap count as the cap; under secure aggregation each organization
+            # caps its own masked weight at secagg-max-weight, and the coordinator cannot see who did
+            "max_weight": self.cfg.secagg_max_weight if self.cfg.secure_aggregation else self.cfg.max_weight,
+            "capped": None if self.cfg.secure_aggregation else list(self._capped),
             **({"privacy": self.privacy.round_summary()} if self.privacy is not None else {}),
         }
 
@@ -263,19 +295,22 @@ class Job:
         accepted: list[str] = []
         rejected: list[dict[str, str]] = []
         losses: list[tuple[float, int]] = []
+        self._capped = []
         if self.cfg.secure_aggregation:
             result, accepted, rejected = self._secure_attempt(state, server_round, sampled)
             return sampled, result, accepted, rejected, losses
 
         def on_reply(node_id: int, reply: Message) -> None:
-            org = self._org(state, node_id, reply)
+            org = self._org(state, node_id)
             try:
                 self.validator.admit(node_id, reply)  # sender, one reply per node, size: before decoding
+                org = self._org(state, node_id, reply)   # a name claim counts only once admitted
                 if reply.has_error():
-                    raise UpdateRejected(RejectReason.CLIENT_ERROR, reply.error.reason)
+                    raise UpdateRejected(RejectReason.CLIENT_ERROR, network_text(reply.error.reason, 500))
                 header, update = codec.decode(reply.content)
                 expectation = self._update_expectation(server_round, header.adapter.rank)
                 codec.check_header(header, expectation)
+                metrics = check_metrics(header.metrics)   # finite scalars, losses >= 0
                 digest = self.validator.check_fresh(update)  # not an update already accepted
                 rank = expectation.lora.rank
                 if rank not in references:
@@ -283,8 +318,10 @@ class Job:
                         reduce_adapter(state.adapter, rank, self.strategy.rank_reduction), self.shared_factors)
                 norm = codec.check_values(update, reference=references[rank],
                                           norm_bound=self.cfg.norm_bound or None)
+                claimed = int(header.num_examples)
+                weight = min(claimed, self.cfg.max_weight)   # no organization outweighs max-weight examples
                 try:
-                    self.strategy.accumulate(update, int(header.num_examples))
+                    self.strategy.accumulate(update, weight)
                 except AggregationError as refusal:
                     raise UpdateRejected(RejectReason.STRATEGY_REFUSED, str(refusal)) from None
                 self.validator.accepted(digest)
@@ -293,8 +330,12 @@ class Job:
                 self.observer.reply(server_round, org, False, str(rejection))
                 return
             accepted.append(org)
-            losses.append((header.metrics.get("train_loss", float("nan")), int(header.num_examples)))
-            self.observer.reply(server_round, org, True, f"n={header.num_examples} |Δ|={norm:.3g}")
+            if "train_loss" in metrics:
+                losses.append((metrics["train_loss"], weight))
+            if weight < claimed:
+                self._capped.append(org)
+            capped = f" (weight capped at {weight}, max-weight)" if weight < claimed else ""
+            self.observer.reply(server_round, org, True, f"n={claimed}{capped} |Δ|={norm:.3g}")
             fault_point("mid-pull", server_round)
             # `update` goes out of scope here: the coordinator keeps no reply.
 
@@ -322,7 +363,8 @@ class Job:
                              late=self.late, node_name=lambda node_id: self._org(state, node_id))
 
         def on_reply(node_id: int, reply: Message | None, ok: bool, detail: str) -> None:
-            self.observer.reply(server_round, self._org(state, node_id, reply), ok, detail)
+            # a name claim counts only in a reply the secure round accepted
+            self.observer.reply(server_round, self._org(state, node_id, reply if ok else None), ok, detail)
 
         outcome = secure.run(
             job_id=self.cfg.job_id, server_round=server_round, sampled=sampled,
@@ -349,13 +391,25 @@ class Job:
             picks = np.random.default_rng([self.cfg.seed, state.server_round, 1]).choice(len(online), k, replace=False)
             online = sorted(online[int(i)] for i in picks)
         per_org: dict[str, dict[str, float]] = {}
+        eval_rejected: list[dict[str, str]] = []
+        self.eval_validator.begin_round(state.server_round)
 
         def on_reply(node_id: int, reply: Message) -> None:
-            org = self._org(state, node_id, reply)
-            if reply.has_error():
-                log.warning("evaluation failed at %s: %s", org, reply.error.reason)
+            org = self._org(state, node_id)
+            try:
+                self.eval_validator.admit(node_id, reply)  # sender, one reply per node, size
+                org = self._org(state, node_id, reply)   # a name claim counts only once admitted
+                if reply.has_error():
+                    raise UpdateRejected(RejectReason.CLIENT_ERROR, network_text(reply.error.reason, 500))
+                metrics = check_evaluate_reply(reply.content, max(1, self.cfg.eval_max_examples))
+                if org in per_org:   # names are bound one node each: cannot happen, never overwrite
+                    raise UpdateRejected(RejectReason.DUPLICATE, f"{org} already evaluated")
+            except UpdateRejected as rejection:
+                eval_rejected.append({"org": org, "reason": rejection.reason.value, "detail": rejection.detail})
+                log.warning("round %d: evaluation at %s REJECTED %s", state.server_round, org,
+                            network_text(str(rejection), 500))
                 return
-            per_org[org] = {k: float(v) for k, v in reply.content.metric_records[METRICS_RECORD].items()}
+            per_org[org] = metrics
 
         started = time.monotonic()
         exchange(
@@ -371,6 +425,8 @@ class Job:
         )
         summary["eval"] = dict(sorted(per_org.items()))
         summary["eval_overall"] = overall_metrics(per_org)
+        summary["eval_rejected"] = eval_rejected
+        summary["names_refused"] = self.names(state).take_refused()   # this round's, train and evaluate
         summary["eval_seconds"] = time.monotonic() - started
         state.history.append(summary)
         self.observer.round_finished(state.server_round, summary)

@@ -2,7 +2,10 @@
 
 "base" is round 0 (the initial adapter is a no-op, so it scores the base
 model) and "specialist" is the last round, per organization and overall, each
-on that organization's own held-out split.
+on that organization's own held-out split. ``max_weight`` and
+``capped_replies`` say how far one organization's example count could weigh
+(``weight_cap``); the per-round history holds the rest, rejected evaluate
+replies and refused name claims included.
 """
 
 from __future__ import annotations
@@ -16,6 +19,19 @@ REPORT_FILE = "report.json"
 CURVE_FILE = "learning_curve.png"
 
 
+def weight_cap(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The example-count cap of the job's trained rounds and how many accepted
+    updates it capped: ``max_weight`` (the last trained round's; None before
+    any), ``capped_replies`` (None when a round ran under secure aggregation,
+    where organizations cap their own weight unseen)."""
+    trained = [h for h in history if "max_weight" in h]
+    if not trained:
+        return {"max_weight": None, "capped_replies": 0}
+    secure = any(h.get("capped") is None for h in trained)
+    return {"max_weight": trained[-1]["max_weight"],
+            "capped_replies": None if secure else sum(len(h["capped"]) for h in trained)}
+
+
 def build_report(history: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     if not history:
         raise ValueError("no evaluated round in the history")
@@ -26,6 +42,7 @@ def build_report(history: list[dict[str, Any]], meta: dict[str, Any]) -> dict[st
     }
     return {
         **meta,
+        **weight_cap(history),
         "rounds": last["round"],
         "organizations": organizations,
         "overall": {"base": base.get("eval_overall", {}), "specialist": last.get("eval_overall", {})},

@@ -12,6 +12,15 @@ Runs are submitted the way users do it: a connection named
 `--format json` where they have it. Every process started here is stopped by
 PID together with its descendants (runtime.flower_processes.stop_process_tree).
 
+Loopback only: because that one port also carries the Control API, which
+has no account login in flwr 1.41, the SuperLink listens on 127.0.0.1 only
+and `start` refuses any other host. What is reachable from other
+hosts is server/gateway.py: it forwards the Fleet API to organizations and,
+on the operator listener (mutual TLS with an operator certificate), the
+Control API to remote operators. Whoever runs on the coordinator host
+dials the SuperLink directly (`flwr` CLI, `silotune pki enroll/revoke`, the
+ServerApp processes).
+
 Security (see server/pki.py and server/enrollment.py): with `tls=` the
 SuperLink serves HTTPS (`--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile`; the
 one port carries Fleet, Control and Runtime APIs, so all three are
@@ -45,7 +54,15 @@ from runtime.flower_processes import (
 
 CONNECTION_NAME = "silotune"
 BIND_ALL = ("0.0.0.0", "::", "[::]")  # bind-all hosts, dialled over 127.0.0.1
+LOOPBACK = (LOCALHOST, "localhost")  # the only hosts a SuperLink may listen on
 FINISHED = "finished"  # run status prefix: finished:completed|failed|stopped
+#: with node authentication, the ServerApp (started by the SuperLink, inheriting its environment)
+#: finds the enrollment registry, node id → enrolled name, in this state dir (server/validation.py)
+ENROLLMENT_STATE_ENV = "SILOTUNE_ENROLLMENT_STATE_DIR"
+
+
+class SuperLinkExposed(ValueError):
+    """A SuperLink was asked to listen on a non-loopback address (its port carries the Control API)."""
 
 
 class FlwrCliError(RuntimeError):
@@ -162,9 +179,11 @@ class SuperLinkProcess(ManagedProcess):
         `insecure=False` needs `tls` (anything with `ca_cert`, `cert`, `key`
         paths, e.g. server.pki.ServerFiles); `node_auth=True` adds
         `--enable-supernode-auth` (Flower requires TLS for it). `host` is the
-        bind address (127.0.0.1 by default; 0.0.0.0 to accept remote agents):
-        the CLI and the ServerApp always dial it over loopback for a bind-all
-        address, so the certificate must name 127.0.0.1 (pki adds it).
+        bind address: loopback only (127.0.0.1 by default, or localhost); anything
+        else raises SuperLinkExposed, because the same port serves the
+        Control API without a login. Remote agents reach the Fleet API
+        through server/gateway.py. The certificate must name the loopback
+        address the CLI dials (pki adds 127.0.0.1 and localhost).
         """
         if self.proc is not None:
             raise RuntimeError("SuperLink already started")
@@ -175,13 +194,20 @@ class SuperLinkProcess(ManagedProcess):
                              "and key; see server.pki)")
         if node_auth and tls is None:
             raise ValueError("node_auth=True needs tls= (Flower refuses node auth without TLS)")
+        if host not in LOOPBACK:
+            raise SuperLinkExposed(
+                f"the SuperLink listens on loopback only, not {host!r}: its port also serves the "
+                "Control API (start runs, register/unregister nodes) with no login; expose the "
+                "Fleet API to organizations through server/gateway.py (`silotune coordinator "
+                "--bind/--port`)")
         self.state_dir = Path(state_dir).resolve()
         flwr_home = self.state_dir / "flwr-home"
         flwr_home.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.port = port or free_port(LOCALHOST if host in BIND_ALL else host)
         self.log_path = self.state_dir / "superlink.log"
-        self.env = flower_env(flwr_home, tag=self.tag)
+        self.env = flower_env(flwr_home, tag=self.tag,
+                              extra={ENROLLMENT_STATE_ENV: str(self.state_dir)} if node_auth else None)
         self.tls = tls
         self.node_auth = node_auth
         tls_args: list[str] = []

@@ -41,18 +41,31 @@ Where the noise is added (``noise_placement``):
   trusted with the sum, no longer with any single update. "local" placement
   and secure aggregation are not combined: the noise goes on the sum.
 
-The noise comes from a NumPy PCG64 generator whose state is part of
-``state_dict``: a coordinator resumed from a checkpoint draws the same noise
-bits as one that was never stopped. By default it is seeded from the operating
-system's entropy, never from the job seed (which is in the provenance: anyone
-who knows the noise can subtract it). ``noise_seed`` >= 0 makes runs
-reproducible for tests and experiments, and voids the guarantee against
-whoever knows that seed.
+Where the noise comes from. Round k's noise is a pure function of a 256-bit
+secret key and k: HMAC-SHA256(key, "silotune/dp-fedavg/noise/v1" || k) keys
+a counter-based Philox generator whose Gaussian draws (NumPy's ziggurat, the
+same bits on every machine) fill the adapter's tensors in sorted-name order.
+Nothing stateful needs saving, so ``state_dict`` is empty: a resumed
+coordinator that holds the same key draws the same noise bits as one that was
+never stopped, and a checkpoint (or a backup of one) holds nothing from which
+the noise could be rebuilt. (Before issue 11 the generator's state went into
+every checkpoint: two consecutive checkpoints gave back the un-noised mean.)
+
+The key itself is not this module's business: strategies/ reads no files. By
+default each instance makes a random key in memory (``new_noise_key``); the
+coordinator (server/privacy.py) replaces it with ``set_noise_key`` by the
+job's key, kept apart from the checkpoints in ``<run-dir>/secrets/`` (0600),
+and records only ``noise_key_fingerprint`` (a hash, useless for recovery) in
+each checkpoint, so that a resume with a missing or different key is refused.
+``noise_seed`` >= 0 derives the key from the seed instead: runs become
+reproducible for tests and experiments, and the guarantee is void against
+whoever knows that seed — it is NOT private.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import hmac
 import secrets
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -65,7 +78,40 @@ from strategies.checks import check_choice, check_float, check_int, check_same_l
 from strategies.registry import register_strategy
 
 PLACEMENTS = ("server", "local")
-_RNG_KEY = "noise_rng_state"
+NOISE_KEY_BYTES = 32   # 256-bit secret
+_NOISE_DOMAIN = b"silotune/dp-fedavg/noise/v1\x00"
+_SEED_DOMAIN = b"silotune/dp-fedavg/noise_seed/v1\x00"
+_FINGERPRINT_DOMAIN = b"silotune/dp-fedavg/noise-key-fingerprint/v1\x00"
+_LEGACY_STATE = "noise_rng_state"   # what checkpoints held before issue 11
+
+
+def new_noise_key() -> bytes:
+    """A fresh random 256-bit noise key from the operating system's CSPRNG."""
+    return secrets.token_bytes(NOISE_KEY_BYTES)
+
+
+def noise_key_from_seed(seed: int) -> bytes:
+    """The key an explicit ``noise_seed`` stands for (reproducible, so NOT private)."""
+    return hashlib.sha256(_SEED_DOMAIN + str(int(seed)).encode()).digest()
+
+
+def noise_key_fingerprint(key: bytes) -> str:
+    """Names a key without revealing it (a domain-separated SHA-256; the key has 256 bits)."""
+    return "sha256:" + hashlib.sha256(_FINGERPRINT_DOMAIN + bytes(key)).hexdigest()[:32]
+
+
+def round_noise_generator(key: bytes, server_round: int) -> np.random.Generator:
+    """The generator of round ``server_round``'s noise: Philox keyed by HMAC-SHA256(key, round).
+
+    A pure function of (key, round): the same bits after any restart, and one
+    round's stream says nothing about another round's without the key."""
+    if len(key) != NOISE_KEY_BYTES:
+        raise ValueError(f"dp-fedavg: a noise key has {NOISE_KEY_BYTES} bytes, got {len(key)}")
+    if isinstance(server_round, bool) or not isinstance(server_round, (int, np.integer)) or server_round < 0:
+        raise ValueError(f"dp-fedavg: round must be an int >= 0, got {server_round!r}")
+    block = hmac.new(bytes(key), _NOISE_DOMAIN + int(server_round).to_bytes(8, "big"), hashlib.sha256).digest()
+    return np.random.Generator(np.random.Philox(key=int.from_bytes(block[:16], "little"),
+                                                counter=int.from_bytes(block[16:], "little")))
 
 
 @dataclass(frozen=True)
@@ -103,9 +149,11 @@ class DpFedAvg(Strategy):
         noise_placement: "server" (the coordinator clips and adds the noise
             once; central DP) or "local" (each organization clips and adds
             its own noise before sending) (default "server").
-        noise_seed: -1 (default) seeds the noise from the operating system's
-            entropy; a seed >= 0 makes the noise reproducible (tests and
-            experiments only: whoever knows the seed can remove the noise).
+        noise_seed: -1 (default): the noise comes from a secret 256-bit key
+            (random per instance; the coordinator hands in the job's key,
+            kept in ``<run-dir>/secrets/``); a seed >= 0 derives the key from
+            the seed, making the noise reproducible (tests and experiments
+            only: NOT private, whoever knows the seed can remove the noise).
     """
 
     family = "private"
@@ -116,9 +164,9 @@ class DpFedAvg(Strategy):
         self.noise_multiplier = check_float(self.name, "noise_multiplier", noise_multiplier, low=0.0)
         self.noise_placement = check_choice(self.name, "noise_placement", noise_placement, PLACEMENTS)
         self.noise_seed = check_int(self.name, "noise_seed", noise_seed, low=-1)
-        self._rng = np.random.Generator(np.random.PCG64(
-            secrets.randbits(128) if self.noise_seed < 0 else self.noise_seed))
+        self._noise_key = new_noise_key() if self.noise_seed < 0 else noise_key_from_seed(self.noise_seed)
         self._expected: int | None = None   # m, set by plan_round
+        self._round: int | None = None      # set by begin_round: the noise is drawn for it
         self._global: Adapter | None = None
         self._sum: dict[str, np.ndarray] | None = None
         self._count = 0
@@ -138,6 +186,24 @@ class DpFedAvg(Strategy):
             return {"dp-clip": self.clip_norm, "dp-noise": self.noise_multiplier}
         return {}
 
+    # ---- the noise key ---------------------------------------------------------
+    @property
+    def noise_key_source(self) -> str:
+        """Either "secret" (a random key, private) or "noise_seed" (derived from the seed, NOT private)."""
+        return "secret" if self.noise_seed < 0 else "noise_seed"
+
+    @property
+    def noise_key_fingerprint(self) -> str:
+        return noise_key_fingerprint(self._noise_key)
+
+    def set_noise_key(self, key: bytes) -> None:
+        """Use the job's secret key (server/privacy.py keeps it out of the checkpoints)."""
+        if self.noise_seed >= 0:
+            raise ValueError(f"dp-fedavg: noise_seed={self.noise_seed} sets the noise; a secret key does not apply")
+        if not isinstance(key, (bytes, bytearray)) or len(key) != NOISE_KEY_BYTES:
+            raise ValueError(f"dp-fedavg: a noise key is {NOISE_KEY_BYTES} bytes")
+        self._noise_key = bytes(key)
+
     @property
     def noise_std(self) -> float:
         """Standard deviation of the noise on each coordinate of the new global's step."""
@@ -149,6 +215,7 @@ class DpFedAvg(Strategy):
     def begin_round(self, server_round: int, global_adapter: Adapter) -> None:
         if self._expected is None:
             raise AggregationError("dp-fedavg needs the round's sampling: call plan_round() before begin_round()")
+        self._round = int(server_round)
         self._global = global_adapter
         self._sum = {k: np.zeros(v.shape, dtype=np.float64) for k, v in global_adapter.items()}
         self._count = 0
@@ -219,35 +286,34 @@ class DpFedAvg(Strategy):
 
     # ---- the new global: the same for both paths ------------------------------
     def finish_round(self) -> Adapter:
-        if self._global is None or self._sum is None or self._count == 0 or self._expected is None:
+        if (self._global is None or self._sum is None or self._count == 0 or self._expected is None
+                or self._round is None):
             raise AggregationError("no update was accumulated this round")
         m = float(self._expected)
         std = self.noise_std if self.noise_placement == "server" else 0.0
+        rng = round_noise_generator(self._noise_key, self._round) if std > 0.0 else None
         result: Adapter = {}
         for key in sorted(self._sum):  # a fixed order: the noise stream is the same on every run
             step = self._sum[key] / m
-            if std > 0.0:
-                step += self._rng.standard_normal(step.shape) * std
+            if rng is not None:
+                step += rng.standard_normal(step.shape) * std
             result[key] = (self._global[key].astype(np.float64) + step).astype(np.float32)
         result = {key: result[key] for key in self._global}
-        self._global, self._sum, self._count, self._expected = None, None, 0, None
+        self._global, self._sum, self._count, self._expected, self._round = None, None, 0, None, None
         return result
 
     # ---- state -------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The noise generator's state (JSON bytes as uint8): a resumed run draws the same noise."""
-        blob = json.dumps(self._rng.bit_generator.state, sort_keys=True).encode()
-        return {_RNG_KEY: np.frombuffer(blob, dtype=np.uint8).copy()}
+        """Nothing: round k's noise is a function of (key, k), and the key never goes into a checkpoint."""
+        return {}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         if not state:
             return
-        bad = sorted(set(state) - {_RNG_KEY})
-        if bad:
-            raise ValueError(f"strategy 'dp-fedavg': unexpected state keys {bad[:3]}")
-        saved = json.loads(np.asarray(state[_RNG_KEY], dtype=np.uint8).tobytes().decode())
-        if saved.get("bit_generator") != "PCG64":
-            raise ValueError(f"strategy 'dp-fedavg': noise generator {saved.get('bit_generator')!r}, expected PCG64")
-        rng = np.random.Generator(np.random.PCG64())
-        rng.bit_generator.state = saved
-        self._rng = rng
+        if _LEGACY_STATE in state:
+            raise ValueError(
+                "strategy 'dp-fedavg': this checkpoint holds the noise generator's state (written before "
+                "issue 11): anyone who reads it can remove the noise, and this version derives each round's "
+                "noise from a secret key instead, so it cannot continue that job byte for byte; start the job "
+                "in a new run-dir (and treat the old checkpoints as un-noised)")
+        raise ValueError(f"strategy 'dp-fedavg': unexpected state keys {sorted(state)[:3]}")

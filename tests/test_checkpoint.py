@@ -1,4 +1,5 @@
-"""Round checkpoints: bit-exact round trip, torn writes never read, crash-safe save, pruning, PEFT-loadable."""
+"""Round checkpoints: bit-exact round trip, private modes, torn writes never read, crash-safe save, pruning,
+PEFT-loadable."""
 
 from __future__ import annotations
 
@@ -161,6 +162,30 @@ def test_run_state_that_would_not_round_trip_is_refused_before_writing(tmp_path,
     with pytest.raises(TypeError):
         store.save(1, adapter, SPEC, BASE, {"x": bad[1]})
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- who can read a checkpoint -------------------------------------------------
+
+
+def test_checkpoints_are_private_and_older_loose_ones_are_closed(tmp_path, adapter):
+    """0700 directories, 0600 files (issue 11: they hold every round's state); a root and
+    round dirs left group/other-readable by an older silotune are tightened on start.
+    (tests/test_dp_noise_secrecy.py: the same under umask 0, temp files included.)"""
+    import stat
+
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(p.stat().st_mode)
+
+    store = CheckpointStore(tmp_path / "ckpt")
+    fill(store, adapter, [1])
+    root = tmp_path / "ckpt"
+    assert mode(root) == 0o700 and mode(root / "round-00001") == 0o700
+    assert {mode(p) for p in (root / "round-00001").iterdir()} == {0o600}
+    os.chmod(root, 0o755)
+    os.chmod(root / "round-00001", 0o755)
+    CheckpointStore(root)   # a restarted coordinator
+    assert mode(root) == 0o700 and mode(root / "round-00001") == 0o700
+    assert CheckpointStore(root).latest().round == 1
 
 
 # ---- torn or damaged writes are never read -------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,41 @@ def test_bad_silo_is_a_named_error_without_traceback(tmp_path: Path) -> None:
 def test_deployment_commands_require_explicit_insecure() -> None:
     result = silotune("agent", "start", "--coordinator", "127.0.0.1:1", "--data", "x.jsonl")
     assert result.returncode == 2 and "--insecure" in result.stderr
+
+
+def test_agent_check_prints_every_rule_of_the_policy(tmp_path: Path, silo_file: Path) -> None:
+    from dataclasses import fields
+
+    from clients.policy import OrganizationPolicy
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("min_batch_size: 8\nallowed_job_ids: ['claims-*']\nmax_epsilon_total: 10.0\n")
+    result = silotune("agent", "check", "--policy", str(policy))
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for f in fields(OrganizationPolicy):
+        assert f.name in text, f.name
+    assert re.search(r"min_batch_size\s*│\s*8\s*│", result.stdout)
+    assert re.search(r"max_epsilon_total\s*│\s*10\.0\s*│", result.stdout)
+    assert re.search(r"min_secure_session\s*│\s*3\s*│", result.stdout)  # a default, shown too
+    assert "rows" not in text  # no --data: no silo summary
+    as_json = json.loads(silotune("agent", "check", "--policy", str(policy), "--json").stdout)["policy"]
+    assert as_json["min_batch_size"] == 8 and as_json["allowed_job_ids"] == ["claims-*"]
+    assert set(as_json) == {f.name for f in fields(OrganizationPolicy)}
+    both = silotune("agent", "check", "--policy", str(policy), "--data", str(silo_file), "--model", "tiny-llama")
+    assert both.returncode == 0, both.stderr
+    assert "min_batch_size" in both.stdout and "train / test split" in both.stdout
+
+
+def test_a_malformed_policy_is_a_named_error_with_exit_code_2(tmp_path: Path) -> None:
+    bad = tmp_path / "policy.yaml"
+    bad.write_text("min_batch_size: four\n")
+    result = silotune("agent", "check", "--policy", str(bad))
+    assert result.returncode == 2
+    assert "PolicyError" in result.stderr and "min_batch_size" in result.stderr and "Traceback" not in result.stderr
+    # agent start refuses it before any key, connection or process
+    bad.write_text("min_batch_sise: 4\n")
+    result = silotune("agent", "start", "--insecure", "--coordinator", "127.0.0.1:1", "--data", "x.jsonl",
+                      "--policy", str(bad))
+    assert result.returncode == 2
+    assert "PolicyError" in result.stderr and "min_batch_sise" in result.stderr and "Traceback" not in result.stderr

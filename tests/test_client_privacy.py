@@ -96,3 +96,42 @@ def test_the_train_path_clips_and_noises_what_is_sent() -> None:
     noised = sent_delta(clip, 2.0)
     noise = np.concatenate([(noised[k] - clipped[k]).ravel() for k in raw])
     assert abs(noise.std() - 2.0 * clip) < 5 * 2.0 * clip / np.sqrt(2 * noise.size)
+
+
+def test_under_local_dp_a_deployed_organization_sends_no_unnoised_metric(tmp_path) -> None:
+    """The same locally noised round: a deployed agent (its policy, clients/policy.py) sends only
+    data-independent metrics and an example count of 1, and charges its own ε ledger; a virtual
+    organization of a simulation (the simulation policy) still sends its loss, for learning curves."""
+    import dataclasses
+    import json
+
+    from flwr.app import RecordDict
+
+    from clients import round_work
+    from clients.policy import DATA_INDEPENDENT_METRICS
+    from clients.privacy import LEDGER_FILE, EpsilonLedger
+    from clients.silo.corpora import load_bbc_news
+    from protos import codec
+    from protos.adapter import adapter_layout, init_adapter
+    from protos.records import CONFIG_RECORD, SIMULATION_RECORD
+    from runtime import base_model
+    from server.job_config import JobConfig
+
+    cfg = JobConfig(model="tiny-llama", job_id="dp", lora_r=4, local_steps=1, batch_size=2,
+                    max_length=64, sim_max_records=20, learning_rate=0.05)
+    start = init_adapter(adapter_layout(base_model.model_config(cfg.model), cfg.lora), seed=0)
+    content = codec.encode(start, kind=codec.Kind.Value("GLOBAL"), job_id=cfg.job_id, server_round=1,
+                           fingerprint=base_model.fingerprint(cfg.model), lora=cfg.lora)
+    content[CONFIG_RECORD] = dataclasses.replace(cfg.round_config(1), dp_clip=0.5, dp_noise=1.5).to_record()
+    silo = tmp_path / "bank.jsonl"
+    silo.write_text("".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in load_bbc_news()[:30]))
+
+    deployed = {"silo-path": str(silo), "org-name": "bank", "state-dir": str(tmp_path)}
+    header, _ = codec.decode(round_work.train(content, deployed, RecordDict()))
+    assert set(header.metrics) <= DATA_INDEPENDENT_METRICS and "train_loss" not in header.metrics
+    assert header.num_examples == 1
+    assert [c["noise_multiplier"] for c in EpsilonLedger(tmp_path / LEDGER_FILE).charges()] == [1.5]
+
+    content[SIMULATION_RECORD] = cfg.simulation_settings().to_record()
+    header, _ = codec.decode(round_work.train(content, {"partition-id": 0, "num-partitions": 3}, RecordDict()))
+    assert "train_loss" in header.metrics and header.num_examples > 1

@@ -1,4 +1,4 @@
-"""DP-FedAvg: clipping, fixed denominator, noise scale, noise state, the secure-sum hook."""
+"""DP-FedAvg: clipping, fixed denominator, noise scale, noise from (key, round), the secure-sum hook."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ import pytest
 
 from server.checkpoint import serialize_tensors
 from strategies import AggregationError, build_strategy
-from strategies.dp_fedavg import DpFedAvg, PrivacyStep, PrivateStrategy
+from strategies.dp_fedavg import (
+    NOISE_KEY_BYTES,
+    DpFedAvg,
+    PrivacyStep,
+    PrivateStrategy,
+    new_noise_key,
+    noise_key_fingerprint,
+    noise_key_from_seed,
+    round_noise_generator,
+)
 
 
 def _global(shape=(4, 8)) -> dict[str, np.ndarray]:
@@ -104,8 +113,9 @@ def test_noise_has_the_stated_standard_deviation() -> None:
     assert all(np.all(v == 0.5) for v in local.finish_round().values())
 
 
-def test_noise_state_round_trips_bit_exactly() -> None:
-    """A strategy restored from the state after round 1 draws round 2's noise bit for bit."""
+def test_the_noise_is_a_function_of_the_key_and_the_round_and_nothing_is_saved() -> None:
+    """Round k's noise comes from (key, k) alone: the checkpointed state is empty, a strategy
+    holding the same key draws round 2's noise bit for bit, and another key draws other noise."""
     base = _global((16, 32))
     update, _ = _with_delta(base, 3.0, 7)
 
@@ -115,20 +125,52 @@ def test_noise_state_round_trips_bit_exactly() -> None:
         strategy.accumulate(update, 1)
         return strategy.finish_round()
 
-    original = DpFedAvg(clip_norm=1.0, noise_multiplier=1.0)   # secret OS-entropy seed
-    one_round(original, 1)
+    original = DpFedAvg(clip_norm=1.0, noise_multiplier=1.0)   # a random secret key of its own
+    assert original.noise_key_source == "secret"
+    first = one_round(original, 1)
     saved = original.state_dict()
-    assert set(saved) == {"noise_rng_state"} and saved["noise_rng_state"].dtype == np.uint8
-    serialize_tensors(saved, "strategy state")  # it fits a checkpoint's safetensors file
+    assert saved == {}          # nothing of the noise goes into a checkpoint
+    serialize_tensors(saved, "strategy state")
+    key = original._noise_key
+    assert len(key) == NOISE_KEY_BYTES and original.noise_key_fingerprint == noise_key_fingerprint(key)
+    assert key.hex() not in original.noise_key_fingerprint
     restored = DpFedAvg(clip_norm=1.0, noise_multiplier=1.0)
-    restored.load_state_dict({k: v.copy() for k, v in saved.items()})
+    restored.load_state_dict({})
+    restored.set_noise_key(key)   # what the coordinator does on resume (server/privacy.py)
     second, replayed = one_round(original, 2), one_round(restored, 2)
     assert all(second[k].tobytes() == replayed[k].tobytes() for k in base)
-    # without the state, another instance's noise differs (its seed is its own secret)
+    # the round is part of the derivation: round 1 is not round 2 again
+    assert any(first[k].tobytes() != second[k].tobytes() for k in base)
+    # without the key, another instance's noise differs (its key is its own secret)
     other = one_round(DpFedAvg(clip_norm=1.0, noise_multiplier=1.0), 2)
     assert any(other[k].tobytes() != second[k].tobytes() for k in base)
     with pytest.raises(ValueError, match="unexpected state keys"):
         restored.load_state_dict({"momentum/x": np.zeros(2)})
+    # a checkpoint from before issue 11 carried the generator state: refused by name
+    with pytest.raises(ValueError, match="holds the noise generator's state"):
+        restored.load_state_dict({"noise_rng_state": np.zeros(8, np.uint8)})
+    with pytest.raises(ValueError, match="32 bytes"):
+        restored.set_noise_key(b"short")
+
+
+def test_noise_seed_gives_a_reproducible_key_that_is_not_private() -> None:
+    a, b = DpFedAvg(noise_seed=7), DpFedAvg(noise_seed=7)
+    assert a.noise_key_source == "noise_seed" and a.noise_key_fingerprint == b.noise_key_fingerprint
+    assert a._noise_key == noise_key_from_seed(7) != noise_key_from_seed(8)
+    with pytest.raises(ValueError, match="noise_seed=7 sets the noise"):
+        a.set_noise_key(new_noise_key())
+    assert DpFedAvg().noise_key_fingerprint != DpFedAvg().noise_key_fingerprint   # fresh random keys
+
+
+def test_the_round_noise_derivation_is_pinned() -> None:
+    """A resumed coordinator must draw the noise an older run of this version drew: the
+    derivation (HMAC-SHA256 → Philox → ziggurat) is pinned, bit for bit."""
+    draws = round_noise_generator(bytes(range(32)), 3).standard_normal(3).tolist()
+    assert draws == [0.7317291538324221, 0.4972186843147048, -0.947525499486017]
+    assert noise_key_fingerprint(bytes(range(32))) == "sha256:a509163e29a2b23bf5ec61c87a5855ae"
+    assert noise_key_from_seed(7).hex() == "1ba831d9549c9d808f8b203c24a6c2005f699c8bb582d4e240176b4f4f790b9d"
+    with pytest.raises(ValueError):
+        round_noise_generator(b"x" * 16, 1)
 
 
 def test_the_secure_sum_hook_adds_the_noise_once() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 import tracemalloc
 from pathlib import Path
@@ -81,8 +82,10 @@ class ScriptedGrid(Grid):
         raise NotImplementedError("silotune never waits for all replies")
 
 
-def honest(delta: float, num_examples: int = 10, **overrides: object) -> Handler:
-    """Replies with global + delta (or evaluation metrics)."""
+def honest(delta: float, num_examples: int = 10, *, eval_metrics: dict[str, float] | None = None,
+           name: str | None = None, **overrides: object) -> Handler:
+    """Replies with global + delta (or evaluation metrics, by default 4 examples, loss 1, accuracy 0.5,
+    and the organization's name, by default org-<delta>)."""
 
     def handle(message: Message) -> Message:
         cfg = RoundConfig.from_record(message.content.config_records[CONFIG_RECORD])
@@ -90,8 +93,10 @@ def honest(delta: float, num_examples: int = 10, **overrides: object) -> Handler
         if message.metadata.message_type == "evaluate":
             from flwr.app import ConfigRecord, MetricRecord
 
-            return Message(RecordDict({"metrics": MetricRecord({"num_examples": 4.0, "loss": 1.0, "accuracy": 0.5}),
-                                       "organization": ConfigRecord({"name": f"org-{delta}"})}), reply_to=message)
+            metrics = eval_metrics or {"num_examples": 4.0, "loss": 1.0, "accuracy": 0.5}
+            return Message(RecordDict({"metrics": MetricRecord(dict(metrics)),
+                                       "organization": ConfigRecord({"name": name or f"org-{delta}"})}),
+                           reply_to=message)
         update = {k: v + np.float32(delta) for k, v in global_adapter.items()}
         fields = dict(kind=codec.Kind.Value("UPDATE"), job_id=cfg.job_id, server_round=cfg.server_round,
                       fingerprint=header.base_model_fingerprint, lora=cfg.lora, num_examples=num_examples)
@@ -205,3 +210,202 @@ def test_history_is_json_and_names_organizations(tmp_path: Path) -> None:
     final = Job(grid, config(tmp_path)).run()
     history = json.loads(json.dumps(final.run_state["history"]))
     assert [h["round"] for h in history] == [0, 1]
+
+
+# ---- issue 11: weights capped, evaluate replies validated, names bound, text escaped ------
+
+def test_a_huge_example_count_weighs_no_more_than_the_cap(tmp_path: Path) -> None:
+    """An organization claiming 10^12 examples counts as max-weight examples: the mean is
+    exactly (0.1·10 + 0.3·10 − 5·100) / 120 away from the global, and the cap and the capped
+    reply are in the round history, the report and the specialist's provenance."""
+    from server.app import run_job
+
+    grid = ScriptedGrid({1: honest(0.1, 10, name="bank-a"), 2: honest(0.3, 10, name="bank-b"),
+                         3: honest(-5.0, 10**12, name="mallory")})
+    cfg = config(tmp_path, min_nodes=3, max_weight=100)
+    start = Job(grid, cfg)._resume_or_init().adapter   # round 0 only; run_job resumes from it
+    out = run_job(grid, cfg)
+    final = CheckpointStore(cfg.checkpoint_dir).latest()
+    assert final is not None and final.round == 1
+    for name, value in final.adapter.items():
+        g = start[name].astype(np.float64)
+        sent = [(start[name] + np.float32(d)).astype(np.float64) for d in (0.1, 0.3, -5.0)]
+        exact = ((sent[0] * 10 + sent[1] * 10 + sent[2] * 100) / 120).astype(np.float32)
+        assert value.tobytes() == exact.tobytes(), name                  # FedAvg's float64 sum, capped weights
+        np.testing.assert_allclose(value, g + (0.1 * 10 + 0.3 * 10 - 5.0 * 100) / 120, atol=1e-6)
+    summary = final.run_state["history"][1]
+    assert summary["max_weight"] == 100 and summary["capped"] == ["mallory"]
+    assert sorted(summary["accepted"]) == ["bank-a", "bank-b", "mallory"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["max_weight"] == 100 and report["capped_replies"] == 1
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["max_weight"] == 100 and provenance["capped_replies"] == 1
+
+
+def test_train_loss_is_weighted_by_capped_counts_and_non_finite_metrics_are_refused(tmp_path: Path) -> None:
+    grid = ScriptedGrid({
+        1: honest(0.1, 10, metrics={"train_loss": 1.0}),
+        2: honest(0.3, 30, metrics={"train_loss": 2.0}),
+        3: honest(0.2, 10**12, metrics={"train_loss": 4.0}),                  # weighs 100
+        4: honest(0.4, 10, metrics={"train_loss": float("nan")}),
+        5: honest(0.5, 10, metrics={"train_loss": 1.0, "train_steps": float("inf")}),
+        6: honest(0.6, 10, metrics={"train_loss": -3.0}),
+        7: honest(0.7, 10),                                                   # no train loss: not averaged
+    })
+    summary = Job(grid, config(tmp_path, min_nodes=7, min_replies=2, max_weight=100)).run().run_state["history"][1]
+    assert sorted((r["org"], r["reason"]) for r in summary["rejected"]) == [
+        ("org-0.4", "non_finite"), ("org-0.5", "non_finite"), ("org-0.6", "metric_value")]
+    assert summary["train_loss"] == (1.0 * 10 + 2.0 * 30 + 4.0 * 100) / 140
+
+
+def _evaluate_reply(records: dict[str, object]) -> Handler:
+    """Trains as a broken agent does (an error), evaluates with ``records`` as its reply's content."""
+    def handle(message: Message) -> Message:
+        if message.metadata.message_type == "train":
+            return failing(message)
+        if "error" in records:
+            return Message(Error(code=1, reason=str(records["error"])), reply_to=message)
+        return Message(RecordDict(records), reply_to=message)  # type: ignore[arg-type]
+    return handle
+
+
+HONEST_EVAL = {1: ({"num_examples": 4.0, "loss": 1.0, "accuracy": 0.25}, "bank-a"),
+               2: ({"num_examples": 12.0, "loss": 2.0, "accuracy": 0.75}, "bank-b")}
+HONEST_OVERALL = {"num_examples": 16.0, "loss": 1.75, "accuracy": 0.625, "perplexity": math.exp(1.75)}
+
+
+def _honest_evaluators() -> dict[int, Handler]:
+    return {node: honest(0.1 * node, eval_metrics=metrics, name=name) for node, (metrics, name) in HONEST_EVAL.items()}
+
+
+def test_bad_evaluate_replies_are_refused_by_name_and_the_overall_is_the_honest_one(tmp_path: Path) -> None:
+    from flwr.app import ConfigRecord, MetricRecord
+
+    def org(n: int) -> ConfigRecord:
+        return ConfigRecord({"name": f"attacker-{n}"})
+
+    good = {"num_examples": 4.0, "loss": 1.0, "accuracy": 1.0}
+    attacks: dict[int, tuple[dict[str, object], str]] = {
+        3: ({"organization": org(3)}, "malformed"),                                            # no metrics record
+        4: ({"metrics": MetricRecord({**good, "accuracy": [0.9, 1.0]}), "organization": org(4)}, "metric_value"),
+        5: ({"metrics": MetricRecord({**good, "loss": float("nan")}), "organization": org(5)}, "non_finite"),
+        6: ({"metrics": MetricRecord({**good, "accuracy": float("inf")}), "organization": org(6)}, "non_finite"),
+        7: ({"metrics": MetricRecord({**good, "loss": -1.0}), "organization": org(7)}, "metric_value"),
+        8: ({"metrics": MetricRecord({**good, "num_examples": 1e12}), "organization": org(8)}, "num_examples"),
+        9: ({"metrics": MetricRecord({**good, "num_examples": -5}), "organization": org(9)}, "num_examples"),
+        10: ({"metrics": MetricRecord({**good, "accuracy": 40.0}), "organization": org(10)}, "metric_value"),
+        11: ({"metrics": MetricRecord({"loss": 1.0, "accuracy": 1.0}), "organization": org(11)}, "num_examples"),
+        12: ({"metrics": ConfigRecord({"num_examples": 4.0}), "organization": org(12)}, "malformed"),
+        13: ({"metrics": MetricRecord({**good, "num_examples": 2.5}), "organization": org(13)}, "num_examples"),
+        14: ({"metrics": MetricRecord({**good, "num_examples": 65.0}), "organization": org(14)}, "num_examples"),
+        15: ({"error": "the evaluator crashed [/bold]"}, "client_error"),
+    }
+    handlers = _honest_evaluators()
+    handlers.update({node: _evaluate_reply(records) for node, (records, _) in attacks.items()})
+    cfg = config(tmp_path, min_nodes=len(handlers), min_replies=2, eval_max_examples=64)
+    history = Job(ScriptedGrid(handlers), cfg).run().run_state["history"]
+    for summary in history:                                                    # round 0 and round 1
+        assert sorted(summary["eval"]) == ["bank-a", "bank-b"]
+        assert summary["eval"]["bank-a"] == HONEST_EVAL[1][0] and summary["eval"]["bank-b"] == HONEST_EVAL[2][0]
+        assert summary["eval_overall"] == pytest.approx(HONEST_OVERALL, rel=1e-12)
+        got = {r["org"]: r["reason"] for r in summary["eval_rejected"]}
+        assert got == {f"attacker-{n}" if n != 15 else "node-15": reason for n, (_, reason) in attacks.items()}
+    json.dumps(history)
+
+
+def test_an_organization_cannot_take_another_organizations_row(tmp_path: Path) -> None:
+    """Node 3 calls itself bank-a (node 1's name): its reply counts under its own row
+    (node-3); bank-a's row stays node 1's. Names are bound once: node 1 cannot be
+    renamed later either, and node-N (every node's fallback) and 'overall' cannot be claimed."""
+    handlers = _honest_evaluators()
+    handlers[3] = honest(0.3, eval_metrics={"num_examples": 8.0, "loss": 0.5, "accuracy": 1.0}, name="bank-a")
+    handlers[4] = honest(0.4, eval_metrics={"num_examples": 8.0, "loss": 0.5, "accuracy": 1.0}, name="node-2")
+    handlers[5] = honest(0.5, eval_metrics={"num_examples": 8.0, "loss": 0.5, "accuracy": 1.0}, name="overall")
+    cfg = config(tmp_path, min_nodes=5)
+    history = Job(ScriptedGrid(handlers), cfg).run().run_state["history"]
+    for summary in history:
+        assert summary["eval"]["bank-a"] == HONEST_EVAL[1][0]
+        assert summary["eval"]["bank-b"] == HONEST_EVAL[2][0]
+        assert summary["eval"]["node-3"]["accuracy"] == 1.0
+        assert sorted(summary["eval"]) == ["bank-a", "bank-b", "node-3", "node-4", "node-5"]
+    refused = {(r["node"], r["claimed"]) for r in history[0]["names_refused"]}
+    assert refused == {("3", "bank-a"), ("4", "node-2"), ("5", "overall")}
+    assert history[1]["names_refused"] == []                                  # recorded once, not every round
+
+
+def test_enrolled_names_win_over_claims(tmp_path: Path) -> None:
+    """With node authentication the enrollment registry names the nodes: an unenrolled node
+    that claims an enrolled name, or an enrolled one claiming another's, takes nobody's row."""
+    handlers = _honest_evaluators()
+    handlers[1] = honest(0.1, eval_metrics=HONEST_EVAL[1][0], name="bank-b")    # enrolled as bank-a, claims bank-b
+    handlers[3] = honest(0.3, eval_metrics={"num_examples": 8.0, "loss": 0.5, "accuracy": 1.0}, name="bank-a")
+    cfg = config(tmp_path, min_nodes=3)
+    job = Job(ScriptedGrid(handlers), cfg, enrolled=lambda: {1: "bank-a", 2: "bank-b"})
+    history = job.run().run_state["history"]
+    assert history[-1]["eval"]["bank-a"] == HONEST_EVAL[1][0]
+    assert history[-1]["eval"]["bank-b"] == HONEST_EVAL[2][0]
+    assert sorted(history[-1]["eval"]) == ["bank-a", "bank-b", "node-3"]
+    assert sorted(history[-1]["accepted"]) == ["bank-a", "bank-b", "node-3"]
+
+
+def test_markup_in_names_and_details_is_printed_literally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names such as [/bold] neither crash nor restyle the per-round table, the reply lines
+    or the final table: each is rendered (the real rich objects) and appears as sent."""
+    import io
+
+    from rich.console import Console
+
+    import simulations.console as sim_console
+    from server.cli.report_table import report_table
+    from server.report import build_report
+
+    out = io.StringIO()
+    monkeypatch.setattr(sim_console, "console", Console(file=out, width=300, color_system=None))
+    names = {1: "[/bold]", 2: "[red]evil[/red] [link=http://x]y", 3: "[bold"}
+    handlers = {node: honest(0.1 * node, name=name) for node, name in names.items()}
+    handlers[4] = lambda m: (Message(Error(code=1, reason="boom [/] \x1b[31m\nforged line"), reply_to=m)
+                            if m.metadata.message_type == "train" else honest(0.4, name="[/]")(m))
+    cfg = config(tmp_path, min_nodes=4, min_replies=3)
+    history = Job(ScriptedGrid(handlers), cfg, observer=sim_console.RichObserver()).run().run_state["history"]
+    report = build_report(history, {"job_id": "markup [/job]", "strategy": "fedavg"})
+    final = io.StringIO()
+    Console(file=final, width=300, color_system=None).print(report_table(report))
+    printed, table = out.getvalue(), final.getvalue()
+    for name in [*names.values(), "[/]"]:
+        assert name in printed and name in table, name
+    assert "markup [/job]" in table
+    assert "boom [/] \\x1b[31m\\nforged line" in printed                      # escaped, on one line
+    assert "\x1b" not in printed
+
+
+def test_evaluate_reply_bound_and_duplicate_replies(tmp_path: Path) -> None:
+    """An evaluate reply above EVALUATE_MAX_BYTES, one from a node never asked, or a second
+    one from a node are refused by name; the honest rows stay."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+    from server.validation import EVALUATE_MAX_BYTES
+
+    def second_from_node_1(message: Message) -> Message:
+        if message.metadata.message_type == "train":
+            return failing(message)
+        reply = honest(0.0)(message)
+        reply.metadata.__dict__["_src_node_id"] = 1
+        return reply
+
+    def from_nowhere(message: Message) -> Message:
+        reply = second_from_node_1(message)
+        reply.metadata.__dict__["_src_node_id"] = 77
+        return reply
+
+    handlers = _honest_evaluators()
+    handlers[3] = _evaluate_reply({"metrics": MetricRecord({"num_examples": 4.0}),
+                                   "organization": ConfigRecord({"name": "big", "pad": b"\0" * EVALUATE_MAX_BYTES})})
+    handlers[4] = _evaluate_reply({"metrics": MetricRecord({"num_examples": 4.0}),
+                                   "t": ArrayRecord(array_dict={"x": Array(np.zeros(4, "<f4"))}, keep_input=True)})
+    handlers[5] = second_from_node_1
+    handlers[6] = from_nowhere
+    history = Job(ScriptedGrid(handlers), config(tmp_path, min_nodes=6, min_replies=2)).run().run_state["history"]
+    for summary in history:
+        assert summary["eval"] == {"bank-a": HONEST_EVAL[1][0], "bank-b": HONEST_EVAL[2][0]}
+        assert sorted(r["reason"] for r in summary["eval_rejected"]) == ["duplicate", "malformed", "malformed",
+                                                                         "oversized"]

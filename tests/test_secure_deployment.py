@@ -102,15 +102,16 @@ def test_enrolled_agent_joins_unenrolled_and_plaintext_agents_are_refused(tmp_pa
                 "node-wait-timeout": 90, "run-dir": str(run_dir)}
     coordinator_cmd = [SILOTUNE, "coordinator", "--pki-dir", str(pki_dir),
                        "--enroll", f"bank-a={keys['bank-a'].public_key}",
-                       "--state-dir", str(state_dir), "--port", str(port), "--timeout", "240"]
+                       "--state-dir", str(state_dir), "--port", str(port), "--timeout", "240",
+                       "--unsigned-app"]  # signed apps: tests/test_signed_app_deployment.py
     for key, value in settings.items():
         coordinator_cmd += ["--set", f"{key}={value}"]
     address = f"127.0.0.1:{port}"
     ca = str(pki_dir / "ca.pem")
     agent_cmds = {
-        "bank-x": ["--ca-cert", ca, "--private-key", str(keys["bank-x"].private_key)],
+        "bank-x": ["--ca-cert", ca, "--private-key", str(keys["bank-x"].private_key), "--unsigned-apps"],
         "bank-p": ["--insecure", "--max-wait-time", "20"],
-        "bank-a": ["--ca-cert", ca, "--private-key", str(keys["bank-a"].private_key)],
+        "bank-a": ["--ca-cert", ca, "--private-key", str(keys["bank-a"].private_key), "--unsigned-apps"],
     }
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("coordinator", *agent_cmds)}

@@ -229,5 +229,5 @@ def test_a_resumed_secure_dp_job_draws_the_same_noise(tmp_path):
     resumed = _dp_job(tmp_path / "resumed", _grid(), secure_aggregation=True, num_rounds=3).run()
     for name, value in straight.adapter.items():
         assert value.tobytes() == resumed.adapter[name].tobytes()
-    assert straight.strategy_state["noise_rng_state"].tobytes() == resumed.strategy_state["noise_rng_state"].tobytes()
+    assert straight.strategy_state == resumed.strategy_state == {}   # noise = f(key, round): no generator state
     assert straight.run_state["privacy"] == resumed.run_state["privacy"]

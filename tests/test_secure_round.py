@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -33,12 +33,16 @@ SHAPES = {"m.lora_A.weight": (4, 12), "m.lora_B.weight": (12, 4), "n.lora_A.weig
 
 class SecureGrid(Grid):
     """Nodes run clients/secure_aggregation.handle with a scripted trainer; a node
-    listed in ``silent`` for a stage never answers it (it dropped out)."""
+    listed in ``silent`` for a stage never answers it (it dropped out). ``node_configs``:
+    a node's Flower node config (default {}: the default policy, no node key). An
+    exception at a node becomes an error reply, as Flower's ClientApp runner makes it."""
 
     def __init__(self, deltas: dict[int, float], weights: dict[int, int],
-                 silent: dict[str, set[int]] | None = None) -> None:
+                 silent: dict[str, set[int]] | None = None, node_configs: dict[int, dict] | None = None) -> None:
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
         self.deltas, self.weights, self.silent = deltas, weights, silent or {}
+        self.node_configs = node_configs or {}
+        self.stages: list[tuple[str, int]] = []   # (stage, node) of every secure-aggregation instruction handled
         self.states = {node: RecordDict() for node in deltas}
         self._pending: dict[str, Message] = {}
         self._ids = itertools.count()
@@ -82,9 +86,15 @@ class SecureGrid(Grid):
             if not wire.is_secagg(message.content):   # a plain round: the trainer's reply as it is
                 replies.append(Message(self._trainer(node)(message.content), reply_to=message))
                 continue
-            content = client_side.handle(message.content, self.states[node], self._trainer(node))
-            if node not in self.silent.get(wire.stage_of(message.content)[0], set()):
-                replies.append(Message(content, reply_to=message))  # else: done, but the reply is lost
+            stage = message.content.config_records[wire.SECAGG_RECORD]["stage"]
+            self.stages.append((stage, node))
+            try:
+                reply = Message(client_side.handle(message.content, self.states[node], self._trainer(node),
+                                                   self.node_configs.get(node, {})), reply_to=message)
+            except Exception as ex:  # what Flower's runner sends back (flwr/supernode/runtime/run_clientapp.py)
+                reply = Message(Error(code=2, reason=str(type(ex)) + ":<'" + str(ex) + "'>"), reply_to=message)
+            if node not in self.silent.get(stage, set()):
+                replies.append(reply)  # else: done, but the reply is lost
         return replies
 
     def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]

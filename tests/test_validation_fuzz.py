@@ -8,7 +8,8 @@ fingerprint, adapter config, num_examples), tensor specs and arrays (dropped,
 added, renamed, reshaped, other dtypes and encodings, truncated bytes),
 values (NaN, Inf, huge norms, bad int8 scales), garbage or truncated header
 bytes, missing records, oversized replies, a second reply from node 1, a copy
-of node 1's update, a replay of node 1's round-1 update, an error reply.
+of node 1's update, a replay of node 1's round-1 update, an error reply,
+header metrics that are not finite, out of bounds or too many.
 
 Each example runs one real attempt of the round (``Job._attempt``: the same
 on_reply → UpdateValidator → codec checks → strategy path as production), and
@@ -17,11 +18,23 @@ reason expected when a single mutation was applied — that both honest updates
 are accepted, and that the aggregate equals, bit for bit, the one of the
 honest replies alone. A second test runs whole jobs (Job.run, checkpoints) with
 a fixed catalogue of attackers beside the honest organizations.
+
+Evaluate replies are fuzzed the same way (``Job._evaluate``, the real
+evaluate exchange): node 3's reply is built from a valid one with one to three
+mutations of its records (the metrics record dropped, of the wrong type, extra
+records, arrays) and metrics (lists, NaN/Inf, out-of-bounds loss, accuracy and
+perplexity, num_examples absent, fractional, 0, negative, 10^12, above
+eval-max-examples; bad or too many metric names, oversized), or replaced whole
+(an error, a second reply from node 1, a reply from a node never asked); it may
+also claim node 1's name or a name full of rich markup. Each must be refused
+with its named reason, and the evaluation must be exactly the honest rows and
+their overall.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,15 +43,17 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_round_loop import ScriptedGrid, config, honest
 
 from protos import codec
 from protos.errors import RejectReason
+from protos.records import METRICS_RECORD, ORG_RECORD
 from protos.round_config import CONFIG_RECORD, RoundConfig
 from server.job import Job
+from server.validation import EVALUATE_MAX_BYTES, MAX_METRIC_KEY, MAX_METRICS
 
 R = RejectReason
 FUZZ_NODE = 3
@@ -303,10 +318,28 @@ def m_int8_scale(d: Draft, index: int, scale: float) -> set[R]:
     return {R.NON_FINITE}
 
 
+def _metric_key_ok(key: str) -> bool:
+    return 0 < len(key) <= MAX_METRIC_KEY and key.isprintable()
+
+
+def m_header_metric(d: Draft, key: str, value: float) -> set[R]:
+    """A header metric: not finite, or a loss below zero (or under a name that is no name)."""
+    d.header.metrics[key] = value
+    if not _metric_key_ok(key):
+        return {R.MALFORMED}
+    return {R.NON_FINITE} if not np.isfinite(value) else {R.METRIC_VALUE}
+
+
+def m_header_metrics_many(d: Draft, count: int) -> set[R]:
+    for i in range(count):
+        d.header.metrics[f"m{i}"] = 1.0
+    return {R.MALFORMED}
+
+
 #: what a header of arbitrary bytes can earn: any check after the parse
 ANY_HEADER_REASON = {R.MALFORMED, R.PROTOCOL_VERSION, R.WRONG_KIND, R.WRONG_JOB, R.WRONG_ROUND,
                      R.BASE_MODEL_MISMATCH, R.ADAPTER_CONFIG_MISMATCH, R.TENSOR_NAMES, R.TENSOR_SHAPE,
-                     R.TENSOR_DTYPE, R.NON_FINITE, R.NUM_EXAMPLES}
+                     R.TENSOR_DTYPE, R.NON_FINITE, R.NUM_EXAMPLES, R.METRIC_VALUE}
 
 
 def m_header_garbage(d: Draft, data: bytes) -> set[R]:
@@ -400,6 +433,10 @@ MUTATIONS = st.one_of(
     st.tuples(st.just(m_header_type), st.sampled_from(["text, not bytes", 7, 1.5, True, [b"a"], _ABSENT])),
     st.tuples(st.just(m_drop_record), st.sampled_from(["header", "tensors"])),
     st.tuples(st.just(m_oversized), st.sampled_from(["array", "config", "org"]), st.integers(1, 4096)),
+    st.tuples(st.just(m_header_metric), st.sampled_from(["train_loss", "train_steps"]) | small_text,
+              st.sampled_from([np.nan, np.inf, -np.inf])),
+    st.tuples(st.just(m_header_metric), st.just("train_loss"), st.floats(-1e30, -1e-9)),
+    st.tuples(st.just(m_header_metrics_many), st.integers(MAX_METRICS + 1, 3 * MAX_METRICS)),
 )
 
 SIDE_TWEAKS = st.none() | st.tuples(st.just(m_org_record),
@@ -408,6 +445,138 @@ SIDE_TWEAKS = st.none() | st.tuples(st.just(m_org_record),
 RECIPES = st.integers(0, 99).flatmap(lambda dice: (   # ~15% whole-reply replacements
     st.tuples(st.just("replace"), st.sampled_from(sorted(REPLACEMENTS))) if dice < 15 else
     st.tuples(st.just("mutate"), st.lists(MUTATIONS, min_size=1, max_size=3), SIDE_TWEAKS)))
+
+
+# ---- evaluate replies: a draft, its mutations, the reasons they must earn -----------------
+
+EVAL_MAX = 64   # the arena's eval-max-examples (the default)
+
+
+@dataclass
+class EvalDraft:
+    metrics: dict[str, Any] | None
+    as_config: bool = False                       # the metrics sent as a ConfigRecord
+    org: ConfigRecord | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, instruction: Message) -> Message:
+        records: dict[str, Any] = {}
+        if self.metrics is not None:
+            records[METRICS_RECORD] = (ConfigRecord(self.metrics) if self.as_config else MetricRecord(self.metrics))
+        if self.org is not None:
+            records[ORG_RECORD] = self.org
+        records.update(self.extra)
+        return Message(RecordDict(records), reply_to=instruction)
+
+
+def e_drop_metrics(d: EvalDraft) -> set[R]:
+    d.metrics = None
+    return {R.MALFORMED}
+
+
+def e_as_config(d: EvalDraft) -> set[R]:
+    if d.metrics is None:
+        return set()
+    d.as_config = True
+    return {R.MALFORMED}
+
+
+def e_extra_record(d: EvalDraft, kind: str, name: str) -> set[R]:
+    name = "zz.fuzz." + name
+    if kind == "metric":
+        d.extra[name] = MetricRecord({"x": 1.0})
+    elif kind == "config":
+        d.extra[name] = ConfigRecord({"x": "y"})
+    else:
+        d.extra[name] = ArrayRecord(array_dict={"x": Array(np.zeros(8, "<f4"))}, keep_input=True)
+    return {R.MALFORMED}
+
+
+def e_set(d: EvalDraft, key: str, value: Any, reasons: set[R]) -> set[R]:
+    if d.metrics is None:
+        return set()
+    d.metrics[key] = value
+    return reasons if _metric_key_ok(key) else {R.MALFORMED}
+
+
+def e_list(d: EvalDraft, key: str, values: list[float]) -> set[R]:
+    return e_set(d, key, values, {R.METRIC_VALUE})
+
+
+def e_non_finite(d: EvalDraft, key: str, value: float) -> set[R]:
+    return e_set(d, key, value, {R.NON_FINITE})
+
+
+def e_count(d: EvalDraft, value: int | float) -> set[R]:
+    reasons = {R.NON_FINITE} if isinstance(value, float) and not np.isfinite(value) else {R.NUM_EXAMPLES}
+    return e_set(d, "num_examples", value, reasons)
+
+
+def e_bound(d: EvalDraft, key: str, value: float) -> set[R]:
+    return e_set(d, key, value, {R.METRIC_VALUE})
+
+
+def e_drop_key(d: EvalDraft, key: str) -> set[R]:
+    if d.metrics is None:
+        return set()
+    d.metrics.pop(key, None)
+    return {R.NUM_EXAMPLES} if key == "num_examples" else set()   # loss, accuracy: optional
+
+
+def e_bad_key(d: EvalDraft, key: str) -> set[R]:
+    return e_set(d, key, 1.0, {R.MALFORMED})
+
+
+def e_many(d: EvalDraft, count: int) -> set[R]:
+    if d.metrics is None:
+        return set()
+    d.metrics.update({f"m{i}": float(i) for i in range(count)})
+    return {R.MALFORMED}
+
+
+def e_oversized(d: EvalDraft, where: str, extra: int) -> set[R]:
+    if where == "metric" and d.metrics is not None:
+        d.metrics["pad"] = [0.0] * ((EVALUATE_MAX_BYTES + extra) // 8 + 1)
+    else:
+        d.org = ConfigRecord({"name": "x" * (EVALUATE_MAX_BYTES + extra)})
+    return {R.OVERSIZED}
+
+
+EVAL_REPLACEMENTS = {
+    "error reply": {R.CLIENT_ERROR},
+    "empty reply": {R.MALFORMED},
+    "second reply from node 1": {R.DUPLICATE},
+    "reply from a node never asked": {R.MALFORMED},
+}
+
+NAMES = st.none() | st.sampled_from(["org-0.1", "org-0.3", "[/bold]", "[red]x[/red]", "node-1", "overall", "",
+                                     "a\nb", "[link=http://x]y"])
+METRIC_KEYS = st.sampled_from(["num_examples", "loss", "accuracy", "perplexity", "resident_pid"]) | small_text
+
+EVAL_MUTATIONS = st.one_of(
+    st.tuples(st.just(e_drop_metrics)),
+    st.tuples(st.just(e_as_config)),
+    st.tuples(st.just(e_extra_record), st.sampled_from(["metric", "config", "array"]), small_text),
+    st.tuples(st.just(e_list), METRIC_KEYS, st.lists(st.floats(0, 1), max_size=4)),
+    st.tuples(st.just(e_non_finite), METRIC_KEYS, st.sampled_from([np.nan, np.inf, -np.inf])),
+    st.tuples(st.just(e_count), st.sampled_from([10**12, -5, 0, EVAL_MAX + 1, 2**62, 10**30, -(10**12)])
+              | st.integers(EVAL_MAX + 1, 2**63 - 1) | st.integers(-(2**63), 0)
+              | st.floats(0.01, EVAL_MAX).filter(lambda v: not v.is_integer())
+              | st.floats(EVAL_MAX + 1, 1e300) | st.sampled_from([np.nan, np.inf, -np.inf])),
+    st.tuples(st.just(e_bound), st.just("loss"), st.floats(-1e30, -1e-12)),
+    st.tuples(st.just(e_bound), st.just("accuracy"), st.floats(1.0001, 1e30) | st.floats(-1e30, -1e-12)),
+    st.tuples(st.just(e_bound), st.just("perplexity"), st.floats(-1e30, 0.9999)),
+    st.tuples(st.just(e_drop_key), st.just("num_examples")),   # not loss: that could undo a bad loss drawn before
+    st.tuples(st.just(e_bad_key), st.sampled_from(["", "bad\x00key", "k" * (MAX_METRIC_KEY + 1), "tab\tkey"])),
+    st.tuples(st.just(e_many), st.integers(MAX_METRICS + 1, 3 * MAX_METRICS)),
+    st.tuples(st.just(e_oversized), st.sampled_from(["metric", "org"]), st.integers(1, 4096)),
+)
+
+EVAL_RECIPES = st.integers(0, 99).flatmap(lambda dice: (
+    st.tuples(st.just("replace"), st.sampled_from(sorted(EVAL_REPLACEMENTS))) if dice < 10 else
+    st.tuples(st.just("mutate"), st.lists(EVAL_MUTATIONS, min_size=1, max_size=3), NAMES)))
+
+SEEN_EVAL: Counter[str] = Counter()
 
 
 # ---- the job under attack ---------------------------------------------------------------
@@ -438,11 +607,14 @@ class Fuzzed:
     def __init__(self) -> None:
         self.base = memoized(honest(0.2))           # the valid reply every recipe starts from
         self.recipe: Any = None
+        self.eval_recipe: Any = None                   # evaluate replies: valid unless set
         self.expected: set[R] = set()
         self.round1_reply: RecordDict | None = None   # node 1's round-1 content, for replays
 
     def __call__(self, message: Message) -> Message:
-        if message.metadata.message_type == "evaluate" or self.recipe is None:
+        if message.metadata.message_type == "evaluate":
+            return self.base(message) if self.eval_recipe is None else self._evaluate(message)
+        if self.recipe is None:
             return self.base(message)
         kind, *rest = self.recipe
         if kind == "replace":
@@ -456,6 +628,30 @@ class Fuzzed:
             expected |= mutation(draft, *params)
         if not expected:   # every mutation drawn found nothing to change: make it a clear-cut one
             expected = m_num_examples(draft)
+        self.expected = expected
+        return draft.build(message)
+
+    def _evaluate(self, message: Message) -> Message:
+        kind, *rest = self.eval_recipe
+        if kind == "replace":
+            what = rest[0]
+            self.expected = EVAL_REPLACEMENTS[what]
+            if what == "error reply":
+                return Message(Error(code=1, reason="fuzz: [/bold] the evaluator failed\n"), reply_to=message)
+            if what == "empty reply":
+                return Message(RecordDict(), reply_to=message)
+            reply = self.base(message)
+            reply.metadata.__dict__["_src_node_id"] = 1 if what == "second reply from node 1" else 77
+            return reply
+        mutations, name = rest
+        draft = EvalDraft(dict(self.base(message).content.metric_records[METRICS_RECORD]))
+        if name is not None:
+            draft.org = ConfigRecord({"name": name})
+        expected: set[R] = set()
+        for mutation, *params in mutations:
+            expected |= mutation(draft, *params)
+        if not expected:
+            expected = e_drop_key(draft, "num_examples")
         self.expected = expected
         return draft.build(message)
 
@@ -495,7 +691,7 @@ class Arena:
 def arena(tmp_path_factory: pytest.TempPathFactory) -> Arena:
     global LIMIT
     fuzzed = Fuzzed()
-    node1 = honest(0.1)
+    node1 = honest(0.1, eval_metrics=HONEST_EVAL[1])
 
     def recording_node1(message: Message) -> Message:
         reply = node1(message)
@@ -503,7 +699,8 @@ def arena(tmp_path_factory: pytest.TempPathFactory) -> Arena:
             fuzzed.round1_reply = reply.content
         return reply
 
-    grid = ScriptedGrid({1: memoized(recording_node1), 2: memoized(honest(0.3)), FUZZ_NODE: honest(0.5)})
+    grid = ScriptedGrid({1: memoized(recording_node1), 2: memoized(honest(0.3, eval_metrics=HONEST_EVAL[2])),
+                         FUZZ_NODE: honest(0.5)})
     cfg = config(tmp_path_factory.mktemp("fuzz"), min_nodes=2, min_replies=2, norm_bound=NORM_BOUND)
     job = Job(grid, cfg)
     LIMIT = job.validator.max_update_bytes
@@ -547,17 +744,51 @@ def test_the_fuzzing_reached_every_check() -> None:
     reachable = {R.MALFORMED, R.PROTOCOL_VERSION, R.WRONG_KIND, R.WRONG_JOB, R.WRONG_ROUND,
                  R.BASE_MODEL_MISMATCH, R.ADAPTER_CONFIG_MISMATCH, R.TENSOR_NAMES, R.TENSOR_SHAPE,
                  R.TENSOR_DTYPE, R.NON_FINITE, R.NORM_BOUND, R.NUM_EXAMPLES, R.CLIENT_ERROR, R.DUPLICATE,
-                 R.OVERSIZED}   # all but STRATEGY_REFUSED (fedavg refuses nothing) and later additions
+                 R.OVERSIZED, R.METRIC_VALUE}   # all but STRATEGY_REFUSED (fedavg refuses nothing)
     assert set(SEEN) >= {r.value for r in reachable}, SEEN
     assert sum(SEEN.values()) >= 1000
 
 
+HONEST_EVAL = {1: {"num_examples": 4.0, "loss": 1.0, "accuracy": 0.25},
+               2: {"num_examples": 12.0, "loss": 2.0, "accuracy": 0.75}}
+HONEST_OVERALL = {"num_examples": 16.0, "loss": 1.75, "accuracy": 0.625, "perplexity": math.exp(1.75)}
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(recipe=EVAL_RECIPES)
+def test_every_malformed_evaluate_reply_is_refused_by_name_and_changes_nothing(arena: Arena, recipe: Any) -> None:
+    arena.fuzzed.eval_recipe = recipe
+    try:
+        summary = arena.job._evaluate(arena.state, {"round": arena.state.server_round})
+    finally:
+        arena.fuzzed.eval_recipe = None
+        arena.state.history.pop()
+    assert len(summary["eval_rejected"]) == 1, (recipe, summary["eval_rejected"])
+    rejection = summary["eval_rejected"][0]
+    reason = RejectReason(rejection["reason"])
+    SEEN_EVAL[reason.value] += 1
+    assert reason in arena.fuzzed.expected, (recipe, rejection, arena.fuzzed.expected)
+    assert rejection["org"] == "org-0.5"                      # node 3's name, bound in round 0: never a claim's
+    assert summary["eval"] == {"org-0.1": HONEST_EVAL[1], "org-0.3": HONEST_EVAL[2]}, recipe
+    assert summary["eval_overall"] == pytest.approx(HONEST_OVERALL, rel=1e-12)
+
+
+def test_the_evaluate_fuzzing_reached_every_check() -> None:
+    if not SEEN_EVAL:
+        pytest.skip("the evaluate fuzz test did not run in this session")
+    reachable = {R.MALFORMED, R.NON_FINITE, R.NUM_EXAMPLES, R.METRIC_VALUE, R.CLIENT_ERROR, R.DUPLICATE, R.OVERSIZED}
+    assert set(SEEN_EVAL) == {r.value for r in reachable}, SEEN_EVAL
+    assert sum(SEEN_EVAL.values()) >= 1000
+
+
 # ---- whole jobs: a catalogue of attackers beside two honest organizations ----------------
 
-def _attacker(recipe: Any, fuzzed_round1: list[RecordDict]) -> Callable[[Message], Message]:
+def _attacker(recipe: Any, fuzzed_round1: list[RecordDict], eval_recipe: Any = None) -> Callable[[Message], Message]:
     def handle(message: Message) -> Message:
         fuzzed = Fuzzed()
         fuzzed.recipe = recipe
+        fuzzed.eval_recipe = eval_recipe
         if fuzzed_round1:
             fuzzed.round1_reply = fuzzed_round1[0]
         return fuzzed(message)
@@ -576,6 +807,18 @@ CATALOGUE = [
     ("mutate", [(m_encoding, 3, 2)], (m_org_record, "x" * 500)),
     ("replace", "copy of node 1's update"),
     ("replace", "error reply"),
+    ("mutate", [(m_header_metric, "train_loss", np.nan)], None),
+]
+
+EVAL_CATALOGUE = [   # what each attacker of CATALOGUE sends when asked to evaluate, in turn
+    ("mutate", [(e_drop_metrics,)], "org-0.1"),
+    ("mutate", [(e_list, "accuracy", [0.9, 1.0])], "[/bold]"),
+    ("mutate", [(e_non_finite, "loss", np.nan)], None),
+    ("mutate", [(e_count, 10**12)], "org-0.3"),
+    ("mutate", [(e_count, -5)], None),
+    ("mutate", [(e_bound, "accuracy", 40.0)], None),
+    ("mutate", [(e_extra_record, "array", "a")], None),
+    ("replace", "error reply"),
 ]
 
 
@@ -591,7 +834,8 @@ def test_whole_jobs_with_attackers_end_on_the_honest_adapter(tmp_path: Path) -> 
                 round1.append(reply.content)
             return reply
         handlers = {1: recording_node1, 2: honest(0.3)}
-        handlers.update({node: _attacker(recipe, round1) for node, recipe in attackers.items()})
+        handlers.update({node: _attacker(recipe, round1, EVAL_CATALOGUE[i % len(EVAL_CATALOGUE)])
+                         for i, (node, recipe) in enumerate(attackers.items())})
         grid = ScriptedGrid(handlers)
         cfg = config(tmp_path / where, num_rounds=2, min_nodes=len(handlers), min_replies=2,
                      norm_bound=NORM_BOUND)
@@ -611,7 +855,11 @@ def test_whole_jobs_with_attackers_end_on_the_honest_adapter(tmp_path: Path) -> 
     reasons = sorted(r["reason"] for r in history[1]["rejected"])
     assert reasons == sorted(["wrong_round", "base_model_mismatch", "adapter_config_mismatch", "non_finite",
                               "norm_bound", "malformed", "malformed", "oversized", "tensor_dtype",
-                              "duplicate", "client_error"])
+                              "duplicate", "client_error", "non_finite"])
+    for summary in history:                          # round 0 and both rounds: only the honest rows
+        assert sorted(summary["eval"]) == ["org-0.1", "org-0.3"], summary["eval"]
+        assert len(summary["eval_rejected"]) == len(CATALOGUE)
+        assert summary["eval_overall"]["num_examples"] == 8.0
     assert sorted(clean) == sorted(attacked)
     for name, value in clean.items():
         assert value.tobytes() == attacked[name].tobytes(), name

@@ -8,8 +8,12 @@ and runs the SuperNode until stopped — TLS and node authentication by default
 (ORG.key from `silotune pki org-key`) authenticates; a quick TLS handshake
 checks the coordinator's certificate against the CA before the SuperNode
 starts, so a wrong CA file is a named error here. `--insecure` opts out
-(local experiments only) with a warning.
-check: validates the silo file and prints a summary; nothing is sent anywhere.
+(local experiments only) with a warning. `--policy FILE` is the
+organization's policy (clients/policy.py), validated before anything starts
+and enforced on every instruction; without it, the default policy.
+check: validates the silo file and prints a summary (`--data`), and/or prints
+every rule of the policy the agent would enforce (`--policy`); nothing is sent
+anywhere.
 
 The coordinator's side is `silotune coordinator` (server/cli/coordinator.py).
 """
@@ -21,10 +25,14 @@ import json
 import socket
 import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from runtime.console import INSECURE_WARNING, console
+
+if TYPE_CHECKING:
+    from clients.policy import OrganizationPolicy
 
 AGENT_NEEDS_KEYS = (
     "TLS and node authentication are on by default: pass --ca-cert (the federation's ca.pem) and "
@@ -44,6 +52,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--private-key", help="this organization's node key (ORG.key from `silotune pki org-key`)")
     p.add_argument("--insecure", action="store_true",
                    help="opt out of TLS and node authentication (local experiments only)")
+    p.add_argument("--app-publisher-key", metavar="PUB",
+                   help="run only apps signed with this key (the federation's publisher.pub, `silotune pki "
+                        "app-key`); a modified or unsigned app gets an error reply and never runs. Required "
+                        "unless --insecure or --unsigned-apps")
+    p.add_argument("--unsigned-apps", action="store_true",
+                   help="opt out of the app signature check: any app the coordinator sends runs here")
     p.add_argument("--name", help="organization name shown in the coordinator's report")
     p.add_argument("--state-dir", help="logs and Flower state (default: runs/agent-<name>)")
     p.add_argument("--gpus", type=float, default=0.0,
@@ -55,14 +69,25 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "afresh and they load the base model again, so N > 1 pays off for large models and long "
                         "rounds only. Default 1: the resident trainer trains in-process")
     p.add_argument("--rank", type=int, help="LoRA rank this organization trains (heterogeneous-rank jobs)")
+    p.add_argument("--policy", metavar="FILE",
+                   help="this organization's policy (YAML): what the agent accepts from the coordinator — base "
+                        "models, job ids, floors on batch size, local steps and evaluation examples, secure "
+                        "aggregation, local DP and its own ε caps, metrics (README, 'Organization policy'); "
+                        "default: the built-in defaults (`silotune agent check --policy` shows them)")
+    p.add_argument("--trusted-peers", metavar="FILE",
+                   help="secure aggregation: the peer organizations' public keys (their ORG.pub lines) or SHA256: "
+                        "fingerprints, from them, not from the coordinator; every session must then be signed by "
+                        "them (default: peers' keys are not checked, the session floor is the only defence)")
     p.add_argument("--no-resident", action="store_true",
                    help="no Ray: every round's ClientApp process loads the base model itself")
     p.add_argument("--max-wait-time", type=float,
                    help="give up if the coordinator cannot be reached for this many seconds (default: retry)")
     p.set_defaults(handler=start)
 
-    p = actions.add_parser("check", help="validate and summarize a silo file; nothing is sent")
-    p.add_argument("--data", required=True)
+    p = actions.add_parser("check", help="validate and summarize a silo file, and/or show the policy the agent "
+                           "would enforce; nothing is sent")
+    p.add_argument("--data", help="a silo file to validate and summarize")
+    p.add_argument("--policy", metavar="FILE", help="a policy file: print every rule the agent would enforce")
     p.add_argument("--model", default="smollm2-135m", help="tokenizer for the length statistics")
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -71,7 +96,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def start(args: argparse.Namespace) -> int:
     from clients.agent import Agent
+    from clients.policy import load_policy
 
+    if args.policy:
+        load_policy(args.policy)  # a bad policy stops here, before any key, connection or process
     if args.insecure:
         if args.ca_cert or args.private_key:
             raise ValueError("--insecure turns TLS and node authentication off: drop --ca-cert/--private-key")
@@ -83,6 +111,7 @@ def start(args: argparse.Namespace) -> int:
 
         ca_cert, private_key, fingerprint = agent_files(args.ca_cert, args.private_key)
         security = {"insecure": False, "root_certificates": ca_cert, "auth_private_key": private_key}
+    security["app_publisher_key"] = app_publisher_key(args)  # only the federation's signed app runs
     split_address(args.coordinator)
     if args.insecure:
         console.print(INSECURE_WARNING)
@@ -92,7 +121,7 @@ def start(args: argparse.Namespace) -> int:
                       + ("certificate verified" if verified else "not reachable yet, the SuperNode will retry"))
     agent = Agent(args.data, args.coordinator, name=args.name, state_dir=args.state_dir,
                   resident=not args.no_resident, gpus=args.gpus, train_workers=args.train_workers,
-                  rank=args.rank,
+                  rank=args.rank, policy=args.policy, trusted_peers=args.trusted_peers,
                   supernode_options={**security, "max_wait_time": args.max_wait_time})
     agent.start()
     assert agent.silo is not None and agent.supernode is not None
@@ -102,16 +131,51 @@ def start(args: argparse.Namespace) -> int:
                   + (", resident trainer on Ray" if agent.resident else ", no resident trainer")
                   + (f", {agent.plan.train_workers} train workers" if agent.plan.distributed else "")
                   + "; Ctrl-C to leave the federation")
+    console.print(f"policy: {agent.policy_path or 'the defaults'} "
+                  "(`silotune agent check --policy FILE` lists every rule)")
     return agent.serve()
 
 
 def check(args: argparse.Namespace) -> int:
+    if not args.data and not args.policy:
+        raise ValueError("agent check: give --data (a silo file), --policy (a policy file), or both")
+    policy = None
+    if args.policy:
+        from clients.policy import load_policy
+
+        policy = load_policy(args.policy)  # a bad file: PolicyError naming the key (exit 2)
+    if args.json:
+        out: dict = {}
+        if args.data:
+            from clients.silo_check import check_silo
+
+            out = check_silo(args.data, model=args.model, max_length=args.max_length).as_dict()
+        if policy is not None:
+            out = {**({"silo": out} if args.data else {}), "policy": policy.as_dict()}
+        print(json.dumps(out, indent=2))
+        return 0
+    if policy is not None:
+        print_policy(policy, args.policy)
+    if args.data:
+        print_silo_summary(args)
+    return 0
+
+
+def print_policy(policy: "OrganizationPolicy", path: str) -> None:
+    """Every rule, its value in this policy, and what it means."""
+    table = Table(title=f"{path}: what this agent accepts from a coordinator")
+    table.add_column("rule", no_wrap=True)
+    table.add_column("value", max_width=28)
+    table.add_column("meaning", ratio=1)
+    for name, value, meaning in policy.rows():
+        table.add_row(name, value, meaning)
+    console.print(table)
+
+
+def print_silo_summary(args: argparse.Namespace) -> None:
     from clients.silo_check import check_silo
 
     summary = check_silo(args.data, model=args.model, max_length=args.max_length)
-    if args.json:
-        print(json.dumps(summary.as_dict(), indent=2))
-        return 0
     table = Table(title=f"{Path(args.data).name}: {summary.task} silo — nothing leaves this machine")
     table.add_column("")
     table.add_column("", justify="right")
@@ -124,7 +188,6 @@ def check(args: argparse.Namespace) -> int:
                   f"{tokens['min']:.0f} / {tokens['p50']:.0f} / {tokens['p95']:.0f} / {tokens['max']:.0f}")
     table.add_row(f"longer than max-length {summary.max_length}", f"{summary.truncated} (truncated in training)")
     console.print(table)
-    return 0
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -162,3 +225,30 @@ def check_coordinator_tls(address: str, ca_cert: Path, timeout: float = 5.0) -> 
                        "does it run --insecure? Then the agent needs --insecure too") from err
     except OSError:
         return False
+
+
+AGENT_NEEDS_PUBLISHER_KEY = (
+    "only the federation's signed app runs by default: pass --app-publisher-key (the federation's publisher.pub, "
+    "from `silotune pki app-key`), or --unsigned-apps to run any app the coordinator sends"
+)
+UNSIGNED_APPS_WARNING = ("[yellow]warning: no --app-publisher-key: any app the coordinator sends runs here, with "
+                         "access to the silo file[/yellow]")
+
+
+def app_publisher_key(args: argparse.Namespace) -> Path | None:
+    """The publisher key apps must be signed with (clients/app_launcher.py checks each one), or None.
+
+    None (any app runs, with a warning) only with --unsigned-apps or --insecure.
+    """
+    if args.app_publisher_key:
+        if args.unsigned_apps:
+            raise ValueError("--unsigned-apps turns the app signature check off: drop --app-publisher-key")
+        from runtime.app_signature import load_publisher_public_key, publisher_fingerprint
+
+        fingerprint = publisher_fingerprint(load_publisher_public_key(args.app_publisher_key))
+        console.print(f"only apps signed by publisher key {fingerprint} run here")
+        return Path(args.app_publisher_key).resolve()
+    if not (args.insecure or args.unsigned_apps):
+        raise ValueError(AGENT_NEEDS_PUBLISHER_KEY)
+    console.print(UNSIGNED_APPS_WARNING)
+    return None

@@ -9,29 +9,32 @@ organization's ``clients/secure_aggregation.py``.
 * ``prg``      — AES-128/256-CTR / ChaCha20 keystream → uniform ring elements; masks applied in place
 * ``keys``     — X25519 agreement, HKDF-SHA256 derivations, ChaCha20-Poly1305 sealing of shares
 * ``shamir``   — t-of-n sharing of 32-byte secrets over GF(2^521 − 1)
-* ``session``  — the public parameters of one session (participants, threshold, ring, P, PRG)
-* ``messages`` — what the parties send each other; mask signs and seed commitments
-* ``client``   — an organization's four stages (advertise, share keys, mask, unmask)
+* ``session``  — the public parameters of one session (participants, threshold, ring, P, PRG), its
+  digest (what signatures bind to) and an organization's floor (``Session.check_floor``)
+* ``identity`` — node-key signatures of advertised keys and survivor sets; the roster of trusted peers
+* ``messages`` — what the parties send each other; mask signs, seed and share commitments
+* ``client``   — an organization's stages (advertise, share keys, mask, consistency, unmask)
 * ``layout``   — an adapter as one flat vector and back
-* ``wire``     — the four exchanges' messages and record names as Flower records (both sides use only these)
+* ``wire``     — the exchanges' messages and record names as Flower records, versioned (both sides use only these)
 
-Threat model: an honest-but-curious coordinator and honest organizations
-that may drop out at any stage (up to N − t after masking). Not covered: a
-coordinator that lies about who dropped to *different* organizations
-(Bonawitz's active-security variant adds signatures and a consistency round),
-and a malicious organization that sends an out-of-range input: the
-coordinator cannot see inputs, so the norm bound and finiteness checks of
-plain aggregation do not apply to masked updates; clipping is the
-organizations' own.
+Threat model: organizations that may drop out at any stage (up to N − t after
+masking), some of which may be malicious, and a coordinator that may be
+malicious too — with what that needs from each organization: a session floor
+(its policy), its node key, and a roster of its peers' keys that it pins. What
+is defended, how, and what is not (out-of-range inputs, collusion beyond
+2t − N − 1 participants, a coordinator without a pinned roster, repeated
+sessions over one global): server/secure_aggregation/__init__.py, "Secure
+aggregation: what it defends".
 """
 
 from protos.secagg.client import MaskingClient
-from protos.secagg.errors import SecAggError, ThresholdError
+from protos.secagg.errors import SecAggError, SessionRefused, ThresholdError
+from protos.secagg.identity import TrustedPeers
 from protos.secagg.messages import PublicKeys, SealedShares, UnmaskShares
 from protos.secagg.ring import RingSpec
 from protos.secagg.session import Session
 
 __all__ = [
-    "MaskingClient", "PublicKeys", "RingSpec", "SealedShares", "SecAggError", "Session",
-    "ThresholdError", "UnmaskShares",
+    "MaskingClient", "PublicKeys", "RingSpec", "SealedShares", "SecAggError", "Session", "SessionRefused",
+    "ThresholdError", "TrustedPeers", "UnmaskShares",
 ]

@@ -20,10 +20,11 @@ each organization checks them before taking part (``validate``):
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
-from protos.secagg.errors import SecAggError
+from protos.secagg.errors import SecAggError, SessionRefused
 from protos.secagg.prg import DEFAULT_PRG, PRGS
 from protos.secagg.ring import RingSpec
 
@@ -63,6 +64,29 @@ class Session:
             raise SecAggError("empty update")
         if self.prg not in PRGS:
             raise SecAggError(f"unknown PRG {self.prg!r}; valid: {list(PRGS)}")
+
+    def digest(self) -> bytes:
+        """SHA-256 of every public parameter: what an organization's signatures bind to,
+        so peers that verify them know they were all shown the same session."""
+        return hashlib.sha256(b"silotune/secagg/v2 session" + self.to_json().encode()).digest()
+
+    def check_floor(self, floor: int) -> None:
+        """SessionRefused unless this session cannot unmask fewer than ``floor`` inputs.
+
+        An honest organization reveals shares only for a survivor set of at least t
+        (``MaskingClient.unmask``), and under a pinned roster only a set that at least t
+        organizations signed (so every honest organization was shown the same one); the
+        sum the coordinator unmasks then holds at least t inputs. So: N >= floor and
+        t >= floor (with t > N/2 from ``validate``: no organization's two secrets are
+        both revealed). A 2-party session — one organization and a participant the
+        coordinator runs — is what floor 3 refuses."""
+        n, t = len(self.participants), self.threshold
+        if n < floor:
+            raise SessionRefused(f"a session of {n} organizations, below this organization's floor of {floor}: "
+                                 "its update could be read from the sum")
+        if t < floor:
+            raise SessionRefused(f"threshold {t} would let a sum of {t} inputs be unmasked, below this "
+                                 f"organization's floor of {floor}")
 
     @staticmethod
     def default_threshold(n: int) -> int:

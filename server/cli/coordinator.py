@@ -12,8 +12,20 @@ address its own CLI dials) and runs `--enable-supernode-auth`;
 `--enroll ORG=ORG.pub` registers organizations as soon as the SuperLink is up
 (before the job is submitted); `silotune pki enroll` adds more while it runs.
 
+The control plane is the operator's only (server/gateway.py): the SuperLink
+listens on 127.0.0.1, where its port serves Fleet, Control and Runtime APIs;
+`--bind/--port` is the gateway, which forwards the Fleet API alone (TLS with
+the same certificate, so agents are unchanged) and refuses the Control and
+Runtime APIs. An authenticated operator is someone on this host (the `flwr`
+CLI and `silotune pki enroll/revoke/list` dial the SuperLink over loopback)
+or, with `--operator-port`, someone holding an operator certificate
+(`silotune pki operator-cert`): that listener demands it in the TLS
+handshake and forwards the Control API alone. `silotune operator-tunnel`,
+on the operator's machine, carries the `flwr` CLI to it.
+
 `--insecure` is an explicit opt-out (plain HTTP, any SuperNode accepted) for
-local experiments; it prints a warning.
+local experiments; it prints a warning. The gateway still forwards the
+Fleet API only; there is no operator listener without TLS.
 """
 
 from __future__ import annotations
@@ -44,13 +56,38 @@ def register(commands: argparse._SubParsersAction, read_run_config: RunConfigRea
                    help="opt out of TLS and node authentication (local experiments only)")
     p.add_argument("--state-dir", default="runs/coordinator", help="SuperLink database, logs, checkpoints")
     p.add_argument("--bind", default="127.0.0.1",
-                   help="address the SuperLink listens on (default 127.0.0.1; 0.0.0.0 for remote agents)")
-    p.add_argument("--port", type=int, help="SuperLink port (default: a free one)")
+                   help="address the gateway listens on for agents, Fleet API only (default 127.0.0.1; "
+                        "0.0.0.0 for remote agents); the SuperLink itself listens on 127.0.0.1 only")
+    p.add_argument("--port", type=int, help="the gateway's port for agents (default: a free one)")
+    p.add_argument("--operator-port", type=int,
+                   help="also serve the Control API to remote operators on this port, mutual TLS with an "
+                        "operator certificate (`silotune pki operator-cert`); default: off, operators work "
+                        "on this host")
+    p.add_argument("--operator-bind", help="address of the operator listener (default: --bind)")
+    p.add_argument("--max-request-mib", type=int, default=64,
+                   help="largest request body the gateway forwards, MiB (default 64; Flower sends arrays "
+                        "in 5 MiB chunks)")
     p.add_argument("--scenario", help="take the run config from a scenario file (its run-config section)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--app-dir", help="the Flower App folder (default: this silotune checkout)")
+    p.add_argument("--unsigned-app", action="store_true",
+                   help="submit the app without a signature (silotune-app.sig.json, `silotune pki sign-app`); "
+                        "only agents started with --unsigned-apps or --insecure will run it")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up on the run after this long")
     p.set_defaults(handler=coordinator, read_run_config=read_run_config)
+
+    p = commands.add_parser(
+        "operator-tunnel",
+        help="on an operator's machine: carry the `flwr` CLI to a coordinator's operator listener (mTLS)")
+    p.add_argument("--coordinator", required=True, metavar="HOST:PORT",
+                   help="the coordinator's operator listener (`silotune coordinator --operator-port`)")
+    p.add_argument("--ca-cert", required=True, help="the federation's ca.pem")
+    p.add_argument("--cert", required=True, help="your operator certificate (operator-NAME.pem)")
+    p.add_argument("--key", required=True, help="its private key (operator-NAME.key)")
+    p.add_argument("--port", type=int, help="local port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--state-dir", default="runs/operator-tunnel",
+                   help="where the `flwr` connection (flwr-home/config.toml) is written")
+    p.set_defaults(handler=operator_tunnel)
 
 
 def default_app_dir() -> Path:
@@ -63,13 +100,36 @@ def default_app_dir() -> Path:
     return root
 
 
+def check_app(app_dir: Path, *, unsigned_ok: bool) -> None:
+    """Refuse to submit an app folder that no longer matches its signature file (agents would refuse
+    its bundle), or an unsigned one unless `unsigned_ok` (--unsigned-app, --insecure): then a warning."""
+    from rich.markup import escape
+
+    from runtime.app_signature import AppUnsigned, check_app_dir
+
+    try:
+        signature = check_app_dir(app_dir)
+    except AppUnsigned as err:
+        if not unsigned_ok:
+            raise AppUnsigned(f"{err}; or pass --unsigned-app (only agents started with --unsigned-apps "
+                              "will run it)") from None
+        console.print(f"[yellow]warning: {escape(str(err))}. Only agents started with --unsigned-apps or "
+                      "--insecure run it[/yellow]")
+        return
+    console.print(f"app {app_dir}: {len(signature.files)} files signed by publisher key "
+                  f"{signature.key_fingerprint} (agents: --app-publisher-key with that key)")
+
+
 def coordinator(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+
     from runtime.flower_processes import LOCALHOST
     from runtime.keys import load_org_public_key
     from server.enrollment import enroll, parse_enroll_arg
+    from server.gateway import FLEET, OPERATOR, GatewayProcess, Listener
     from server.job_config import JobConfig
     from server.pki import coordinator_files
-    from server.superlink import BIND_ALL, SuperLinkProcess
+    from server.superlink import BIND_ALL, LOOPBACK, SuperLinkProcess
 
     state_dir = Path(args.state_dir).resolve()
     run_config = args.read_run_config(args.scenario, args.overrides)
@@ -77,39 +137,100 @@ def coordinator(args: argparse.Namespace) -> int:
     cfg = JobConfig.from_run_config(run_config)  # refuse a bad config before starting anything
     # Refuse bad security settings before starting anything too.
     to_enroll = [parse_enroll_arg(text) for text in args.enroll]
+    operator_bind = args.operator_bind or args.bind
+    if args.max_request_mib < 1:
+        raise ValueError("--max-request-mib must be at least 1")
     if args.insecure:
         if to_enroll:
             raise ValueError("--enroll needs node authentication, which --insecure turns off")
+        if args.operator_port:
+            raise ValueError("--operator-port needs TLS (mutual TLS with operator certificates), "
+                             "which --insecure turns off; operate from this host instead")
         console.print(INSECURE_WARNING)
         tls = None
     else:
-        dial_host = LOCALHOST if args.bind in BIND_ALL else args.bind
-        tls = coordinator_files(args.pki_dir, hosts=[dial_host])
+        # The SuperLink and its CLI are on loopback; agents dial --bind unless it binds every address.
+        hosts = [LOCALHOST] + [h for h in dict.fromkeys([args.bind, operator_bind])
+                               if h not in BIND_ALL and h not in LOOPBACK]
+        tls = coordinator_files(args.pki_dir, hosts=hosts)
         for _, key_path in to_enroll:
             load_org_public_key(key_path)
-    with SuperLinkProcess().start(state_dir, insecure=args.insecure, tls=tls, node_auth=tls is not None,
-                                  host=args.bind, port=args.port) as superlink:
+    app_dir = Path(args.app_dir).resolve() if args.app_dir else default_app_dir()
+    check_app(app_dir, unsigned_ok=args.insecure or args.unsigned_app)  # what the agents will check
+    listeners = [Listener(FLEET, args.bind, args.port or 0)]
+    if args.operator_port:
+        listeners.append(Listener(OPERATOR, operator_bind, args.operator_port))
+    with ExitStack() as stack:
+        superlink = stack.enter_context(SuperLinkProcess().start(
+            state_dir, insecure=args.insecure, tls=tls, node_auth=tls is not None, host=LOCALHOST))
+        scheme = "http" if tls is None else "https"
+        gateway = stack.enter_context(GatewayProcess().start(
+            state_dir, f"{scheme}://{superlink.address}", listeners, tls=tls,
+            upstream_ca=tls.ca_cert if tls is not None else None,
+            max_request_bytes=args.max_request_mib * 1024 * 1024))
+        public = gateway.listener(FLEET)
+        assert public is not None
+        console.print(f"SuperLink pid {superlink.pid} on {superlink.address} (loopback only: Fleet, Control "
+                      f"and Runtime APIs); gateway pid {gateway.pid} on {args.bind}:{public.port} "
+                      f"(Fleet API only{'' if tls is None else ', TLS'})")
+        operator_line = (f"operators: on this host (silotune pki enroll|revoke|list --coordinator-dir "
+                         f"{state_dir}; FLWR_HOME={state_dir / 'flwr-home'} flwr ls)")
+        op = gateway.listener(OPERATOR)
+        if op is not None:
+            operator_line += (f", or remotely with an operator certificate at {operator_bind}:{op.port} "
+                              "(mutual TLS; silotune operator-tunnel)")
         if tls is None:
-            console.print(f"SuperLink pid {superlink.pid} listening on {superlink.address} (plain HTTP); "
-                          f"agents: silotune agent start --insecure --coordinator {superlink.address} --data FILE")
+            console.print(f"plain HTTP; agents: silotune agent start --insecure --coordinator "
+                          f"{public.address} --data FILE")
         else:
             for name, key_path in to_enroll:
                 row = enroll(state_dir, name, key_path)
                 console.print(f"enrolled {row.name}: node {row.node_id}, key {row.fingerprint}")
             console.print(
-                f"SuperLink pid {superlink.pid} listening on {args.bind}:{superlink.port} (TLS, node auth); "
-                f"agents: silotune agent start --coordinator HOST:{superlink.port} --ca-cert {tls.ca_cert} "
-                f"--private-key ORG.key --data FILE; enroll more with: silotune pki enroll "
-                f"--coordinator-dir {state_dir} --name ORG --public-key ORG.pub")
-        run_id = superlink.submit_run(args.app_dir or default_app_dir(), run_config)
+                f"agents (TLS, node auth): silotune agent start --coordinator HOST:{public.port} "
+                f"--ca-cert {tls.ca_cert} --private-key ORG.key --data FILE; enroll more with: "
+                f"silotune pki enroll --coordinator-dir {state_dir} --name ORG --public-key ORG.pub")
+        console.print(operator_line)
+        run_id = superlink.submit_run(app_dir, run_config)
         console.print(f"job {cfg.job_id}: run {run_id} submitted; waiting for {cfg.min_nodes} organization(s)")
         status = superlink.wait_for_run(run_id, timeout=args.timeout)
         logs = superlink.run_logs(run_id)
         (state_dir / f"run-{run_id}.log").write_text(logs)
         if not status.endswith("completed"):
-            console.print(logs[-4000:])
+            console.print(logs[-4000:], markup=False)  # the run's log holds text from the network
             raise RuntimeError(f"run {run_id} ended {status}; full log in {state_dir}/run-{run_id}.log")
     report = json.loads((Path(cfg.run_dir) / "report.json").read_text())
     console.print(report_table(report))
     console.print(f"specialist: {report['specialist']}")
+    return 0
+
+
+TUNNEL_CONNECTION = "coordinator"  # the `flwr` connection `operator-tunnel` writes
+
+
+def operator_tunnel(args: argparse.Namespace) -> int:
+    """Serve the `flwr` CLI on 127.0.0.1 and forward its Control API calls to the coordinator's
+    operator listener, presenting the operator certificate (the `flwr` CLI cannot present one)."""
+    from runtime.flower_processes import LOCALHOST, free_port
+    from runtime.keys import load_ca
+    from server.gateway import TUNNEL, Listener, build_servers, run, serve
+    from server.pki import verify_operator_cert
+
+    host, sep, port = args.coordinator.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"--coordinator {args.coordinator!r}: expected HOST:PORT")
+    load_ca(args.ca_cert)
+    name = verify_operator_cert(args.ca_cert, args.cert, args.key)
+    local = Listener(TUNNEL, LOCALHOST, args.port or free_port())
+    servers = build_servers([local], f"https://{args.coordinator}", upstream_ca=args.ca_cert,
+                            upstream_cert=args.cert, upstream_key=args.key)
+    flwr_home = Path(args.state_dir).resolve() / "flwr-home"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{TUNNEL_CONNECTION}"\n\n[superlink.{TUNNEL_CONNECTION}]\n'
+        f'address = "{local.address}"\ninsecure = true\n', encoding="utf-8")
+    console.print(f"operator {name}: 127.0.0.1:{local.port} → {args.coordinator} (mutual TLS, Control API only); "
+                  f"anyone on this machine can use this port while it runs. Ctrl-C to stop.")
+    console.print(f"  FLWR_HOME={flwr_home} flwr supernode list {TUNNEL_CONNECTION}   (or flwr ls, flwr stop ...)")
+    run(serve(servers))
     return 0

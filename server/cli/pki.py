@@ -3,9 +3,12 @@
   silotune pki init        --dir pki [--days N]                  CA key (0600) + self-signed CA cert
   silotune pki server-cert --dir pki --host H [--host H2 ...]    coordinator TLS key + cert (SANs)
   silotune pki org-key     --dir keys --name ORG                 an organization's node key pair
+  silotune pki operator-cert --dir pki --name NAME [--out DIR]   an operator's client certificate (mTLS)
   silotune pki enroll      --coordinator-dir DIR --name ORG --public-key ORG.pub
   silotune pki revoke      --coordinator-dir DIR --name ORG
   silotune pki list        --coordinator-dir DIR
+  silotune pki app-key     --dir pki                             the federation's app-publisher key pair
+  silotune pki sign-app    --key pki/publisher.key --app-dir .   sign the app folder (silotune-app.sig.json)
 
 Who runs what: the coordinator's operator runs init and server-cert, and hands
 `pki/ca.pem` to every organization; each organization runs org-key, keeps
@@ -14,6 +17,13 @@ ORG.key and sends ORG.pub to the operator, who enrolls it (at start with
 against the running coordinator: enrollment registers the key with the live
 SuperLink, see server/enrollment.py). `pki revoke` removes an organization;
 its agent is disconnected at its next heartbeat.
+
+operator-cert is for the coordinator's operator only (never for an
+organization): a client certificate signed by the CA, EKU clientAuth, that
+the coordinator's operator listener (`silotune coordinator --operator-port`)
+demands in the TLS handshake before it forwards anything to the Control API.
+On the coordinator host the operator needs none: `pki enroll/revoke/list` and
+the `flwr` CLI dial the SuperLink over loopback.
 """
 
 from __future__ import annotations
@@ -49,6 +59,25 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--name", required=True, help="organization name")
     p.add_argument("--force", action="store_true", help="replace an existing key pair")
     p.set_defaults(handler=org_key)
+
+    p = sub.add_parser("operator-cert",
+                       help="issue an operator's client certificate for the operator listener (mutual TLS)")
+    p.add_argument("--dir", required=True, help="PKI directory holding the CA")
+    p.add_argument("--name", required=True, help="operator name (becomes the certificate's CN)")
+    p.add_argument("--out", help="where to write operator-NAME.pem/.key (default: --dir)")
+    p.add_argument("--days", type=int, default=90, help="validity in days (default 90; there is no revocation list)")
+    p.add_argument("--force", action="store_true", help="replace an existing operator certificate")
+    p.set_defaults(handler=operator_cert)
+
+    p = sub.add_parser("app-key", help="create the federation's app-publisher key pair (publisher.key, .pub)")
+    p.add_argument("--dir", required=True, help="where to write the keys (publisher.key stays with the signer)")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair")
+    p.set_defaults(handler=app_key)
+
+    p = sub.add_parser("sign-app", help="sign the app folder: the files its bundle will hold (silotune-app.sig.json)")
+    p.add_argument("--key", required=True, help="the federation's publisher.key (from `silotune pki app-key`)")
+    p.add_argument("--app-dir", default=".", help="the Flower App folder (default: .)")
+    p.set_defaults(handler=sign_app)
 
     p = sub.add_parser("enroll", help="register an organization's public key with a running coordinator")
     p.add_argument("--coordinator-dir", default=DEFAULT_COORDINATOR_DIR,
@@ -92,6 +121,19 @@ def server_cert(args: argparse.Namespace) -> int:
     return 0
 
 
+def operator_cert(args: argparse.Namespace) -> int:
+    from runtime.keys import load_certificate
+    from server.pki import issue_operator_cert
+
+    files = issue_operator_cert(args.dir, args.name, days=args.days, out_dir=args.out, force=args.force)
+    cert = load_certificate(files.cert)
+    console.print(f"operator certificate {files.cert} for {files.name} "
+                  f"(client authentication only, valid until {cert.not_valid_after_utc:%Y-%m-%d})")
+    console.print(f"operator private key {files.key} (mode 0600): give both only to that operator, never to "
+                  f"an organization; with {files.ca_cert} they open the coordinator's --operator-port")
+    return 0
+
+
 def org_key(args: argparse.Namespace) -> int:
     from runtime.keys import create_org_key
 
@@ -100,6 +142,26 @@ def org_key(args: argparse.Namespace) -> int:
                   f"silotune agent start --private-key {files.private_key}")
     console.print(f"public key fingerprint {files.fingerprint}: send the public key to the coordinator's operator")
     print(files.public_key)  # plain last line: the public key path, for scripts
+    return 0
+
+
+def app_key(args: argparse.Namespace) -> int:
+    from runtime.app_signature import create_publisher_key
+
+    files = create_publisher_key(args.dir, force=args.force)
+    console.print(f"app publisher private key {files.private_key} (mode 0600): stays with whoever signs the app; "
+                  f"silotune pki sign-app --key {files.private_key} --app-dir APP")
+    console.print(f"app publisher public key {files.public_key}, fingerprint {files.fingerprint}: give it to every "
+                  f"organization (silotune agent start --app-publisher-key {files.public_key.name})")
+    return 0
+
+
+def sign_app(args: argparse.Namespace) -> int:
+    from runtime.app_signature import sign_app as do_sign
+
+    path, signature = do_sign(args.app_dir, args.key)
+    console.print(f"signed {len(signature.files)} files of the app's bundle with publisher key "
+                  f"{signature.key_fingerprint}: {path} (sign again after any change to the folder)")
     return 0
 
 

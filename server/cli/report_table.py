@@ -1,4 +1,9 @@
-"""The final table of a job's report (report.json), for `silotune coordinator` and `silotune simulate`."""
+"""The final table of a job's report (report.json), for `silotune coordinator` and `silotune simulate`.
+
+Organization names came from the network (a claim, or an enrolled name): every
+cell and the title are rich Text, never markup, so a name such as ``[/bold]``
+is printed as written and cannot break or restyle the table.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,9 @@ import math
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
+
+from server.validation import network_text
 
 
 def format_metric(value: float | None, kind: str) -> str:
@@ -15,11 +23,17 @@ def format_metric(value: float | None, kind: str) -> str:
     return f"{value:.3f}" if kind == "accuracy" else f"{value:.2f}"
 
 
+def plain(value: object, limit: int = 200) -> Text:
+    """Text from the network (or a report file) as a rich cell: printable, no markup."""
+    return Text(network_text(value, limit))
+
+
 def report_table(report: dict[str, Any]) -> Table:
     """Base model vs federated specialist, per organization and overall."""
     has_accuracy = any("accuracy" in m["base"] for m in report["organizations"].values())
-    table = Table(title=f"{report['job_id']}: base model vs federated specialist "
-                        f"({report['rounds']} rounds, {report['strategy']}) — held-out split of each organization")
+    table = Table(title=plain(f"{report['job_id']}: base model vs federated specialist "
+                              f"({report['rounds']} rounds, {report['strategy']}) — held-out split of each organization",
+                              500))
     table.add_column("organization")
     table.add_column("test examples", justify="right")
     if has_accuracy:
@@ -30,7 +44,7 @@ def report_table(report: dict[str, Any]) -> Table:
     rows = list(report["organizations"].items()) + [("overall", report["overall"])]
     for org, pair in rows:
         base, spec = pair["base"], pair["specialist"]
-        cells = [org, f"{int(spec.get('num_examples', 0))}"]
+        cells: list[Text | str] = [plain(org), f"{int(spec.get('num_examples', 0))}"]
         if has_accuracy:
             delta = spec.get("accuracy", math.nan) - base.get("accuracy", math.nan)
             cells += [format_metric(base.get("accuracy"), "accuracy"), format_metric(spec.get("accuracy"), "accuracy"),

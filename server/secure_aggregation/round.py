@@ -1,10 +1,11 @@
 """One round attempt under secure aggregation: four Flower exchanges instead
-of one (the stages: this package's docstring), then the strategy.
+of one, five when the organizations sign their keys (the stages: this
+package's docstring), then the strategy.
 
 ``SecureRound.run`` reads as the protocol does: advertise → share keys →
-mask → unmask → finish. Each stage is one ``_exchange`` of TRAIN messages
+mask → (consistency) → unmask → finish. Each stage is one ``_exchange`` of TRAIN messages
 whose replies go to a stage's reply handler (``_keys_reply``,
-``_shares_reply``, ``_masked_reply``, ``_unmask_reply``), which parses them and
+``_shares_reply``, ``_masked_reply``, ``_consistency_reply``, ``_unmask_reply``), which parses them and
 hands them to the ``SecAggCoordinator`` (coordinator.py); the stage then
 closes the coordinator's stage, which names who goes on to the next one.
 What the stages share lives in one ``_Attempt``.
@@ -32,7 +33,12 @@ expected tensors (``check_secure_header``), its vector has the ring's dtype
 and P + 1 values, and it is not a copy of another organization's masked input
 this session. The masked values themselves are uniform ring elements: there
 is no finiteness or norm to check, and the organizations' own clipping is what
-bounds them. A replay from another round or attempt fails its header or its
+bounds them (the unmasked sum is checked against what honest inputs can make).
+A signed advertisement must verify under the node key it names, one key per
+index; a consistency signature under the signer's; an unmask share must be the
+one its dealer committed to dealing that organization — else the reply is
+refused with reason ``secure_aggregation`` and a detail that names who and what,
+and the stage goes on without it. A replay from another round or attempt fails its header or its
 session id (both sides bind every message to the session).
 """
 
@@ -68,8 +74,9 @@ log = logging.getLogger("silotune.server")
 #: replies pulled at once in the key, share and unmask exchanges (a few KiB each)
 SMALL_PULL_BATCH = 64
 #: what a share-keys or unmask reply carries per other organization, with room to
-#: spare: an index and a sealed pair of shares (160 bytes), or one share (66 bytes)
-PEER_BYTES = 256
+#: spare: an index, a sealed pair of shares (160 bytes) and the commitments to both
+#: (64 bytes), or one share (66 bytes)
+PEER_BYTES = 384
 
 #: ``on_reply(node, reply, accepted, detail)``
 ReplyObserver = Callable[[int, Message | None, bool, str], None]
@@ -81,7 +88,7 @@ def max_reply_bytes(stage: str, session: Session, corrections: bool = False) -> 
     correction is P + 1 ring elements; plus the header slack of a plain update."""
     vector = session.vector_length * session.ring.dtype.itemsize
     peers = len(session.participants) * PEER_BYTES
-    extra = {wire.ADVERTISE: 0, wire.SHARE_KEYS: peers, wire.MASK: vector,
+    extra = {wire.ADVERTISE: 0, wire.SHARE_KEYS: peers, wire.MASK: vector, wire.CONSISTENCY: 0,
              wire.UNMASK: peers + (vector if corrections else 0)}[stage]
     return HEADER_SLACK_BYTES + extra
 
@@ -93,6 +100,9 @@ class SecureSettings:
     threshold: int = 0          # shares to unmask; 0 or below ⌊N/2⌋+1: ⌊N/2⌋+1
     prg: str = DEFAULT_PRG
     survivor_corrections: bool = True   # after dropouts, survivors remove their masks with the dropped
+    #: the smallest threshold offered (up to N): organizations refuse a t below their session
+    #: floor (clients/secure_aggregation.py; 3 by default), so 3 organizations get t = 3
+    min_threshold: int = 3
 
 
 @dataclass
@@ -154,7 +164,7 @@ class SecureRound:
     def session_for(self, job_id: str, server_round: int, nodes: list[int], reference: Adapter,
                     secure_input: SecureInput = SecureInput()) -> Session:
         n = len(nodes)
-        threshold = max(self.settings.threshold, Session.default_threshold(n))
+        threshold = max(self.settings.threshold, Session.default_threshold(n), min(n, self.settings.min_threshold))
         if threshold > n:
             raise SecAggError(f"secagg-threshold {self.settings.threshold} exceeds the {n} sampled organizations")
         session_id = (struct.pack("<I", server_round) + os.urandom(16) + job_id.encode())[:64]
@@ -196,7 +206,8 @@ class SecureRound:
             roster = self._advertise(attempt)
             routing = self._share_keys(attempt, roster)
             survivors, dropped = self._mask(attempt, routing, train_content)
-            result = self._unmask(attempt, survivors, dropped)
+            signatures = self._consistency(attempt, survivors, dropped) if attempt.coordinator.signed else None
+            result = self._unmask(attempt, survivors, dropped, signatures)
         except SecAggError as err:   # ThresholdError included: no aggregate this attempt
             return self._no_aggregate(attempt, err)
         return self._finish(attempt, result, reference, strategy, secure_input)
@@ -208,7 +219,8 @@ class SecureRound:
         """The session (indices 1..N in node id order) and its coordinator."""
         nodes = sorted(sampled)
         session = self.session_for(job_id, server_round, nodes, reference, secure_input)
-        coordinator = SecAggCoordinator(session, self.settings.survivor_corrections)
+        coordinator = SecAggCoordinator(session, self.settings.survivor_corrections,
+                                        name=lambda i: f"{self.node_name(nodes[i - 1])} (index {i})")
         return _Attempt(server_round, nodes, session, coordinator, expectation, on_reply or (lambda *_: None))
 
     def _advertise(self, attempt: _Attempt) -> dict[int, PublicKeys]:
@@ -233,18 +245,35 @@ class SecureRound:
         sealed for it, trains and answers with its masked input, which the
         coordinator adds to the running sum and drops. Returns (survivors U3,
         dropped U2 \\ U3)."""
-        self._exchange(attempt, wire.MASK, attempt.nodes_at(routing),
-                       lambda node: _mask_content(train_content, attempt.session_id, routing[attempt.index[node]]),
-                       _masked_reply, large=True)
-        return attempt.coordinator.unmask_request()
+        coordinator = attempt.coordinator
 
-    def _unmask(self, attempt: _Attempt, survivors: list[int], dropped: list[int]) -> SecAggResult:
-        """Stage 4: the survivors learn who survived and who dropped and answer with
-        the shares that remove the masks (and, when asked, their correction);
-        the coordinator unmasks the sum."""
+        def content_for(node: int) -> RecordDict:
+            index = attempt.index[node]
+            return _mask_content(train_content, attempt.session_id, routing[index], coordinator.commitments_for(index))
+
+        self._exchange(attempt, wire.MASK, attempt.nodes_at(routing), content_for, _masked_reply, large=True)
+        return coordinator.unmask_request()
+
+    def _consistency(self, attempt: _Attempt, survivors: list[int], dropped: list[int]) -> dict[int, bytes]:
+        """Stage 4, signed sessions only: each survivor signs the survivor and dropped
+        sets; the signers (at least t) are the ones asked to unmask, and each of them
+        sees every signature, so that none reveals shares for sets that others did not see."""
+        content = _instruction(wire.consistency_instruction(attempt.session_id, survivors, dropped))
+        self._exchange(attempt, wire.CONSISTENCY, attempt.nodes_at(survivors), lambda node: content,
+                       _consistency_reply)
+        return attempt.coordinator.consistency_signatures()
+
+    def _unmask(self, attempt: _Attempt, survivors: list[int], dropped: list[int],
+                signatures: dict[int, bytes] | None = None) -> SecAggResult:
+        """Stage 5: the survivors (the signers, in a signed session) learn who survived and
+        who dropped and answer with the shares that remove the masks (and, when asked,
+        their correction); a reply with a share that is not the one its dealer committed
+        to is refused by name, and the coordinator unmasks the sum from the others."""
         corrections = attempt.coordinator.asks_corrections
-        content = _instruction(wire.unmask_instruction(attempt.session_id, survivors, dropped, corrections))
-        self._exchange(attempt, wire.UNMASK, attempt.nodes_at(survivors), lambda node: content, _unmask_reply,
+        content = _instruction(wire.unmask_instruction(attempt.session_id, survivors, dropped, corrections,
+                                                       signatures))
+        targets = sorted(signatures) if signatures is not None else survivors
+        self._exchange(attempt, wire.UNMASK, attempt.nodes_at(targets), lambda node: content, _unmask_reply,
                        large=corrections)   # then each reply carries P values
         return attempt.coordinator.finish()
 
@@ -326,11 +355,12 @@ def _instruction(record: ConfigRecord) -> RecordDict:
     return RecordDict({wire.SECAGG_RECORD: record})
 
 
-def _mask_content(train_content: RecordDict, session_id: bytes, sealed_for_node: dict[int, bytes]) -> RecordDict:
-    """The train instruction plus the shares sealed for this node; the train
-    instruction's records are shared, not copied."""
+def _mask_content(train_content: RecordDict, session_id: bytes, sealed_for_node: dict[int, bytes],
+                  commitments: dict[int, tuple[bytes, bytes]]) -> RecordDict:
+    """The train instruction plus the shares sealed for this node and their dealers'
+    commitments; the train instruction's records are shared, not copied."""
     content = RecordDict(dict(train_content.items()))
-    content[wire.SECAGG_RECORD] = wire.mask_instruction(session_id, sealed_for_node)
+    content[wire.SECAGG_RECORD] = wire.mask_instruction(session_id, sealed_for_node, commitments)
     return content
 
 
@@ -362,6 +392,11 @@ def _masked_reply(attempt: _Attempt, node: int, reply: Message) -> None:
     attempt.coordinator.add_masked(claimed, vector)
     attempt.masked_digests.add(digest)
     attempt.notify(node, reply, True, "masked input summed")
+
+
+def _consistency_reply(attempt: _Attempt, node: int, reply: Message) -> None:
+    claimed, signature = wire.parse_consistency_reply(reply.content, attempt.session_id)
+    attempt.coordinator.add_consistency(attempt.own_index(node, claimed), signature)
 
 
 def _unmask_reply(attempt: _Attempt, node: int, reply: Message) -> None:
