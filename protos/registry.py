@@ -17,6 +17,7 @@ import threading
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Registry(Generic[T]):
@@ -41,6 +42,9 @@ class Registry(Generic[T]):
         # are serialised by Python's own module locks, and holding one of ours
         # across an import could deadlock against a thread importing a member.
         self._scan = threading.local()
+        # build function -> (the members it was built from, what it built); replaced whole,
+        # so a reader on another thread sees either the old pair or the new one
+        self._derived: dict[Callable[..., Any], tuple[tuple[tuple[str, T], ...], Any]] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         """Class decorator: ``@STRATEGIES.register("fedavg")``."""
@@ -119,6 +123,22 @@ class Registry(Generic[T]):
     def __contains__(self, name: object) -> bool:
         self._discover()
         return isinstance(name, str) and name.lower() in self._members
+
+    def derived(self, build: Callable[[tuple[tuple[str, T], ...]], R]) -> R:
+        """``build(members)`` — a lookup table, a check over all members — rebuilt only
+        when the members change (a module registered later, or removed by a test)."""
+        members = tuple(self.items())
+        cached = self._derived.get(build)
+        if cached is not None and cached[0] == members:
+            return cached[1]
+        value = build(members)
+        self._derived[build] = (members, value)
+        return value
+
+
+def where(member: object) -> str:
+    """module.qualname of a member, for error messages."""
+    return _qualname(member)
 
 
 def _qualname(member: object) -> str:

@@ -37,6 +37,18 @@ from pathlib import Path
 import psutil
 
 LOCALHOST = "127.0.0.1"
+BIND_ALL = ("0.0.0.0", "::", "[::]")  # bind-all hosts, dialled over 127.0.0.1
+
+
+def dial_host(host: str) -> str:
+    """The host this machine dials to reach a server bound to ``host`` (loopback for a bind-all host)."""
+    return LOCALHOST if host in BIND_ALL else host
+
+
+def dial_address(host: str, port: int) -> str:
+    """host:port as dialled from this machine (IPv6 hosts in brackets)."""
+    dialled = dial_host(host)
+    return f"[{dialled}]:{port}" if ":" in dialled else f"{dialled}:{port}"
 
 
 # --------------------------------------------------------------------------- ports

@@ -84,8 +84,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from runtime.flower_processes import LOCALHOST, TAG_ENV, ManagedProcess, free_port, wait_for_port
-from server.superlink import BIND_ALL
+from runtime.flower_processes import LOCALHOST, TAG_ENV, ManagedProcess, dial_address, dial_host, free_port, wait_for_port
 
 log = logging.getLogger("silotune.gateway")
 
@@ -462,13 +461,12 @@ class Listener:
 
     @property
     def dial_host(self) -> str:
-        return LOCALHOST if self.host in BIND_ALL else self.host
+        return dial_host(self.host)
 
     @property
     def address(self) -> str:
         """host:port as dialled from this machine (loopback for a bind-all host)."""
-        host = self.dial_host
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return dial_address(self.host, self.port)
 
     def spec(self) -> str:
         return f"{self.role}@{self.host}:{self.port}"
@@ -631,7 +629,7 @@ class GatewayProcess(ManagedProcess):
         if tls is None and any(item.role == OPERATOR for item in listeners):
             raise ValueError("the operator listener needs tls= (mutual TLS with operator certificates)")
         self.listeners = [Listener(item.role, item.host, item.port or
-                                   free_port(LOCALHOST if item.host in BIND_ALL else item.host))
+                                   free_port(dial_host(item.host)))
                           for item in listeners]
         state_dir = Path(state_dir).resolve()
         state_dir.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from runtime.flower_processes import (
+    dial_address,
+    dial_host,
     LOCALHOST,
     ManagedProcess,
     flower_env,
@@ -53,7 +55,6 @@ from runtime.flower_processes import (
 )
 
 CONNECTION_NAME = "silotune"
-BIND_ALL = ("0.0.0.0", "::", "[::]")  # bind-all hosts, dialled over 127.0.0.1
 LOOPBACK = (LOCALHOST, "localhost")  # the only hosts a SuperLink may listen on
 FINISHED = "finished"  # run status prefix: finished:completed|failed|stopped
 #: with node authentication, the ServerApp (started by the SuperLink, inheriting its environment)
@@ -204,7 +205,7 @@ class SuperLinkProcess(ManagedProcess):
         flwr_home = self.state_dir / "flwr-home"
         flwr_home.mkdir(parents=True, exist_ok=True)
         self.host = host
-        self.port = port or free_port(LOCALHOST if host in BIND_ALL else host)
+        self.port = port or free_port(dial_host(host))
         self.log_path = self.state_dir / "superlink.log"
         self.env = flower_env(flwr_home, tag=self.tag,
                               extra={ENROLLMENT_STATE_ENV: str(self.state_dir)} if node_auth else None)
@@ -244,13 +245,12 @@ class SuperLinkProcess(ManagedProcess):
     @property
     def dial_host(self) -> str:
         """The host this machine dials to reach the SuperLink (loopback for a bind-all host)."""
-        return LOCALHOST if self.host in BIND_ALL else self.host
+        return dial_host(self.host)
 
     @property
     def address(self) -> str:
         """host:port of the single HTTP API (Fleet, Control and Runtime), as dialled locally."""
-        host = self.dial_host
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return dial_address(self.host, self.port)
 
     # SuperNodes' `--superlink` and the CLI connection both use the one port.
     fleet_address = address

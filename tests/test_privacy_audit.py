@@ -9,7 +9,8 @@ into Flower's protobuf Message (``message_to_proto``), as the SuperNode sends
 it, and back. Each reply's serialized bytes are captured — the whole of what
 the organization sent: header, tensors, metrics, organization record, errors.
 
-The audit then searches every captured message for
+The audit then searches every captured message (the checker is tests/privacy_checks.py,
+shared with the audit of a real deployment's traffic, tests/test_privacy_audit_deployment.py) for
 
 * **record text** — every 20-byte window (UTF-8; latin-1 text is the same
   bytes) of every raw field of both silo files (article text, question,
@@ -20,7 +21,8 @@ The audit then searches every captured message for
   little-endian uint16, int32, int64 and float32 at any byte offset; and, in
   the decoded records, any 8 consecutive numbers of a config/metric list or of
   an Array equal to such a window (protobuf varints would hide the ids from a
-  byte search).
+  byte search);
+* **per-example metrics** — every metric must be a single number, never a list.
 
 A negative control proves the checker is not blind: replies that leak a
 record's text (in a ConfigRecord) or its token ids (as an int64 Array, as
@@ -31,27 +33,23 @@ functions, while the captured honest replies are not.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # type: ignore[attr-defined]
+from privacy_checks import ID_WINDOW, Secrets, leaks, record_leaks, silo_secrets
 from test_round_loop import ScriptedGrid, config
 
 from clients.app import app as client_app
-from clients.formatting import encode_example
-from clients.silo import load_silo
 from clients.silo.corpora import load_bbc_news, load_construction_faq
 from runtime.base_model import load_tokenizer
 from server.job import Job
 
-TEXT_WINDOW = 20       # bytes of record text that count as a leak
-ID_WINDOW = 8          # consecutive token ids that count as a leak
-ID_DTYPES = ("<u2", "<i4", "<i8", "<f4")
 ROWS = 24              # records per silo
 MAX_LENGTH = 96
 
@@ -65,103 +63,6 @@ def write_silos(folder: Path) -> dict[str, Path]:
     paths["newsroom"].write_text("".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in news))
     paths["law-firm"].write_text("".join(json.dumps({"instruction": q, "response": a}) + "\n" for q, a, _ in faq))
     return paths
-
-
-@dataclass
-class Secrets:
-    """Byte windows of record text and token-id windows, from both silos."""
-
-    text: set[bytes] = field(default_factory=set)
-    ids: dict[str, set[bytes]] = field(default_factory=lambda: {d: set() for d in ID_DTYPES})
-    id_tuples: set[tuple[int, ...]] = field(default_factory=set)
-    sources: int = 0
-
-    def add_text(self, text: str) -> None:
-        data = text.encode("utf-8")
-        for start in range(len(data) - TEXT_WINDOW + 1):
-            window = data[start : start + TEXT_WINDOW]
-            if len(set(window)) >= 6:        # not a run of spaces or dashes: a piece of the record
-                self.text.add(window)
-        self.sources += 1
-
-    def add_ids(self, ids: list[int]) -> None:
-        for start in range(len(ids) - ID_WINDOW + 1):
-            window = tuple(int(i) for i in ids[start : start + ID_WINDOW])
-            if len(set(window)) < 3:
-                continue
-            self.id_tuples.add(window)
-            for dtype in ID_DTYPES:
-                self.ids[dtype].add(np.asarray(window, dtype=dtype).tobytes())
-
-
-def silo_secrets(paths: dict[str, Path], tokenizer: Any) -> Secrets:
-    secrets = Secrets()
-    for path in paths.values():
-        for line in path.read_text().splitlines():
-            for value in json.loads(line).values():
-                secrets.add_text(value)
-                secrets.add_ids(tokenizer(value, add_special_tokens=False).input_ids)
-        for example in load_silo(path).examples:     # as the trainer sees them
-            secrets.add_text(example.prompt)
-            secrets.add_text(example.answer)
-            secrets.add_ids(encode_example(tokenizer, example.prompt, example.answer, MAX_LENGTH).input_ids)
-    return secrets
-
-
-# ---- the checker ------------------------------------------------------------------------
-
-def byte_leaks(raw: bytes, secrets: Secrets) -> list[str]:
-    """Record text or token-id windows found anywhere in a message's bytes."""
-    found: list[str] = []
-    for start in range(len(raw) - TEXT_WINDOW + 1):
-        if raw[start : start + TEXT_WINDOW] in secrets.text:
-            found.append(f"record text at byte {start}: {raw[start:start + TEXT_WINDOW]!r}")
-            break
-    for dtype, windows in secrets.ids.items():
-        width = ID_WINDOW * np.dtype(dtype).itemsize
-        for start in range(len(raw) - width + 1):
-            if raw[start : start + width] in windows:
-                found.append(f"token ids as {dtype} at byte {start}")
-                break
-    return found
-
-
-def _numbers(value: Any) -> Iterable[list[float]]:
-    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-        yield [float(v) for v in value]
-
-
-def record_leaks(message: Message, secrets: Secrets) -> list[str]:
-    """Token-id windows among the numbers of the decoded records (lists, arrays)."""
-    if not message.has_content():
-        return []
-    sequences: list[tuple[str, list[float]]] = []
-    for name, record in message.content.config_records.items():
-        for key, value in record.items():
-            sequences += [(f"{name}.{key}", seq) for seq in _numbers(value)]
-    for name, record in message.content.metric_records.items():
-        for key, value in record.items():
-            sequences += [(f"{name}.{key}", seq) for seq in _numbers(value)]
-    for name, record in message.content.array_records.items():
-        for key, array in record.items():
-            try:
-                values = array.numpy().ravel()
-            except Exception:
-                continue
-            if values.dtype.kind in "iuf":
-                sequences.append((f"{name}.{key}", values.astype(np.float64).tolist()))
-    found = []
-    for where, seq in sequences:
-        for start in range(len(seq) - ID_WINDOW + 1):
-            window = seq[start : start + ID_WINDOW]
-            if all(float(v).is_integer() for v in window) and tuple(int(v) for v in window) in secrets.id_tuples:
-                found.append(f"token ids in {where} at {start}")
-                break
-    return found
-
-
-def leaks(raw: bytes, secrets: Secrets) -> list[str]:
-    return byte_leaks(raw, secrets) + record_leaks(message_from_proto(ProtoMessage.FromString(raw)), secrets)
 
 
 # ---- a run with every organization message captured -------------------------------------
@@ -202,7 +103,7 @@ def audited_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Sent], S
     cfg = config(folder / "run", job_id="privacy-audit", num_rounds=2, min_nodes=2, round_timeout=300.0,
                  local_steps=2, batch_size=4, max_length=MAX_LENGTH, eval_max_examples=4, learning_rate=5e-3)
     final = Job(grid, cfg).run()
-    secrets = silo_secrets(silos, load_tokenizer("tiny-llama"))
+    secrets = silo_secrets(silos.values(), load_tokenizer("tiny-llama"), MAX_LENGTH)
     return outbox, secrets, final.run_state
 
 

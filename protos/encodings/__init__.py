@@ -42,7 +42,7 @@ from typing import ClassVar, Mapping
 
 import numpy as np
 
-from protos.registry import Registry
+from protos.registry import Registry, where
 
 ENCODINGS: Registry[type["UpdateEncoding"]] = Registry("encoding", "protos.encodings", name_attr="name")
 
@@ -77,9 +77,6 @@ class UpdateEncoding(ABC):
         return shape
 
 
-#: (the registry's members when the table was built, the table); replaced whole,
-#: so a reader on another thread sees either the old pair or the new one
-_table: tuple[tuple, dict[int, type[UpdateEncoding]]] = ((), {})
 
 
 def by_wire_id() -> Mapping[int, type[UpdateEncoding]]:
@@ -89,26 +86,24 @@ def by_wire_id() -> Mapping[int, type[UpdateEncoding]]:
     registry's few members with those the table was built from is small next
     to a decode, and a module registered later (or removed by a test) is seen.
     """
-    global _table
-    members = tuple(ENCODINGS.items())
-    built_from, table = _table
-    if members == built_from:
-        return table
-    table = {}
+    return ENCODINGS.derived(_by_wire_id_table)
+
+
+def _by_wire_id_table(members: tuple) -> dict:
+    table: dict = {}
     for name, encoding in members:
         wire_id = getattr(encoding, "wire_id", None)
         if not isinstance(wire_id, int) or not 0 < wire_id <= _WIRE_ID_MAX:
-            raise ValueError(f"encoding {name!r} ({_where(encoding)}): wire id {wire_id!r} is not in "
+            raise ValueError(f"encoding {name!r} ({where(encoding)}): wire id {wire_id!r} is not in "
                              f"1..{_WIRE_ID_MAX} (0 is ENCODING_UNSPECIFIED)")
         if not isinstance(getattr(encoding, "wire_dtype", None), np.dtype):
-            raise ValueError(f"encoding {name!r} ({_where(encoding)}): wire_dtype must be a numpy dtype, "
+            raise ValueError(f"encoding {name!r} ({where(encoding)}): wire_dtype must be a numpy dtype, "
                              f"got {getattr(encoding, 'wire_dtype', None)!r}")
         other = table.get(wire_id)
         if other is not None:
-            raise ValueError(f"encodings {other.name!r} ({_where(other)}) and {name!r} ({_where(encoding)}) "
+            raise ValueError(f"encodings {other.name!r} ({where(other)}) and {name!r} ({where(encoding)}) "
                              f"share wire id {wire_id}: each needs its own Encoding value")
         table[wire_id] = encoding
-    _table = (members, table)
     return table
 
 
@@ -123,5 +118,3 @@ def encoding_names() -> list[str]:
     return [encoding.name for _, encoding in sorted(by_wire_id().items())]
 
 
-def _where(encoding: object) -> str:
-    return f"{getattr(encoding, '__module__', '?')}.{getattr(encoding, '__qualname__', repr(encoding))}"

@@ -129,7 +129,8 @@ def coordinator(args: argparse.Namespace) -> int:
     from server.gateway import FLEET, OPERATOR, GatewayProcess, Listener
     from server.job_config import JobConfig
     from server.pki import coordinator_files
-    from server.superlink import BIND_ALL, LOOPBACK, SuperLinkProcess
+    from runtime.flower_processes import BIND_ALL
+    from server.superlink import LOOPBACK, SuperLinkProcess
 
     state_dir = Path(args.state_dir).resolve()
     run_config = args.read_run_config(args.scenario, args.overrides)

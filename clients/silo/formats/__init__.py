@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import ClassVar, Mapping
 
 from clients.silo.formats._common import RawTable, decode_utf8, table_from_columns
-from protos.registry import Registry
+from protos.registry import Registry, where
 
 __all__ = [
     "FORMATS",
@@ -74,9 +74,6 @@ FORMATS: Registry[type[SiloFormat]] = Registry("silo format", "clients.silo.form
 
 register_format = FORMATS.register
 
-#: (the registry's members when the table was built, the table); replaced whole,
-#: so a reader on another thread sees either the old pair or the new one
-_table: tuple[tuple, dict[str, type[SiloFormat]]] = ((), {})
 
 
 def by_extension() -> Mapping[str, type[SiloFormat]]:
@@ -86,28 +83,26 @@ def by_extension() -> Mapping[str, type[SiloFormat]]:
     declares a malformed extension: which format reads a file must never
     depend on import order. Rebuilt only when the registry's members change.
     """
-    global _table
-    members = tuple(FORMATS.items())
-    built_from, table = _table
-    if members == built_from:
-        return table
-    table = {}
+    return FORMATS.derived(_by_extension_table)
+
+
+def _by_extension_table(members: tuple) -> dict:
+    table: dict = {}
     for name, fmt in members:
         extensions = getattr(fmt, "extensions", None)
         if isinstance(extensions, str) or not isinstance(extensions, (tuple, list)) or not extensions:
-            raise ValueError(f"silo format {name!r} ({_where(fmt)}): extensions must be a non-empty tuple "
+            raise ValueError(f"silo format {name!r} ({where(fmt)}): extensions must be a non-empty tuple "
                              f"such as ('.{name}',), got {extensions!r}")
         for extension in extensions:
             if not _valid_extension(extension):
-                raise ValueError(f"silo format {name!r} ({_where(fmt)}): extension {extension!r} must be "
+                raise ValueError(f"silo format {name!r} ({where(fmt)}): extension {extension!r} must be "
                                  "lower case, start with '.' and contain no other '.', space or '/'")
             other = table.get(extension)
             if other is not None and other is not fmt:
-                raise ValueError(f"silo formats {other.name!r} ({_where(other)}) and {name!r} ({_where(fmt)}) "
+                raise ValueError(f"silo formats {other.name!r} ({where(other)}) and {name!r} ({where(fmt)}) "
                                  f"both claim the extension {extension!r}; each extension must be read by "
                                  "one format (remove or rename one of them)")
             table[extension] = fmt
-    _table = (members, table)
     return table
 
 
@@ -122,5 +117,3 @@ def _valid_extension(extension: object) -> bool:
             and not any(c.isspace() or c in "/\\" for c in extension))
 
 
-def _where(fmt: object) -> str:
-    return f"{getattr(fmt, '__module__', '?')}.{getattr(fmt, '__qualname__', repr(fmt))}"
