@@ -9,12 +9,19 @@ live in this node's Flower ``context.state`` between rounds.
 Under secure aggregation a TRAIN message is one of four exchanges
 (clients/secure_aggregation.py); its train stage runs the same round work.
 
-A refused instruction (another base model, another adapter config) raises
-UpdateRejected: Flower turns it into an error reply that the coordinator logs
-with its reason.
+A refused instruction (another base model, another adapter config, a policy
+rule) raises UpdateRejected: Flower turns it into an error reply that the
+coordinator logs with its reason. Any other failure leaves as its type only
+(``InstructionFailed``): Flower sends an exception's text verbatim, and a
+text may quote a record (a silo error naming a row's content); the whole
+error stays in the organization's own log.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -23,7 +30,32 @@ from clients import round_work, secure_aggregation
 from clients.node_config import TRAINER_ACTOR_KEY
 from clients.resident_trainer import run_on_resident_trainer
 
+from protos.errors import UpdateRejected
+from protos.secagg.errors import SecAggError
+
+log = logging.getLogger("silotune.client")
+
 app = ClientApp()
+
+#: failures whose text is ours and holds no data: reason codes, rule names, shapes, fingerprints
+SAFE_TO_SEND = (UpdateRejected, SecAggError)
+
+
+class InstructionFailed(RuntimeError):
+    """An instruction failed here; the coordinator learns the error's type, not its text."""
+
+
+def _nothing_of_the_data_in_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except SAFE_TO_SEND:
+            raise
+        except Exception as err:
+            log.error("instruction failed: %s: %s", type(err).__name__, err, exc_info=err)
+            raise InstructionFailed(f"{type(err).__name__} (details in the organization's log)") from None
+    return guarded
 
 
 def _run(kind: str, content: RecordDict, context: Context) -> RecordDict:
@@ -40,6 +72,7 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@_nothing_of_the_data_in_errors
 def train(msg: Message, context: Context) -> Message:
     if secure_aggregation.is_secure(msg.content):  # one of secure aggregation's four exchanges
         reply = secure_aggregation.handle(msg.content, context.state, lambda content: _run("train", content, context),
@@ -49,5 +82,6 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_nothing_of_the_data_in_errors
 def evaluate(msg: Message, context: Context) -> Message:
     return _handle("evaluate", msg, context)

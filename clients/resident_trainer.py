@@ -23,6 +23,7 @@ from flwr.app import RecordDict
 
 from clients import resident, round_work
 from clients.policy import PolicyViolation
+from protos.errors import UpdateRejected
 from clients.node_config import NAMESPACE, RAY_ADDRESS_KEY, TRAINER_ACTOR_KEY
 
 
@@ -63,3 +64,5 @@ def run_on_resident_trainer(kind: str, content: RecordDict, node_config: dict, s
         return ray.get(actor.handle.remote(kind, content, dict(node_config), state))
     except PolicyViolation as refusal:  # Ray's copy carries the actor's traceback: the reply names the rule only
         raise PolicyViolation(refusal.rule, refusal.detail) from None
+    except UpdateRejected as refusal:  # likewise: the reason and its detail, without the traceback
+        raise UpdateRejected(refusal.reason, refusal.detail) from None

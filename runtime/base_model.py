@@ -32,6 +32,11 @@ log = logging.getLogger("silotune.model")
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny-llama"
 BUILTIN_MODELS = (SMOLLM2, TINY)
+#: What a Hugging Face user loads for a builtin (``from_pretrained(id)``); the
+#: tiny random Llama exists only inside silotune, so it has none.
+HUB_IDS: dict[str, str] = {SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+#: The base model's license, as a Hub model card writes it (builtins only).
+LICENSES: dict[str, str] = {SMOLLM2: "apache-2.0"}
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -40,6 +45,23 @@ def cache_root() -> Path:
     root = Path(os.environ.get("SILOTUNE_CACHE", Path.home() / ".cache" / "silotune"))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def hub_id(name: str) -> str | None:
+    """The Hugging Face Hub id of a builtin model (None for ``tiny-llama``); other names are returned as given."""
+    if name in BUILTIN_MODELS:
+        return HUB_IDS.get(name)
+    return name
+
+
+def builtin_for(name: str) -> str | None:
+    """The builtin a Hub id stands for (so an exported adapter maps back to the exact, local weights), else None."""
+    if name in BUILTIN_MODELS:
+        return name
+    for builtin, hub in HUB_IDS.items():
+        if name == hub:
+            return builtin
+    return None
 
 
 def _smollm2_package_dir() -> Path:
@@ -72,7 +94,7 @@ def _smollm2_folder() -> Path:
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        model.config.name_or_path = HUB_IDS[SMOLLM2]
         tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -45,7 +45,7 @@ def run_job(grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None) -
     if job.stop_reason:
         provenance["stopped_early"] = job.stop_reason
     run_dir = Path(cfg.run_dir)
-    out = export_specialist(final, run_dir / SPECIALIST_DIR, provenance, overwrite=True)
+    out = export_specialist(final, run_dir / SPECIALIST_DIR, provenance, overwrite=True, history=history)
     meta = {"job_id": cfg.job_id, "model": cfg.model, "strategy": cfg.strategy, "specialist": str(out)}
     for key in ("differential_privacy", "stopped_early"):
         if key in provenance:

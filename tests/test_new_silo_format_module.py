@@ -21,7 +21,7 @@ import clients.silo.formats
 from clients.silo import SiloFileEmpty, SiloFormatError, SiloMissingColumn, load_silo, render_classification_prompt
 from clients.silo.formats import FORMATS, RawTable, SiloFormat, by_extension
 
-BUILT_IN = (".jsonl", ".csv", ".parquet")
+BUILT_IN = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 
 # the whole of what a contributor writes (besides its test)
 TSV_SOURCE = '''
@@ -128,7 +128,7 @@ def test_the_built_in_formats_are_listed_in_their_order() -> None:
     from clients.silo import SUPPORTED_EXTENSIONS
 
     assert SUPPORTED_EXTENSIONS == clients.silo.supported_extensions() == BUILT_IN
-    assert FORMATS.names() == ["jsonl", "csv", "parquet"]
+    assert FORMATS.names() == ["jsonl", "json", "csv", "parquet", "arrow"]
     for name, fmt in FORMATS.items():
         assert fmt.name == name and fmt.__module__ == f"clients.silo.formats.{name}"
 
@@ -181,7 +181,7 @@ def test_a_new_silo_format_module_is_read_by_load_silo(tsv_plugin: Path) -> None
     with pytest.raises(SiloFormatError) as info:
         load_silo(other)
     assert str(info.value) == (f"{other}: unsupported file extension '.txt'; "
-                               "supported: .jsonl, .csv, .parquet, .tsv")
+                               f"supported: {', '.join(BUILT_IN)}, .tsv")
 
 
 def test_once_removed_a_format_is_unsupported_again(tsv_plugin: Path) -> None:
@@ -191,7 +191,7 @@ def test_once_removed_a_format_is_unsupported_again(tsv_plugin: Path) -> None:
     FORMATS.unregister("tsv")
     with pytest.raises(SiloFormatError) as info:
         load_silo(path)
-    assert str(info.value) == f"{path}: unsupported file extension '.tsv'; supported: .jsonl, .csv, .parquet"
+    assert str(info.value) == f"{path}: unsupported file extension '.tsv'; supported: {', '.join(BUILT_IN)}"
 
 
 def test_two_formats_claiming_one_extension_are_refused(clashing_plugin: Path) -> None:

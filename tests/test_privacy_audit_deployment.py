@@ -46,12 +46,14 @@ report's history holds bank's error reply, and every agent sent its masked input
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -67,6 +69,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.proto.fleet_pb2 import PushMessagesResponse  # type: ignore[attr-defined]
+from flwr.proto.message_pb2 import PushObjectRequest  # type: ignore[attr-defined]
 from flwr.supercore.inflatable.inflatable_object import get_object_head_values_from_object_content
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.protobuf.translation import PROTOBUF_REQUEST_TYPES
@@ -81,8 +84,10 @@ from privacy_checks import (
     record_sequences,
     silo_secrets,
 )
+from test_secure_deployment import survivors
 
-from protos.records import ORG_RECORD
+from protos import codec
+from protos.records import HEADER_RECORD, ORG_RECORD
 from protos.secagg.wire import MASKED_RECORD, SECAGG_RECORD
 from runtime.base_model import load_tokenizer
 from runtime.flower_processes import alive, free_port, stop_process_tree
@@ -170,7 +175,7 @@ class RecordingProxy:
         self.server_tls = server_tls
         self.upstream_tls = upstream_tls
         self.ports: dict[str, int] = {}
-        self.errors: list[str] = []
+        self.errors: list[tuple[float, str]] = []   # (monotonic time, what)
         self._counter = itertools.count(1)
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task] = set()
@@ -197,14 +202,27 @@ class RecordingProxy:
         up_file, down_file = open(f"{base}.up", "wb"), open(f"{base}.down", "wb")
         upstream: asyncio.StreamWriter | None = None
         try:
-            up_reader, upstream = await asyncio.open_connection("127.0.0.1", self.upstream_port,
-                                                                ssl=self.upstream_tls, server_hostname="127.0.0.1")
+            try:
+                up_reader, upstream = await asyncio.open_connection(
+                    "127.0.0.1", self.upstream_port, ssl=self.upstream_tls, server_hostname="127.0.0.1")
+            except OSError as err:
+                # the gateway is gone (the job is over): what the agent sends still gets recorded
+                self.errors.append((time.monotonic(), f"{base.name}: {err!r}"))
+                with contextlib.suppress(asyncio.TimeoutError, ConnectionError, ssl.SSLError):
+                    while data := await asyncio.wait_for(reader.read(1 << 16), 2.0):
+                        up_file.write(data)
+                return
 
             async def agent_to_gateway() -> None:
+                relaying = True
                 while data := await reader.read(1 << 16):
                     up_file.write(data)        # recorded before it is relayed: nothing goes out unrecorded
-                    upstream.write(data)
-                    await upstream.drain()
+                    if relaying:
+                        try:
+                            upstream.write(data)
+                            await upstream.drain()
+                        except (ConnectionError, ssl.SSLError, RuntimeError):
+                            relaying = False   # the gateway went away: keep recording what the agent sends
 
             async def gateway_to_agent() -> None:
                 while data := await up_reader.read(1 << 16):
@@ -218,15 +236,13 @@ class RecordingProxy:
             if receiving in done and sending in pending:
                 # the gateway closed: let what the agent already sent through, then close its side
                 await asyncio.wait({sending}, timeout=1.0)
-            for task_ in pending:
-                task_.cancel()
-            for task_ in (sending, receiving):
-                if task_.done() and not task_.cancelled() and task_.exception() is not None:
-                    exc = task_.exception()
+            for side in (sending, receiving):
+                if not side.done():
+                    side.cancel()
+                elif not side.cancelled() and side.exception() is not None:
+                    exc = side.exception()
                     if not isinstance(exc, (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError)):
-                        self.errors.append(f"{base.name}: {exc!r}")
-        except (ConnectionError, ssl.SSLError, OSError) as err:
-            self.errors.append(f"{base.name}: {err!r}")
+                        self.errors.append((time.monotonic(), f"{base.name}: {exc!r}"))
         finally:
             up_file.close()
             down_file.close()
@@ -376,7 +392,7 @@ def rebuild(pushed: Pushed, pool: dict[str, bytes]) -> RecordDict | None:
     if not pushed.tree.children:     # an error reply carries no content
         return None
     (content_tree,) = pushed.tree.children
-    content = inflate_object_from_contents(content_tree.object_id, dict(pool), keep_object_contents=True)
+    content = inflate_object_from_contents(content_tree.object_id, pool, keep_object_contents=True)
     assert isinstance(content, RecordDict)
     return content
 
@@ -387,7 +403,7 @@ def object_leaks(oid: str, pool: dict[str, bytes], secrets: Secrets) -> list[str
     kind, _, _ = get_object_head_values_from_object_content(pool[oid])
     if kind not in ("ConfigRecord", "MetricRecord", "Array"):
         return []
-    obj = inflate_object_from_contents(oid, dict(pool), keep_object_contents=True)
+    obj = inflate_object_from_contents(oid, pool, keep_object_contents=True)
     where = f"{kind} {oid[:12]}"
     if kind == "Array":
         values = array_sequence(obj)
@@ -481,18 +497,26 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
         proxy.stop()
     assert leftovers == [] and alive([p.pid for p in processes.values()]) == []
 
-    logs = {name: read_flat(path) for name, path in log_files.items()}
+    assert survivors(root) == []
+    # a connection the agents open once the coordinator has stopped its gateway cannot reach it: no error
+    return collect(root, time.monotonic() - started,
+                   [what for _, what in proxy.errors if "ConnectionRefused" not in what])
+
+
+def collect(root: Path, seconds: float, proxy_errors: list[str]) -> Deployment:
+    """What the tests look at, from the deployment's folder."""
+    logs = {name: read_flat(root / f"{name}.log") for name in ("coordinator", *ORGS)}
     for org in ORGS:
         logs[f"{org}/supernode"] = read_flat(root / org / "supernode.log")
     return Deployment(
         root=root,
         capture=read_capture(root / "capture", ORGS),
-        secrets=silo_secrets(silos.values(), load_tokenizer("tiny-llama"), MAX_LENGTH),
-        report=json.loads((run_dir / "report.json").read_text()),
-        provenance=json.loads((run_dir / "specialist" / "provenance.json").read_text()),
+        secrets=silo_secrets([root / f"{org}.jsonl" for org in ORGS], load_tokenizer("tiny-llama"), MAX_LENGTH),
+        report=json.loads((root / "run" / "report.json").read_text()),
+        provenance=json.loads((root / "run" / "specialist" / "provenance.json").read_text()),
         logs=logs,
-        proxy_errors=proxy.errors,
-        seconds=time.monotonic() - started,
+        proxy_errors=proxy_errors,
+        seconds=seconds,
     )
 
 
@@ -506,7 +530,8 @@ def replies(deployment: Deployment, org: str) -> list[tuple[Pushed, RecordDict |
 def test_the_run_was_real(deployed: Deployment) -> None:
     report = deployed.report
     print(f"deployment: {deployed.seconds:.0f} s")
-    assert sorted(report["organizations"]) == sorted(ORGS)
+    # the report's per-organization table holds those that evaluated: not bank
+    assert sorted(report["organizations"]) == sorted(set(ORGS) - {REFUSING})
     assert [h["round"] for h in report["history"]] == [0, 1]
     assert sorted(report["history"][1]["accepted"]) == sorted(ORGS), report["history"][1]
     assert deployed.provenance["secure_aggregation"] is True
@@ -530,6 +555,8 @@ def test_the_run_was_real(deployed: Deployment) -> None:
         assert len(evaluations) == 2, org      # rounds 0 and 1
         if org == REFUSING:
             assert all(c is None and p.proto.HasField("error") for p, c in evaluations)
+            assert all(p.proto.error.reason == f"<class 'clients.policy.PolicyViolation'>:<'policy_violation: {RULE}'>"
+                       for p, _ in evaluations)
         else:
             assert all(c is not None and c.metric_records["metrics"] for p, c in evaluations)
 
@@ -540,8 +567,9 @@ def test_the_capture_is_complete(deployed: Deployment) -> None:
     assert capture.bad_requests == []
     for org in ORGS:
         assert capture.streams[org], f"{org} sent nothing through the proxy"
-        # every byte of every stream is part of a parsed Fleet API request
-        assert all(rest == b"" for rest in capture.leftovers[org]), org
+        # every byte of every stream is part of a parsed Fleet API request, but for a request the
+        # agent was still writing when its connection ended (the gateway gone after the job)
+        assert all(rest == b"" or rest.startswith(b"POST /v1/fleet/") for rest in capture.leftovers[org]), org
         assert set(capture.routes[org]) <= {path for _, path in PROTOBUF_REQUEST_TYPES if path.startswith("/v1/fleet/")}
         assert {"/v1/fleet/push-messages", "/v1/fleet/push-object", "/v1/fleet/pull-messages"} <= set(capture.routes[org])
         # every object the SuperLink asked this agent for was pushed through the proxy
@@ -569,25 +597,31 @@ def test_nothing_of_a_record_leaves_an_agent(deployed: Deployment) -> None:
             found[where] = content_leaks(content, secrets) if content is not None else []
             if p.proto.HasField("content") and p.proto.content.ByteSize():
                 found[where].append("content inside the push-messages request itself")
+        pool = capture.pool()
         for oid in capture.objects[org]:
-            found[f"{org} object {oid[:12]}"] = object_leaks(oid, capture.pool(), secrets)
+            found[f"{org} object {oid[:12]}"] = object_leaks(oid, pool, secrets)
     assert not any(found.values()), {k: v for k, v in found.items() if v}
     # every metric that left is a scalar (none at all from the refusing organization)
     metrics = {org: [dict(c.metric_records["metrics"]) for p, c in replies(deployed, org)
                      if c is not None and "metrics" in c.metric_records] for org in ORGS}
     assert metrics[REFUSING] == [] and all(metrics[org] for org in ORGS if org != REFUSING)
+    # the masked input's header describes the round, not the data: no example count, no metrics
+    for org in ORGS:
+        headers = [codec.UpdateHeader.FromString(c.config_records[HEADER_RECORD]["bytes"])
+                   for p, c in replies(deployed, org) if c is not None and HEADER_RECORD in c.config_records]
+        assert len(headers) == 1 and headers[0].job_id == JOB_ID, org
+        assert headers[0].num_examples == 0 and not headers[0].metrics, (org, headers[0])
     print("metrics that left:", metrics)
 
 
-def test_the_checker_sees_the_capture(deployed: Deployment) -> None:
+def test_the_checker_sees_the_capture(deployed: Deployment, tmp_path: Path) -> None:
     """Negative controls: what an honest agent must send is in the capture, and the same checker
     flags a copy of the capture into which a record's text, token ids or a per-example metric is put."""
     capture, secrets = deployed.capture, deployed.secrets
     sent = capture.all_bytes
     for org in ORGS:
         assert org.encode() in sent[org] and JOB_ID.encode() in sent[org]
-        assert MASKED_RECORD.encode() in sent[org] and SECAGG_RECORD.encode() in sent[org]
-        assert (ORG_RECORD.encode() in sent[org])
+        assert all(name.encode() in sent[org] for name in (MASKED_RECORD, SECAGG_RECORD, HEADER_RECORD, ORG_RECORD))
     assert f"policy_violation: {RULE}".encode() in sent[REFUSING]
     assert f"eval-max-examples {EVAL_EXAMPLES}".encode() not in sent[REFUSING]    # the detail stayed home
     assert all(b"policy_violation" not in sent[org] for org in ORGS if org != REFUSING)
@@ -597,7 +631,7 @@ def test_the_checker_sees_the_capture(deployed: Deployment) -> None:
     record = json.loads((deployed.root / "law-firm.jsonl").read_text().splitlines()[7])
     ids = np.asarray(tokenizer(record["response"], add_special_tokens=False).input_ids)
     assert len(ids) >= ID_WINDOW + 4
-    stream = capture.streams["law-firm"][-1]
+    stream = max(capture.streams["law-firm"], key=len)
     middle = len(stream) // 2
     leaky_streams = {
         "25 bytes of a record's text": stream[:middle] + record["instruction"][10:35].encode() + stream[middle:],
@@ -623,3 +657,23 @@ def test_the_checker_sees_the_capture(deployed: Deployment) -> None:
     }
     for what, leaky in cases.items():
         assert content_leaks(leaky, secrets), f"the checker missed {what}"
+
+    # end to end: a forged push-object request in a copy of the captured stream goes through the
+    # same parsing (HTTP, protobuf, object ids, inflation) and is flagged
+    folder = tmp_path / "capture"
+    shutil.copytree(deployed.root / "capture", folder)
+    forged = {"ConfigRecord": ConfigRecord({"ids": [int(i) for i in ids[:10]], "why": record["response"][:30]}),
+              "MetricRecord": MetricRecord({"per_example_loss": [0.5, 0.25, 0.75]})}
+    target = max((folder / "law-firm").glob("conn-*.up"), key=lambda path: path.stat().st_size)
+    with open(target, "ab") as out:
+        for obj in forged.values():
+            body = PushObjectRequest(run_id=1, object_id=obj.object_id, object_content=obj.deflate()).SerializeToString()
+            out.write(b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/protobuf"
+                      b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    again = read_capture(folder, ORGS)
+    assert again.bad_requests == [] and all(rest == b"" or rest.startswith(b"POST /v1/fleet/")
+                                            for rest in again.leftovers["law-firm"])
+    pool = again.pool()
+    assert any("token ids" in leak for leak in object_leaks(forged["ConfigRecord"].object_id, pool, secrets))
+    assert any("not a scalar" in leak for leak in object_leaks(forged["MetricRecord"].object_id, pool, secrets))
+    assert any("record text" in leak for leak in byte_leaks(b"".join(again.streams["law-firm"]), secrets))

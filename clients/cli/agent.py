@@ -47,7 +47,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     p = actions.add_parser("start", help="join a federation: Ray + resident trainer + SuperNode")
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink")
-    p.add_argument("--data", required=True, help="this organization's silo file (.jsonl, .csv, .parquet)")
+    p.add_argument("--data", required=True, help="this organization's silo file (.jsonl, .json, .csv, .parquet, .arrow, or a Hugging Face datasets folder; README, \"Bring your own data\")")
     p.add_argument("--ca-cert", help="the federation's CA certificate (ca.pem) to verify the coordinator")
     p.add_argument("--private-key", help="this organization's node key (ORG.key from `silotune pki org-key`)")
     p.add_argument("--insecure", action="store_true",

@@ -14,7 +14,7 @@ from runtime.console import console
 
 def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("eval", help="score a base model, or base + adapter, on a silo file")
-    p.add_argument("--data", required=True, help="silo file (.jsonl, .csv, .parquet)")
+    p.add_argument("--data", required=True, help="silo file (.jsonl, .json, .csv, .parquet, .arrow, or a Hugging Face datasets folder)")
     p.add_argument("--model", help="base model (default: the adapter's base, else smollm2-135m)")
     p.add_argument("--adapter", help="PEFT adapter folder (omit to score the base model)")
     p.add_argument("--split", choices=("test", "all"), default="test",

@@ -2,9 +2,11 @@
 
 Import from here; the submodules are one responsibility each:
 errors (exception types), records (Example/Silo), formats/ (one module per
-file format, registering itself: jsonl, csv, parquet; shared helpers in
-formats/_common), readers (picks the format by extension -> raw columns),
-build (rows -> Silo), files (load_silo), split (train/test),
+file format, registering itself: jsonl, json, csv, parquet, arrow (also
+Hugging Face datasets folders); shared helpers in formats/_common), readers
+(picks the format by extension or folder -> raw columns), layouts (which
+columns hold prompt and answer: instruction/response, text/label, messages,
+prompt/completion, alpaca), build (rows -> Silo), files (load_silo), split (train/test),
 corpora (public corpora), virtual (simulated organizations).
 
 ``SUPPORTED_EXTENSIONS`` is computed from the format registry each time it is
@@ -20,6 +22,7 @@ from .errors import (
     SiloFileEmpty,
     SiloFileNotFound,
     SiloFormatError,
+    SiloMalformedRow,
     SiloMissingColumn,
     SiloNoRows,
 )
@@ -39,6 +42,7 @@ __all__ = [
     "SiloFileEmpty",
     "SiloFileNotFound",
     "SiloFormatError",
+    "SiloMalformedRow",
     "SiloMissingColumn",
     "SiloNoRows",
     "classification_silo",

@@ -26,6 +26,15 @@ class SiloFormatError(SiloError):
     """Unknown extension, malformed JSON line, or unreadable CSV/Parquet."""
 
 
+class SiloMalformedRow(SiloFormatError):
+    """A row whose structure is wrong for its column layout (the message names the row).
+
+    For example a ``messages`` list without an assistant turn, a message whose
+    ``content`` is not a string, or an unknown role. A SiloFormatError, so code
+    catching that still catches it.
+    """
+
+
 class SiloMissingColumn(SiloError):
     """The columns needed for the task are absent."""
 
@@ -43,6 +52,7 @@ __all__ = [
     "SiloFileNotFound",
     "SiloFileEmpty",
     "SiloFormatError",
+    "SiloMalformedRow",
     "SiloMissingColumn",
     "SiloEncodingError",
     "SiloNoRows",

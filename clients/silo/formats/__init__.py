@@ -24,6 +24,11 @@ The interface (class attributes and a classmethod; a format holds no state):
   task needs and what a valid value is is decided later (``build.py``), so every
   format holding the same data yields the same silo.
 
+* ``reads_directory(path)`` (optional; False by default) — whether this format
+  reads the folder ``path`` (a Hugging Face ``datasets`` folder, for the
+  ``arrow`` format). ``read`` is then called with that folder; a folder no
+  format claims is refused as "not a regular file".
+
 ``read`` is abstract: the registry refuses a class that lacks it.
 """
 
@@ -41,6 +46,7 @@ __all__ = [
     "RawTable",
     "SiloFormat",
     "by_extension",
+    "directory_formats",
     "decode_utf8",
     "register_format",
     "supported_extensions",
@@ -62,6 +68,11 @@ class SiloFormat(ABC):
     @abstractmethod
     def read(cls, path: Path) -> RawTable:
         """The file's columns; SiloFormatError / SiloFileEmpty / SiloEncodingError otherwise."""
+
+    @classmethod
+    def reads_directory(cls, path: Path) -> bool:
+        """Whether ``read`` takes the folder ``path`` (formats that read one folder override this)."""
+        return False
 
 
 def _listing_order(name: str, fmt: type[SiloFormat]) -> tuple[int, str]:
@@ -104,6 +115,13 @@ def _by_extension_table(members: tuple) -> dict:
                                  "one format (remove or rename one of them)")
             table[extension] = fmt
     return table
+
+
+def directory_formats() -> tuple[type[SiloFormat], ...]:
+    """The registered formats that read some folders (they override ``reads_directory``), in listing order."""
+    return tuple(fmt for _, fmt in FORMATS.items()
+                 if getattr(fmt, "reads_directory", SiloFormat.reads_directory).__func__
+                 is not SiloFormat.reads_directory.__func__)
 
 
 def supported_extensions() -> tuple[str, ...]:
