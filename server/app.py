@@ -62,9 +62,20 @@ def make_server_app(cfg: JobConfig | None = None, observer: RoundObserver | None
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        _show_progress()
         run_job(grid, cfg or JobConfig.from_run_config(context.run_config), observer)
 
     return server_app
+
+
+def _show_progress() -> None:
+    """In the process Flower starts for the ServerApp nobody has configured logging, so
+    the round log (sampled, accepted/rejected, evaluated) would be dropped; Flower keeps
+    the process's output as the run's log, which `silotune coordinator` relays live."""
+    if not logging.getLogger().handlers:  # `silotune simulate` configured its own: leave it
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+        logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
 
 
 app = make_server_app()

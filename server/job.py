@@ -137,6 +137,9 @@ class Job:
         if checkpoint is None:
             rng = np.random.default_rng(self.cfg.seed)
             state = JobState(0, init_adapter(self.layout, self.cfg.seed), rng)
+            # round 0 scores the base model: in a deployment the agents may still be joining,
+            # and an evaluation of nobody would leave the report without its base column
+            wait_for_nodes(self.grid, self.cfg.min_nodes, self.cfg.node_wait_timeout, self.cfg.poll_interval)
             self._evaluate(state)  # round 0: the base model
             self._checkpoint(state)
             return state

@@ -38,7 +38,8 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,6 +52,7 @@ from runtime.flower_processes import (
     flower_executable,
     free_port,
     render_flwr_config,
+    stop_process_tree,
     wait_for_port,
 )
 
@@ -359,6 +361,16 @@ class SuperLinkProcess(ManagedProcess):
         res = self._flwr("log", str(run_id), CONNECTION_NAME, mode, timeout=timeout)
         return res.stdout
 
+    def follow_run_log(self, run_id: int, on_line: Callable[[str], None]) -> "RunLogFollower":
+        """Relay the run's ServerApp log, line by line, while it runs (one long-lived
+        `flwr log --stream` process, not a poll); stop it with ``.stop()``."""
+        if self.state_dir is None:
+            raise RuntimeError("SuperLink not started")
+        return RunLogFollower(
+            [flower_executable("flwr"), "log", str(run_id), CONNECTION_NAME, "--stream"],
+            env=self.env, cwd=Path(self.state_dir),
+            on_line=on_line)
+
     def stop_run(self, run_id: int) -> None:
         """`flwr stop N`: the run ends as 'finished:stopped'."""
         self._flwr_json("stop", str(run_id), CONNECTION_NAME, timeout=60)
@@ -394,3 +406,23 @@ class SuperLinkProcess(ManagedProcess):
     def unregister_node(self, node_id: int) -> None:
         """`flwr supernode unregister NODE_ID`: that key can no longer connect."""
         self._flwr_json("supernode", "unregister", str(node_id), CONNECTION_NAME, timeout=60)
+
+
+class RunLogFollower:
+    """A `flwr log --stream` process whose output lines go to ``on_line`` from a thread."""
+
+    def __init__(self, cmd: list[str], *, env: Mapping[str, str], cwd: Path, on_line: Callable[[str], None]) -> None:
+        self.proc = subprocess.Popen(cmd, env=dict(env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, text=True, errors="replace")
+        self._thread = threading.Thread(target=self._relay, args=(on_line,), daemon=True)
+        self._thread.start()
+
+    def _relay(self, on_line: Callable[[str], None]) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            on_line(line.rstrip("\n"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            stop_process_tree(self.proc.pid, grace=3.0)
+        self._thread.join(timeout=5.0)

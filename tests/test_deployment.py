@@ -84,6 +84,13 @@ def test_coordinator_and_two_agents_two_rounds(tmp_path: Path) -> None:
     report = json.loads((run_dir / "report.json").read_text())
     assert sorted(report["organizations"]) == ["bank-a", "bank-b"]
     assert [h["round"] for h in report["history"]] == [0, 1, 2]
+    # round 0 waited for the agents: the base model was scored at both organizations
+    assert sorted(report["history"][0]["eval"]) == ["bank-a", "bank-b"]
+    # the coordinator's console showed the rounds while they ran, before the final table
+    console = (tmp_path / "coordinator.log").read_text()
+    table = console.index("specialist:")
+    for line in ("round 1: 2 organization(s) sampled", "round 2 done"):
+        assert -1 < console.find(line) < table, console[-3000:]
     assert all(sorted(h["accepted"]) == ["bank-a", "bank-b"] for h in report["history"][1:])
 
     from peft import PeftModel, get_peft_model_state_dict

@@ -182,6 +182,25 @@ def test_too_few_organizations_online_never_hangs(tmp_path: Path) -> None:
     assert time.monotonic() - started < 10
 
 
+def test_round_zero_waits_for_the_organizations_so_the_report_has_a_base_column(tmp_path: Path) -> None:
+    """In a deployment the agents join after the coordinator starts: round 0 must not score nobody."""
+
+    class JoiningGrid(ScriptedGrid):
+        def __init__(self, handlers, online_after: float):  # type: ignore[no-untyped-def]
+            super().__init__(handlers)
+            self.started = time.monotonic()
+            self.online_after = online_after
+
+        def get_node_ids(self):  # type: ignore[no-untyped-def]
+            return list(self.handlers) if time.monotonic() - self.started >= self.online_after else []
+
+    grid = JoiningGrid({1: honest(0.1), 2: honest(0.3)}, online_after=1.0)
+    final = Job(grid, config(tmp_path, node_wait_timeout=10.0)).run()
+    base = final.run_state["history"][0]
+    assert base["round"] == 0 and sorted(base["eval"]) == ["org-0.1", "org-0.3"]
+    assert base["eval_overall"]["num_examples"] == 8.0
+
+
 def _peak_bytes_for(replies: int, tmp_path: Path) -> tuple[int, int]:
     grid = ScriptedGrid({node: honest(0.01 * node) for node in range(1, replies + 1)})
     cfg = config(tmp_path / f"n{replies}", min_nodes=replies, lora_r=256)

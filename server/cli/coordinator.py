@@ -194,7 +194,13 @@ def coordinator(args: argparse.Namespace) -> int:
         console.print(operator_line)
         run_id = superlink.submit_run(app_dir, run_config)
         console.print(f"job {cfg.job_id}: run {run_id} submitted; waiting for {cfg.min_nodes} organization(s)")
-        status = superlink.wait_for_run(run_id, timeout=args.timeout)
+        # the rounds as they happen (the ServerApp's log; text from the network, so no markup)
+        follower = superlink.follow_run_log(run_id, lambda line: console.print(f"  {line}", markup=False,
+                                                                               highlight=False))
+        try:
+            status = superlink.wait_for_run(run_id, timeout=args.timeout)
+        finally:
+            follower.stop()
         logs = superlink.run_logs(run_id)
         (state_dir / f"run-{run_id}.log").write_text(logs)
         if not status.endswith("completed"):
