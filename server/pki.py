@@ -205,6 +205,35 @@ def init_ca(
     return files
 
 
+def _leaf_certificate(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+                      key: ec.EllipticCurvePrivateKey, subject: x509.Name, names: list[x509.GeneralName],
+                      usage: x509.ObjectIdentifier, days: int) -> x509.Certificate:
+    """A certificate the CA signs for ``key``: not a CA, signatures only, one extended usage
+    (server or client authentication), valid ``days`` but never beyond the CA."""
+    now = utc_now()
+    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+
+
 def issue_server_cert(
     pki_dir: Path | str,
     hosts: Sequence[str],
@@ -236,29 +265,8 @@ def issue_server_cert(
     files = ServerFiles(ca_files.cert, pki_dir / SERVER_CERT, pki_dir / SERVER_KEY)
     refuse_existing([files.cert, files.key], force)
     key = ec.generate_private_key(CURVE())
-    now = utc_now()
-    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    first = names[0].value
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(str(first)))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-            encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA384())
-    )
+    cert = _leaf_certificate(ca_cert, ca_key, key, _name(str(names[0].value)), names,
+                             ExtendedKeyUsageOID.SERVER_AUTH, days)
     write_private(files.key, _pem_key(key))
     write_public(files.cert, cert.public_bytes(serialization.Encoding.PEM))
     return files, [str(n.value) for n in names]
@@ -310,29 +318,9 @@ def issue_operator_cert(
     cert_path, key_path = operator_cert_paths(out_dir or pki_dir, name)
     refuse_existing([cert_path, key_path], force)
     key = ec.generate_private_key(CURVE())
-    now = utc_now()
-    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name, unit=OPERATOR_UNIT))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.UniformResourceIdentifier(OPERATOR_URI + name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-            encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA384())
-    )
+    cert = _leaf_certificate(ca_cert, ca_key, key, _name(name, unit=OPERATOR_UNIT),
+                             [x509.UniformResourceIdentifier(OPERATOR_URI + name)],
+                             ExtendedKeyUsageOID.CLIENT_AUTH, days)
     write_private(key_path, _pem_key(key))
     write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return OperatorFiles(ca_files.cert, cert_path, key_path, name)

@@ -38,7 +38,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar, Mapping
 
-from clients.silo.formats._common import RawTable, decode_utf8, table_from_columns
+from clients.silo.formats._common import RawTable, add_record, decode_utf8, table_from_arrow, table_from_columns
 from protos.registry import Registry, where
 
 __all__ = [
@@ -47,9 +47,11 @@ __all__ = [
     "SiloFormat",
     "by_extension",
     "directory_formats",
+    "add_record",
     "decode_utf8",
     "register_format",
     "supported_extensions",
+    "table_from_arrow",
     "table_from_columns",
 ]
 

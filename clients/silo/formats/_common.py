@@ -9,7 +9,7 @@ from __future__ import annotations
 import codecs
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from clients.silo.errors import SiloEncodingError
 
@@ -39,6 +39,32 @@ def table_from_columns(columns: dict[str, list[object]], num_rows: int) -> RawTa
         return columns.get(name, [None] * num_rows)
 
     return RawTable(tuple(columns), num_rows, get)
+
+
+def add_record(columns: dict[str, list[object]], record: dict, num_rows: int) -> None:
+    """Append one JSON object as a row; ``num_rows`` rows came before it. A key first
+    seen now gets None for the earlier rows, a key it lacks gets None for this one."""
+    for key in record:
+        if key not in columns:
+            columns[key] = [None] * num_rows
+    for key, values in columns.items():
+        values.append(record.get(key))
+
+
+def table_from_arrow(table: Any, path: Path) -> RawTable:
+    """A pyarrow Table (Parquet, Arrow) as a RawTable; columns are converted when asked for."""
+
+    def get(name: str) -> list[object]:
+        if name not in table.column_names:
+            return [None] * table.num_rows
+        try:
+            return table.column(name).to_pylist()
+        except UnicodeDecodeError as exc:
+            raise SiloEncodingError(
+                f"{path}: column {name!r} holds text that is not valid UTF-8 ({exc.reason})"
+            ) from None
+
+    return RawTable(tuple(table.column_names), table.num_rows, get)
 
 
 def decode_utf8(data: bytes, path: Path) -> str:

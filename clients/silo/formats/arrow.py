@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clients.silo.errors import SiloEncodingError, SiloFileEmpty, SiloFormatError
-from clients.silo.formats import RawTable, SiloFormat, register_format
+from clients.silo.errors import SiloFileEmpty, SiloFormatError
+from clients.silo.formats import RawTable, SiloFormat, register_format, table_from_arrow
 
 #: files of which one marks a folder as a ``datasets`` folder
 _MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -45,18 +45,7 @@ class Arrow(SiloFormat):
             raise SiloFormatError(f"{path}: its .arrow shards do not share one schema ({exc})") from None
         if table.num_rows == 0:
             raise SiloFileEmpty(f"{path}: no data rows")
-
-        def get(name: str) -> list[object]:
-            if name not in table.column_names:
-                return [None] * table.num_rows
-            try:
-                return table.column(name).to_pylist()
-            except UnicodeDecodeError as exc:
-                raise SiloEncodingError(
-                    f"{path}: column {name!r} holds text that is not valid UTF-8 ({exc.reason})"
-                ) from None
-
-        return RawTable(tuple(table.column_names), table.num_rows, get)
+        return table_from_arrow(table, path)
 
 
 def _shards(folder: Path) -> list[Path]:

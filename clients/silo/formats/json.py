@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from clients.silo.errors import SiloFileEmpty, SiloFormatError
-from clients.silo.formats import RawTable, SiloFormat, decode_utf8, register_format, table_from_columns
+from clients.silo.formats import RawTable, SiloFormat, add_record, decode_utf8, register_format, table_from_columns
 
 
 @register_format("json")
@@ -57,9 +57,5 @@ class Json(SiloFormat):
                 raise SiloFormatError(
                     f"{path}: array element {index + 1}: expected a JSON object, got {type(obj).__name__}"
                 )
-            for key in obj:
-                if key not in columns:  # a key first seen now: earlier rows lack it
-                    columns[key] = [None] * index
-            for key, values in columns.items():
-                values.append(obj.get(key))
+            add_record(columns, obj, index)
         return table_from_columns(columns, len(document))

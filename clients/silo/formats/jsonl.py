@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from clients.silo.errors import SiloFileEmpty, SiloFormatError
-from clients.silo.formats import RawTable, SiloFormat, decode_utf8, register_format, table_from_columns
+from clients.silo.formats import RawTable, SiloFormat, add_record, decode_utf8, register_format, table_from_columns
 
 
 @register_format("jsonl")
@@ -37,11 +37,7 @@ class Jsonl(SiloFormat):
                 raise SiloFormatError(
                     f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}"
                 )
-            for key in obj:
-                if key not in columns:  # a key first seen now: earlier rows lack it
-                    columns[key] = [None] * num_rows
-            for key, values in columns.items():
-                values.append(obj.get(key))
+            add_record(columns, obj, num_rows)
             num_rows += 1
         if num_rows == 0:
             raise SiloFileEmpty(f"{path}: no data rows (only blank lines)")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clients.silo.errors import SiloEncodingError, SiloFileEmpty, SiloFormatError
-from clients.silo.formats import RawTable, SiloFormat, register_format
+from clients.silo.errors import SiloFileEmpty, SiloFormatError
+from clients.silo.formats import RawTable, SiloFormat, register_format, table_from_arrow
 
 
 @register_format("parquet")
@@ -29,15 +29,4 @@ class Parquet(SiloFormat):
             raise SiloFormatError(f"{path}: unreadable Parquet file ({exc})") from None
         if table.num_rows == 0:
             raise SiloFileEmpty(f"{path}: Parquet file has no rows")
-
-        def get(name: str) -> list[object]:
-            if name not in table.column_names:
-                return [None] * table.num_rows
-            try:
-                return table.column(name).to_pylist()
-            except UnicodeDecodeError as exc:
-                raise SiloEncodingError(
-                    f"{path}: column {name!r} holds text that is not valid UTF-8 ({exc.reason})"
-                ) from None
-
-        return RawTable(tuple(table.column_names), table.num_rows, get)
+        return table_from_arrow(table, path)
