@@ -268,6 +268,20 @@ def run_task(runtime_api_address: str, token: str, *, publisher_key: Path | None
 
 
 # ------------------------------------------------------------------ entry point
+def _show_silotune_log() -> None:
+    """A task's silotune lines (the silo it loaded, the prompt format it renders, its loss) go to
+    the agent's log like the SuperNode's own: nobody configures logging in this process."""
+    import logging
+
+    logger = logging.getLogger("silotune")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(INFO)
+        logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clients.app_launcher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -292,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     token = sys.stdin.readline().strip()
     if not token:
         parser.error("the task's token is read from stdin; got none")
+    _show_silotune_log()
     run_task(args.runtime_api_address, token, publisher_key=args.app_publisher_key, parent_pid=args.parent_pid)
     return 0
 

@@ -1,12 +1,22 @@
-"""Scoring an adapter on a local split: answer perplexity and label accuracy.
+"""Scoring an adapter on a local split: answer perplexity, exact match, label accuracy and macro-F1.
 
-* perplexity: exp of the mean negative log-likelihood of the answer tokens.
+* perplexity: exp of the mean negative log-likelihood of the answer tokens
+  (a conversation's last answer).
+* exact match: the share of answers greedy decoding would reproduce token for
+  token (end-of-turn included). Greedy decoding yields the gold answer exactly
+  when, at every answer position, the gold token is the most likely one given
+  the gold prefix — which the same teacher-forced pass already shows, so it
+  needs no generation.
 * accuracy (classification silos): constrained greedy decoding over the
   silo's label set — the label the model would start to write when only
   labels are allowed. When every label begins with a different token (the
   usual case) that is decided by the very forward pass that gives the
   perplexity, so accuracy costs nothing extra; otherwise each label's whole
   completion is scored.
+* macro-F1 (classification): the mean F1 over the labels that occur in the
+  gold answers or the predictions (scikit-learn's ``f1_score(average="macro")``
+  without ``labels``), so a small held-out split is not scored on labels it
+  never holds.
 
 Speed matters on a CPU: the vocabulary projection (49k × 576 for SmolLM2) is
 applied only at the positions that predict answer tokens, not at every
@@ -27,7 +37,7 @@ from clients.resident import ResidentModel
 
 #: every metric an evaluation reports (``evaluate_examples``); an organization's
 #: policy (clients/policy.py, ``allowed_metrics``) chooses which of them leave
-EVAL_METRICS = ("num_examples", "loss", "perplexity", "accuracy")
+EVAL_METRICS = ("num_examples", "loss", "perplexity", "exact_match", "accuracy", "macro_f1")
 
 
 def _answer_scores(model: Any, batch: dict[str, Any], first_token_ids: list[int] | None) -> dict[str, Any]:
@@ -47,7 +57,10 @@ def _answer_scores(model: Any, batch: dict[str, Any], first_token_ids: list[int]
     n_rows = batch["input_ids"].shape[0]
     total = torch.zeros(n_rows, device=device).index_add_(0, rows, picked)
     count = torch.zeros(n_rows, device=device).index_add_(0, rows, torch.ones_like(picked))
-    out: dict[str, Any] = {"logprob": total.cpu().numpy(), "tokens": count.cpu().numpy()}
+    missed = (logprobs.argmax(-1) != targets[rows, cols]).float()
+    wrong = torch.zeros(n_rows, device=device).index_add_(0, rows, missed)
+    out: dict[str, Any] = {"logprob": total.cpu().numpy(), "tokens": count.cpu().numpy(),
+                           "exact": (wrong == 0).cpu().numpy()}
     if first_token_ids is not None:
         # nonzero() is row-major, so each row's answer positions are contiguous:
         # the first one of a row sits where the previous rows' counts end
@@ -75,14 +88,15 @@ def evaluate_examples(
     candidates = _label_token_ids(resident.tokenizer, label_set) if classify else []
     first_ids = [ids[0] for ids in candidates]
     single_pass = classify and len(set(first_ids)) == len(first_ids)
-    total_nll, total_tokens = 0.0, 0
+    total_nll, total_tokens, exact = 0.0, 0, 0
     predicted: list[str] = []
     context = nullcontext() if use_adapter else model.disable_adapter()
     with torch.no_grad(), context:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            scores = _answer_scores(model, collate([(e.input_ids, e.labels) for e in chunk], pad_id),
+            scores = _answer_scores(model, collate([(e.input_ids, e.answer_labels) for e in chunk], pad_id),
                                     first_ids if single_pass else None)
+            exact += int(scores["exact"].sum())
             total_nll -= float(scores["logprob"].sum())
             total_tokens += int(scores["tokens"].sum())
             if single_pass:
@@ -91,9 +105,23 @@ def evaluate_examples(
             predicted = _score_whole_labels(resident, examples, label_set, candidates, batch_size)
     metrics = {"num_examples": float(len(examples)), "loss": total_nll / max(total_tokens, 1)}
     metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
+    metrics["exact_match"] = exact / max(len(examples), 1)
     if classify:
         metrics["accuracy"] = sum(p == g for p, g in zip(predicted, gold_labels)) / max(len(examples), 1)  # type: ignore[arg-type]
+        metrics["macro_f1"] = macro_f1(predicted, list(gold_labels), label_set)  # type: ignore[arg-type]
     return metrics
+
+
+def macro_f1(predicted: Sequence[str], gold: Sequence[str], label_set: Sequence[str]) -> float:
+    """Mean per-label F1 over the labels of ``label_set`` that occur in ``gold`` or ``predicted``."""
+    scores = []
+    for label in label_set:
+        tp = sum(p == label and g == label for p, g in zip(predicted, gold))
+        fp = sum(p == label and g != label for p, g in zip(predicted, gold))
+        fn = sum(p != label and g == label for p, g in zip(predicted, gold))
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / max(len(scores), 1)
 
 
 def _label_token_ids(tokenizer: Any, label_set: Sequence[str]) -> list[list[int]]:

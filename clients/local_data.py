@@ -12,10 +12,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from clients.formatting import EncodedExample, encode_example
+from clients.formatting import EncodedExample, encode_example, prompt_format
 from clients.node_config import NUM_PARTITIONS_KEY, ORG_NAME_KEY, PARTITION_ID_KEY, RANK_KEY, SILO_PATH_KEY
-from clients.silo import Silo, load_silo, split_silo, virtual_silo
+from clients.silo import Example, Silo, load_silo, split_silo, virtual_silo
 from protos.round_config import RoundConfig, SimulationSettings
+from protos.task_spec import TaskSpec, TaskSpecError
 
 log = logging.getLogger("silotune.client")
 
@@ -55,12 +56,20 @@ def local_rank(node_config: Mapping[str, Any], cfg: RoundConfig, sim: Simulation
 
 
 def load_local_silo(node_config: Mapping[str, Any], cfg: RoundConfig, sim: SimulationSettings | None) -> Silo:
+    """This organization's silo, built under the job's task spec (protos/task_spec.py)."""
+    spec = task_spec(cfg, sim)
     if SILO_PATH_KEY in node_config:
-        return load_silo(str(node_config[SILO_PATH_KEY]))
+        return load_silo(str(node_config[SILO_PATH_KEY]), spec=spec)
     if PARTITION_ID_KEY in node_config:
         if sim is None:
             raise ValueError("a virtual organization (partition-id) needs the simulation settings, "
                              "which only a simulation's coordinator sends")
+        if sim.sim_data:  # the user's own data, split among the virtual organizations
+            from clients.silo.partition import partition_silo  # here: the rest of this module never needs it
+
+            return partition_silo(sim.sim_data, int(node_config[PARTITION_ID_KEY]),
+                                  int(node_config[NUM_PARTITIONS_KEY]), sim.sim_partitioner, seed=cfg.seed,
+                                  spec=spec)
         return virtual_silo(
             sim.sim_dataset,
             int(node_config[PARTITION_ID_KEY]),
@@ -68,6 +77,7 @@ def load_local_silo(node_config: Mapping[str, Any], cfg: RoundConfig, sim: Simul
             skew=sim.sim_skew,
             max_records=sim.sim_max_records or None,
             seed=cfg.seed,
+            spec=spec,
         )
     raise ValueError(
         f"this node has no data: set node config {SILO_PATH_KEY}=\"/path/to/silo.jsonl\" "
@@ -75,24 +85,64 @@ def load_local_silo(node_config: Mapping[str, Any], cfg: RoundConfig, sim: Simul
     )
 
 
+def task_spec(cfg: RoundConfig, sim: SimulationSettings | None) -> TaskSpec:
+    """The job's task spec; a deployed classification job must name its labels.
+
+    Without a label set each organization would list the labels of its own
+    file in its prompts, and organizations holding different subsets would
+    train on different prompts. A simulation's virtual organizations share
+    the corpus-wide set instead, so only a deployment is refused."""
+    spec = TaskSpec.from_config(cfg)
+    if spec.kind == "classification" and not spec.labels and sim is None:
+        raise TaskSpecError("the job says task=classification but declares no task-labels: every organization "
+                            "would render its prompts with the labels of its own file. The coordinator sets "
+                            "task-labels (comma-separated or a JSON array)")
+    if spec.kind == "auto" and not spec.labels and sim is None:
+        log.warning("the job declares no task and no task-labels: a classification file is rendered with its own "
+                    "labels, which other organizations may not share (set task and task-labels on the job)")
+    return spec
+
+
+def encode_examples(tokenizer: Any, examples: list[Example], cfg: RoundConfig) -> list[EncodedExample]:
+    return [encode_example(tokenizer, e.prompt, e.answer, cfg.max_length, messages=e.messages,
+                           system_prompt=cfg.system_prompt) for e in examples]
+
+
+def log_truncation(encoded: list[EncodedExample], max_length: int) -> None:
+    """Say how much was cut, and that it is by design: the middle of a long
+    prompt goes (formatting.py), its head and its question's end stay, the
+    answer is whole. A warning only when answers themselves were cut."""
+    cut = [e for e in encoded if e.truncated]
+    if not cut:
+        return
+    answers_cut = sum(e.answer_truncated for e in cut)
+    log.info("%d of %d examples exceed max-length=%d tokens: the middle of their prompt is left out "
+             "(the instruction, the end of the text and the answer are kept)", len(cut), len(encoded), max_length)
+    if answers_cut:
+        log.warning("%d answers were cut at max-length=%d // 2 tokens: raise max-length to train on whole "
+                    "answers", answers_cut, max_length)
+
+
 def local_data(node_config: Mapping[str, Any], cfg: RoundConfig, sim: SimulationSettings | None,
                tokenizer: Any) -> LocalData:
     """The split, tokenized silo of this organization (cached per process)."""
     key = (
         tuple(sorted((k, str(v)) for k, v in node_config.items())),
-        cfg.model, cfg.max_length, cfg.test_fraction, cfg.seed,
-        (sim.sim_dataset, sim.sim_skew, sim.sim_max_records) if sim is not None else None,
+        cfg.model, cfg.max_length, cfg.test_fraction, cfg.seed, TaskSpec.from_config(cfg).fingerprint(),
+        (sim.sim_dataset, sim.sim_skew, sim.sim_max_records, sim.sim_data, sim.sim_partitioner)
+        if sim is not None else None,
     )
     if key in _CACHE:
         return _CACHE[key]
     silo = load_local_silo(node_config, cfg, sim)
     train, test = split_silo(silo, test_fraction=cfg.test_fraction, seed=cfg.seed)
-    train_ids = [encode_example(tokenizer, e.prompt, e.answer, cfg.max_length) for e in train.examples]
-    test_ids = [encode_example(tokenizer, e.prompt, e.answer, cfg.max_length) for e in test.examples]
-    cut = sum(e.truncated for e in train_ids + test_ids)
-    if cut:
-        log.warning("%d of %d examples were longer than max_length=%d tokens and were truncated",
-                    cut, len(train_ids) + len(test_ids), cfg.max_length)
+    train_ids = encode_examples(tokenizer, train.examples, cfg)
+    test_ids = encode_examples(tokenizer, test.examples, cfg)
+    log_truncation(train_ids + test_ids, cfg.max_length)
+    # the same line at every organization of a job: what its spec makes of every row
+    log.info("%s: %d %s examples; task %s renders each as %r", org_name(node_config), len(silo), silo.task,
+             TaskSpec.from_config(cfg).fingerprint()[:16],
+             prompt_format(TaskSpec.from_config(cfg), silo.task, silo.labels, tokenizer))
     data = LocalData(
         org_name=org_name(node_config),
         silo=silo,

@@ -82,6 +82,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import yaml
 
 from clients.evaluation import EVAL_METRICS
+from clients.local_baseline import LOCAL_EVAL_METRICS
 from clients.node_config import PARTITION_ID_KEY, POLICY_PATH_KEY
 from protos.errors import RejectReason, UpdateRejected
 
@@ -95,8 +96,8 @@ PROCESS_METRICS = ("base_model_loads", "resident_pid")
 #: metrics of a train reply (clients/trainer.py, clients/distributed.py, clients/round_work.py)
 TRAIN_METRICS = ("train_loss", "train_loss_last", "train_steps", "train_tokens", "train_seconds",
                  "train_tokens_per_s", "train_workers", "train_wall_seconds", "dp_clip", "dp_noise")
-#: every metric an organization sends today
-KNOWN_METRICS = TRAIN_METRICS + EVAL_METRICS + PROCESS_METRICS
+#: every metric an organization sends today (``local_*``: its local-only adapter, job setting local-baseline)
+KNOWN_METRICS = TRAIN_METRICS + EVAL_METRICS + LOCAL_EVAL_METRICS + PROCESS_METRICS
 #: what may leave under local DP: functions of the instruction and the process, not of the data
 DATA_INDEPENDENT_METRICS = frozenset({"train_steps", "train_workers", "dp_clip", "dp_noise", *PROCESS_METRICS})
 

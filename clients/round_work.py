@@ -41,7 +41,7 @@ from typing import Callable
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from clients import attacks, privacy
+from clients import attacks, local_baseline, privacy
 from clients import resident as resident_module
 from clients import train_workers
 from clients.evaluation import evaluate_examples
@@ -182,6 +182,8 @@ def train(content: RecordDict, node_config: dict, state: RecordDict) -> RecordDi
         )
         adapter, metrics = _train_on_devices(ins, settings, train_workers.plan_from_node_config(node_config))
     _keep_local_factors(state, adapter, shared)
+    if cfg.local_baseline:  # the organization's own yardstick: kept here, never sent
+        _train_local_only(ins, settings, state)
     if cfg.dp_clip > 0:  # differential privacy at the organization: clip (and noise) what is sent
         adapter = privacy.privatize(ins.adapter, adapter, tuple(select_factors(adapter, shared)), cfg.dp_clip,
                                     cfg.dp_noise, privacy.noise_generator(node_config, cfg.server_round, ins.data.org_name))
@@ -206,6 +208,24 @@ def train(content: RecordDict, node_config: dict, state: RecordDict) -> RecordDi
     )
     reply[ORG_RECORD] = ConfigRecord({"name": ins.data.org_name})
     return reply
+
+
+def _train_local_only(ins: Instruction, base: TrainSettings, state: RecordDict) -> None:
+    """This round's local-only training (clients/local_baseline.py): the federated round's
+    budget, from this organization's own local-only adapter, kept in ``state``."""
+    cfg = ins.cfg
+    if local_baseline.trained_in(state, cfg.job_id, cfg.server_round):
+        return  # a retried or resumed round: one local-only training per round
+    start = local_baseline.stored(state, cfg.job_id, ins.resident.layout)
+    if start is None:  # its first round: where the federation started
+        start = ins.adapter if cfg.server_round == 1 else local_baseline.initial_adapter(
+            cfg, ins.resident.layout, ins.spec.rank)
+    settings = local_baseline.train_settings(
+        base, _org_seed(cfg.seed, cfg.server_round, f"{ins.data.org_name}/local-only"))
+    with ins.resident.lock:
+        adapter, metrics = train_adapter(ins.resident, start, ins.data.train, settings)
+    local_baseline.keep(state, adapter, cfg.job_id, cfg.server_round)
+    log.info("%s round %d: local-only loss %.4f", ins.data.org_name, cfg.server_round, metrics["train_loss"])
 
 
 def _train_on_devices(ins: Instruction, settings: TrainSettings,
@@ -234,20 +254,29 @@ def _train_on_devices(ins: Instruction, settings: TrainSettings,
 
 @_refusals_logged("evaluate")
 def evaluate(content: RecordDict, node_config: dict, state: RecordDict) -> RecordDict:
-    """Score the global adapter (with local factors) on the local test split."""
+    """Score the global adapter (with local factors) on the local test split, and with
+    ``local-baseline`` this organization's local-only adapter on the same examples."""
     ins = _receive("evaluate", content, node_config, state)
-    data = ins.data
+    local = local_baseline.stored(state, ins.cfg.job_id, ins.resident.layout) if ins.cfg.local_baseline else None
     with ins.resident.lock:
-        ins.resident.load_adapter(ins.adapter)
-        limit = ins.cfg.eval_max_examples
-        metrics = evaluate_examples(
-            ins.resident,
-            data.test[:limit],
-            data.test_labels[:limit] if data.test_labels is not None else None,
-            data.silo.labels,
-        )
+        metrics = _score(ins, ins.adapter)
+        if local is not None:  # none before its first training (round 0: the base model)
+            metrics.update(local_baseline.local_metrics(_score(ins, local)))
     sent = ins.policy.outgoing_metrics({**metrics, **_process_metrics()}, dp=ins.policy.under_local_dp(ins.request))
-    return RecordDict({METRICS_RECORD: MetricRecord(sent), ORG_RECORD: ConfigRecord({"name": data.org_name})})
+    return RecordDict({METRICS_RECORD: MetricRecord(sent), ORG_RECORD: ConfigRecord({"name": ins.data.org_name})})
+
+
+def _score(ins: Instruction, adapter: Adapter) -> dict[str, float]:
+    """``adapter`` on the held-out examples the instruction asks for (the caller holds the lock).
+    Whoever uses the resident model next loads its own adapter first."""
+    data, limit = ins.data, ins.cfg.eval_max_examples
+    ins.resident.load_adapter(adapter)
+    return evaluate_examples(
+        ins.resident,
+        data.test[:limit],
+        data.test_labels[:limit] if data.test_labels is not None else None,
+        data.silo.labels,
+    )
 
 
 HANDLERS = {"train": train, "evaluate": evaluate}

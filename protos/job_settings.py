@@ -76,6 +76,21 @@ class JobSettings:
     test_fraction: float = setting(0.2, "share of each organization's records held out for evaluation", ROUND)
     eval_max_examples: int = setting(64, "held-out examples each organization scores per evaluation", ROUND)
     update_encoding: str = setting("fp32", "how adapter tensors travel (protos/encodings/: fp32, fp16, int8)", ROUND)
+    local_baseline: bool = setting(False, "each organization also trains a local-only adapter with the same local "
+                                   "budget and reports its held-out score next to the federated one", ROUND)
+    # ---- the task (protos/task_spec.py; every organization renders the same prompts from it) ----
+    task: str = setting("auto", "classification, instruction or chat (auto: each organization's file decides; a "
+                        "classification job must still declare task-labels unless it is a simulation)", ROUND)
+    task_labels: str = setting("", "classification: the label set, comma-separated or a JSON array; rows with "
+                               "another label follow unknown-labels", ROUND)
+    unknown_labels: str = setting("error", "a row whose label is not in task-labels: error (the organization "
+                                  "refuses the job, naming the rows) or skip (dropped and counted)", ROUND)
+    prompt_template: str = setting("", "the user message: classification uses {labels} and {text}, instruction "
+                                   "{prompt} (empty: the built-in one; chat rows are used as they are)", ROUND)
+    system_prompt: str = setting("", "a system message before every example (a conversation's own system turn "
+                                 "wins)", ROUND)
+    metric: str = setting("auto", "the headline metric: accuracy, macro-f1, exact-match or perplexity (auto: "
+                          "accuracy for classification, perplexity otherwise)", ROUND)
     # ---- privacy -----------------------------------------------------------
     dp_epsilon_max: float = setting(0.0, "differentially private strategies: stop before a round that would spend "
                                     "more than this epsilon (0: no budget; epsilon is still tracked and reported)")
@@ -94,6 +109,10 @@ class JobSettings:
     sim_max_records: int = setting(120, "records per virtual organization (0: no cap)", SIMULATION)
     sim_ranks: str = setting("", "heterogeneous LoRA ranks, assigned round-robin to virtual organizations "
                              "(e.g. '4,8,16'; hetlora, flexlora)", SIMULATION)
+    sim_data: str = setting("", "your own data instead of sim-dataset: a silo file (split by sim-partitioner) or a "
+                            "folder of one silo file per organization; every Ray node must see the path", SIMULATION)
+    sim_partitioner: str = setting("iid", "how sim-data is split: iid, dirichlet:ALPHA (label skew), by:COLUMN "
+                                   "(one organization per value)", SIMULATION)
     sim_attack: str = setting("", "experiments only: 'KIND:FRACTION' makes that share of the virtual organizations "
                               "poisoning attackers (sign-flip, scale10, flip10; clients/attacks.py)", SIMULATION)
 

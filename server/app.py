@@ -13,8 +13,9 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from server.events import EVENTS_FILE, EventsFile, TeeObserver
 from server.export import export_specialist
-from server.job import Job, RoundObserver
+from server.job import Job, LogObserver, RoundObserver
 from server.job_config import JobConfig
 from server.report import build_report, weight_cap, write_report
 
@@ -24,8 +25,13 @@ SPECIALIST_DIR = "specialist"
 
 
 def run_job(grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None) -> Path:
-    """Run (or resume) the job to its last round; export it; write the report."""
-    job = Job(grid, cfg, observer)
+    """Run (or resume) the job to its last round; export it; write the report.
+
+    The rounds go to ``observer`` (default: the log) and, for every job, to
+    ``<run-dir>/events.jsonl`` (server/events.py), which a resumed job appends to."""
+    events = EventsFile(Path(cfg.run_dir) / EVENTS_FILE, cfg.job_id)
+    # the file first: whoever reads an event's log line finds the event in the file
+    job = Job(grid, cfg, TeeObserver(events, observer or LogObserver()))
     final = job.run()
     history = final.run_state["history"]
     organizations = sorted({org for h in history for org in h["eval"]})
@@ -39,6 +45,7 @@ def run_job(grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None) -
         "base_model_fingerprint": job.fingerprint,
         "seed": cfg.seed,
         **weight_cap(history),   # max_weight: how far one organization's example count could weigh
+        **task_provenance(cfg),
     }
     if job.privacy is not None:  # the (ε, δ) spent, for whoever receives the adapter
         provenance["differential_privacy"] = job.privacy.provenance()
@@ -46,13 +53,27 @@ def run_job(grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None) -
         provenance["stopped_early"] = job.stop_reason
     run_dir = Path(cfg.run_dir)
     out = export_specialist(final, run_dir / SPECIALIST_DIR, provenance, overwrite=True, history=history)
-    meta = {"job_id": cfg.job_id, "model": cfg.model, "strategy": cfg.strategy, "specialist": str(out)}
+    meta = {"job_id": cfg.job_id, "model": cfg.model, "strategy": cfg.strategy, "specialist": str(out),
+            "metric": cfg.metric, "task_spec_fingerprint": cfg.task_spec.fingerprint()}
     for key in ("differential_privacy", "stopped_early"):
         if key in provenance:
             meta[key] = provenance[key]
     report = build_report(history, meta)
     write_report(run_dir, report)
     log.info("specialist exported to %s", out)
+    return out
+
+
+def task_provenance(cfg: JobConfig) -> dict:
+    """What the specialist learned: the job's task spec and its fingerprint (protos/task_spec.py);
+    the task and labels when the job declared them (with ``auto`` each organization's file decided,
+    and the coordinator never learns its labels)."""
+    spec = cfg.task_spec
+    out: dict = {"task_spec": {**spec.as_dict(), "fingerprint": spec.fingerprint()}}
+    if spec.kind != "auto":
+        out["task"] = spec.kind
+    if spec.labels:
+        out["task"], out["labels"] = "classification", list(spec.labels)
     return out
 
 

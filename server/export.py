@@ -155,11 +155,15 @@ def _evaluation_section(history: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def _load_section(ckpt: Checkpoint, name_or_path: str, folder: str, example: str) -> str:
+def _load_section(ckpt: Checkpoint, name_or_path: str, folder: str, example: str, system_prompt: str = "") -> str:
+    messages = "[{\"role\": \"user\", \"content\": prompt}]"
+    if system_prompt:
+        messages = f"[{{\"role\": \"system\", \"content\": {system_prompt!r}}},\n                                          " \
+                   "{\"role\": \"user\", \"content\": prompt}]"
     prompt_code = (
         f"prompt = {example!r}  # see \"Prompt it\"\n"
         "if tokenizer.chat_template:  # how the organizations trained it\n"
-        "    text = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": prompt}],\n"
+        f"    text = tokenizer.apply_chat_template({messages},\n"
         "                                         tokenize=False, add_generation_prompt=True)\n"
         "else:\n"
         f"    text = {_NO_TEMPLATE_PROMPT!r}.format(prompt=prompt)\n"
@@ -206,17 +210,25 @@ tokenizer = AutoTokenizer.from_pretrained(base_id)
 """
 
 
-def _prompt_section(task: str | None, labels: list[str] | None) -> tuple[str, str]:
-    """(the section, an example prompt for the loading code)."""
-    chat = ("The organizations trained on single-turn chats: the prompt is the one user message, rendered with "
-            "the base tokenizer's chat template and `add_generation_prompt=True` (no system message of ours; a "
-            "template that adds a default one, as SmolLM2's does, adds it here too). A tokenizer without a chat "
-            f"template gets `{_NO_TEMPLATE_PROMPT!r}` instead. The answer is trained to end with the "
-            "tokenizer's end-of-sequence token. Greedy decoding (`do_sample=False`) is what was evaluated.")
+def _prompt_section(task: str | None, labels: list[str] | None,
+                    spec: dict[str, Any] | None = None) -> tuple[str, str]:
+    """(the section, an example prompt for the loading code); ``spec`` is the job's task spec."""
+    spec = spec or {}
+    system = str(spec.get("system_prompt") or "")
+    template = str(spec.get("prompt_template") or "")
+    system_text = (f"the job's system message `{system!r}` first" if system else
+                   "no system message of ours; a template that adds a default one, as SmolLM2's does, adds it "
+                   "here too")
+    chat = ("The organizations trained on chats: the prompt is the user message, rendered with "
+            f"the base tokenizer's chat template and `add_generation_prompt=True` ({system_text}). A tokenizer "
+            f"without a chat template gets `{_NO_TEMPLATE_PROMPT!r}` instead. The answer is trained to end with "
+            "the tokenizer's end-of-sequence token. Greedy decoding (`do_sample=False`) is what was evaluated.")
+    if spec.get("fingerprint"):
+        chat += f" The job's task spec (fingerprint `{spec['fingerprint'][:16]}…`) is in `{PROVENANCE}`."
     if task == "classification":
         label_list = ", ".join(labels) if labels else "<label 1>, <label 2>, <...>"
-        example = _CLASSIFICATION_PROMPT.format(labels=label_list, text="<the text to classify>")
-        which = (f"The label set, in this order (sorted): {', '.join(f'`{x}`' for x in labels)}."
+        example = (template or _CLASSIFICATION_PROMPT).format(labels=label_list, text="<the text to classify>")
+        which = (f"The label set, in this order: {', '.join(f'`{x}`' for x in labels)}."
                  if labels else
                  "The label set is the organizations' own and was never sent to the coordinator: list the "
                  "labels they trained on, sorted, exactly as they were written.")
@@ -232,8 +244,8 @@ model answers with one category, verbatim:
 {which} Texts longer than the silo's `max_chars` (2,000 by default) were cut, and token sequences over the job's maximum length
 were cut in the middle of the prompt (the instruction's head and the `Category:` tail were kept).
 """, example)
-    if task == "instruction":
-        example = "<your question>"
+    if task in ("instruction", "chat"):
+        example = (template or "{prompt}").format(prompt="<your question>")
         return (f"{chat}\n\nThis is an **instruction** specialist: the user message is the question or "
                 "instruction as written, the answer is the response.\n", example)
     example = "<your prompt>"
@@ -293,8 +305,9 @@ def _model_card(ckpt: Checkpoint, prov: dict, out_dir: Path, history: list[dict[
     if task is None and history and any("accuracy" in m for h in history for m in h.get("eval", {}).values()):
         task = "classification"
     labels = prov.get("labels")
-    labels = sorted(map(str, labels)) if isinstance(labels, (list, tuple)) and labels else None
-    prompt_section, example = _prompt_section(task, labels)
+    labels = list(map(str, labels)) if isinstance(labels, (list, tuple)) and labels else None
+    spec = prov.get("task_spec") if isinstance(prov.get("task_spec"), dict) else None
+    prompt_section, example = _prompt_section(task, labels, spec)
 
     # JSON strings are valid YAML scalars: safe quoting for any name.
     front = ["---", "library_name: peft"]
@@ -355,7 +368,7 @@ organization trained on data that never left its silo, and only adapter updates 
 {_evaluation_section(history)}
 ## Load it
 
-{_load_section(ckpt, name_or_path, out_dir.name, example)}
+{_load_section(ckpt, name_or_path, out_dir.name, example, str((spec or {}).get("system_prompt") or ""))}
 ## Prompt it
 
 {prompt_section}

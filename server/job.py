@@ -461,7 +461,8 @@ def overall_metrics(per_org: dict[str, dict[str, float]]) -> dict[str, float]:
     if not total:
         return {}
     overall: dict[str, float] = {"num_examples": total}
-    for key in ("loss", "accuracy"):
+    # macro-F1 too: the example-weighted mean of the organizations' own (their confusion counts stay home)
+    for key in ("loss", "accuracy", "macro_f1", "exact_match"):
         rows = [(m[key], m["num_examples"]) for m in per_org.values() if key in m]
         if rows:
             overall[key] = sum(v * n for v, n in rows) / sum(n for _, n in rows)

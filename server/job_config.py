@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from protos import codec
 from protos.adapter import LoraSpec
+from protos.task_spec import TaskSpec, TaskSpecError
 from protos.job_settings import JobSettings, SettingsError
 from protos.round_config import round_config, simulation_settings
 
@@ -67,6 +68,10 @@ class JobConfig(JobSettings):
             self.lora
         except ValueError as err:
             raise JobConfigError(f"lora settings: {err}") from None
+        try:
+            self.task_spec
+        except TaskSpecError as err:
+            raise JobConfigError(f"task settings: {err}") from None
         strategy = self.build_strategy()
         self._validate_secure_aggregation(strategy, need)
         from strategies.dp_fedavg import PrivateStrategy
@@ -136,6 +141,10 @@ class JobConfig(JobSettings):
     @property
     def lora(self) -> LoraSpec:
         return self.round_config(0).lora
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        return TaskSpec.from_config(self)
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -6,6 +6,14 @@ on that organization's own held-out split. ``max_weight`` and
 ``capped_replies`` say how far one organization's example count could weigh
 (``weight_cap``); the per-round history holds the rest, rejected evaluate
 replies and refused name claims included.
+
+With the job setting ``local-baseline`` each organization also scores a
+local-only adapter it trained alone with the same budget
+(clients/local_baseline.py) and sends those scores as ``local_*`` metrics:
+"local" is the last round's, prefix stripped, with the organization's
+``num_examples`` (the same examples); overall, weighted as the coordinator
+weighs the others (server/job.py, ``overall_metrics``). A job without
+local-only metrics has no "local" block.
 """
 
 from __future__ import annotations
@@ -15,8 +23,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from server.job import overall_metrics
+
 REPORT_FILE = "report.json"
 CURVE_FILE = "learning_curve.png"
+#: how an organization names its local-only adapter's metrics (clients/local_baseline.py, on the other side)
+LOCAL_PREFIX = "local_"
 
 
 def weight_cap(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -40,14 +52,29 @@ def build_report(history: list[dict[str, Any]], meta: dict[str, Any]) -> dict[st
         org: {"base": base["eval"].get(org, {}), "specialist": metrics}
         for org, metrics in last["eval"].items()
     }
+    overall = {"base": base.get("eval_overall", {}), "specialist": last.get("eval_overall", {})}
+    local = {org: local_only(metrics) for org, metrics in last["eval"].items()}
+    if any(local.values()):
+        for org, metrics in local.items():
+            organizations[org]["local"] = metrics
+        overall["local"] = overall_metrics({org: m for org, m in local.items() if m})
     return {
         **meta,
         **weight_cap(history),
         "rounds": last["round"],
         "organizations": organizations,
-        "overall": {"base": base.get("eval_overall", {}), "specialist": last.get("eval_overall", {})},
+        "overall": overall,
         "history": history,
     }
+
+
+def local_only(metrics: dict[str, float]) -> dict[str, float]:
+    """An organization's local-only metrics, ``local_`` stripped, with its example count;
+    {} when it sent none."""
+    local = {key.removeprefix(LOCAL_PREFIX): value for key, value in metrics.items() if key.startswith(LOCAL_PREFIX)}
+    if local and "num_examples" in metrics:
+        local["num_examples"] = metrics["num_examples"]
+    return local
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
@@ -71,6 +98,8 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path) -> Path:
     has_accuracy = any("accuracy" in m for h in history for m in h["eval"].values())
     panels = [("accuracy", "held-out accuracy")] if has_accuracy else []
     panels.append(("perplexity", "held-out answer perplexity"))
+    local_overall = [overall_metrics({org: local for org, m in h["eval"].items() if (local := local_only(m))})
+                     for h in history]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         for org in orgs:
@@ -78,6 +107,9 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path) -> Path:
             ax.plot(rounds, values, marker="o", label=org, alpha=0.8)
         overall = [h.get("eval_overall", {}).get(key, math.nan) for h in history]
         ax.plot(rounds, overall, marker="s", color="black", linewidth=2.5, label="overall")
+        if any(local_overall):
+            ax.plot(rounds, [m.get(key, math.nan) for m in local_overall], marker="s", color="black",
+                    linestyle="--", linewidth=1.5, label="overall, local-only")
         ax.set_xlabel("round (0 = base model)")
         ax.set_title(title)
         ax.set_xticks(rounds)

@@ -34,8 +34,8 @@ digests across rounds and value checks do not apply to them.
 Metrics (``check_metrics``): a train reply's header metrics and an evaluate
 reply's metrics record are each a few finite scalars (at most ``MAX_METRICS``,
 printable keys of at most ``MAX_METRIC_KEY`` characters); the metrics the
-coordinator reads have bounds (``METRIC_BOUNDS``: losses >= 0, accuracy in
-[0, 1], perplexity >= 1). A NaN or Inf is NON_FINITE, a list or an
+coordinator reads have bounds (``METRIC_BOUNDS``: losses >= 0, accuracy, macro-F1 and
+exact match in [0, 1], perplexity >= 1; the same for the local-only ``local_`` ones). A NaN or Inf is NON_FINITE, a list or an
 out-of-bounds value METRIC_VALUE. A train reply with a bad metric is refused
 whole, not stripped of the metric: an agent that sends a NaN loss is broken or
 lying, and its update is no more trustworthy than its loss.
@@ -222,11 +222,18 @@ EVALUATE_MAX_BYTES = HEADER_SLACK_BYTES
 MAX_METRICS = 64
 MAX_METRIC_KEY = 64
 #: the metrics the coordinator reads, and the closed range each must lie in
-METRIC_BOUNDS: dict[str, tuple[float, float]] = {
+_EVAL_BOUNDS: dict[str, tuple[float, float]] = {
     "loss": (0.0, math.inf),
-    "train_loss": (0.0, math.inf),
     "accuracy": (0.0, 1.0),
+    "macro_f1": (0.0, 1.0),
+    "exact_match": (0.0, 1.0),
     "perplexity": (1.0, math.inf),
+}
+#: the local-only adapter's metrics (run-config local-baseline) have the same bounds
+METRIC_BOUNDS: dict[str, tuple[float, float]] = {
+    "train_loss": (0.0, math.inf),
+    **_EVAL_BOUNDS,
+    **{f"local_{name}": bounds for name, bounds in _EVAL_BOUNDS.items()},
 }
 
 

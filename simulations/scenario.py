@@ -44,7 +44,9 @@ def builtin_scenarios() -> list[str]:
     return sorted(p.stem for p in SCENARIO_DIR.glob("*.yaml"))
 
 
-def load_scenario(name_or_path: str) -> Scenario:
+def load_scenario(name_or_path: str, *, simulated: bool = True) -> Scenario:
+    """A built-in scenario or a .yaml file. ``simulated=False`` (a deployment's job file, for
+    `silotune coordinator --scenario`): the organizations are real, ``num-organizations`` may be left out."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -64,7 +66,7 @@ def load_scenario(name_or_path: str) -> Scenario:
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ScenarioError(f"scenario {name_or_path!r}: unknown keys {unknown}; valid: {sorted(allowed)}")
-    orgs = raw.get("num-organizations")
+    orgs = raw.get("num-organizations", None if simulated else 1)
     if not isinstance(orgs, int) or orgs < 1:
         raise ScenarioError(f"scenario {name_or_path!r}: num-organizations must be a positive integer")
     scenario = Scenario(

@@ -109,6 +109,17 @@ def test_coordinator_and_two_agents_two_rounds(tmp_path: Path) -> None:
     for path in (run_dir / "report.json", run_dir / "specialist" / "provenance.json"):
         text = path.read_text()
         assert corpus[0][0][:60] not in text and corpus[-1][0][:60] not in text
+    # the ServerApp wrote the rounds' events; the coordinator printed them as per-round tables
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    finished = [e["summary"] for e in events if e["event"] == "round_finished"]
+    assert [s["round"] for s in finished] == [h["round"] for h in report["history"]]
+    assert [s["eval"] for s in finished] == [h["eval"] for h in report["history"]]
+    assert sorted(e["org"] for e in events if e["event"] == "reply" and e["accepted"]) == ["bank-a", "bank-a",
+                                                                                         "bank-b", "bank-b"]
+    round_1 = console.index("round 1 done —")
+    rows = console[round_1:console.index("round 2: 2 organization(s) sampled", round_1)].splitlines()
+    assert any("bank-a" in row for row in rows) and any("bank-b" in row for row in rows), console[-3000:]
+    assert round_1 < table
 
 
 def test_secure_aggregation_across_processes_equals_the_plain_deployment(tmp_path: Path) -> None:

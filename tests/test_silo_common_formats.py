@@ -36,8 +36,12 @@ MESSAGES = [
 ]
 MESSAGES_EXPECTED = [
     Example("What is 2+2?", "4"),
-    Example("You are terse.\n\nCapital of France?", "Paris"),
-    Example("Be kind.\n\nUser: Hi\n\nAssistant: Hello!\n\nUser: Bye", "Goodbye!"),
+    # more than one user turn and its answer: the turns are kept too, for the chat template
+    Example("You are terse.\n\nCapital of France?", "Paris",
+            messages=(("system", "You are terse."), ("user", "Capital of France?"), ("assistant", "Paris"))),
+    Example("Be kind.\n\nUser: Hi\n\nAssistant: Hello!\n\nUser: Bye", "Goodbye!",
+            messages=(("system", "Be kind."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye"),
+                      ("assistant", "Goodbye!"))),
 ]
 
 PROMPT_COMPLETION = [
@@ -51,7 +55,9 @@ CONVERSATIONAL_PC = [
                 {"role": "user", "content": "Colour of the sky?"}],
      "completion": [{"role": "assistant", "content": "Blue"}]},
 ]
-CONVERSATIONAL_PC_EXPECTED = [Example("Answer in one word.\n\nColour of the sky?", "Blue")]
+CONVERSATIONAL_PC_EXPECTED = [Example(
+    "Answer in one word.\n\nColour of the sky?", "Blue",
+    messages=(("system", "Answer in one word."), ("user", "Colour of the sky?"), ("assistant", "Blue")))]
 
 ALPACA = [
     {"instruction": "Translate to French.", "input": "cat", "output": "chat"},

@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.table import Table
+from rich.text import Text
 
 from runtime.console import INSECURE_WARNING, console
 
 if TYPE_CHECKING:
     from clients.policy import OrganizationPolicy
+    from clients.silo_check import SiloSummary
 
 AGENT_NEEDS_KEYS = (
     "TLS and node authentication are on by default: pass --ca-cert (the federation's ca.pem) and "
@@ -88,8 +90,12 @@ def register(commands: argparse._SubParsersAction) -> None:
                            "would enforce; nothing is sent")
     p.add_argument("--data", help="a silo file to validate and summarize")
     p.add_argument("--policy", metavar="FILE", help="a policy file: print every rule the agent would enforce")
-    p.add_argument("--model", default="smollm2-135m", help="tokenizer for the length statistics")
-    p.add_argument("--max-length", type=int, default=160)
+    p.add_argument("--job", metavar="JOB.yaml",
+                   help="the job's file (a scenario file or a mapping of run-config keys): show how --data maps "
+                        "onto its task — its label set, rows it does not know, the exact prompt; its model and "
+                        "max-length are used unless given here")
+    p.add_argument("--model", help="tokenizer for the length statistics (default: the job's, else smollm2-135m)")
+    p.add_argument("--max-length", type=int, help="default: the job's, else 160")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=check)
 
@@ -139,6 +145,9 @@ def start(args: argparse.Namespace) -> int:
 def check(args: argparse.Namespace) -> int:
     if not args.data and not args.policy:
         raise ValueError("agent check: give --data (a silo file), --policy (a policy file), or both")
+    if args.job and not args.data:
+        raise ValueError("agent check: --job shows how a silo file maps onto the job's task: give --data too")
+    _job_defaults(args)
     policy = None
     if args.policy:
         from clients.policy import load_policy
@@ -149,16 +158,39 @@ def check(args: argparse.Namespace) -> int:
         if args.data:
             from clients.silo_check import check_silo
 
-            out = check_silo(args.data, model=args.model, max_length=args.max_length).as_dict()
+            out = _summary(args).as_dict()
         if policy is not None:
             out = {**({"silo": out} if args.data else {}), "policy": policy.as_dict()}
         print(json.dumps(out, indent=2))
-        return 0
+        return 1 if (out.get("silo", out) or {}).get("refused") else 0
     if policy is not None:
         print_policy(policy, args.policy)
     if args.data:
-        print_silo_summary(args)
+        return print_silo_summary(args)
     return 0
+
+
+def _job_defaults(args: argparse.Namespace) -> None:
+    """The job file's task spec, model and max-length; --model/--max-length still win."""
+    args.spec = None
+    if args.job:
+        from clients.silo_check import job_from_file
+        from protos.task_spec import TaskSpec
+
+        job = job_from_file(args.job)
+        args.spec = TaskSpec.from_config(job)
+        args.model = args.model or job.model
+        args.max_length = args.max_length or job.max_length
+        args.test_fraction, args.seed = job.test_fraction, job.seed
+    args.model = args.model or "smollm2-135m"
+    args.max_length = args.max_length or 160
+
+
+def _summary(args: argparse.Namespace) -> "SiloSummary":
+    from clients.silo_check import check_silo
+
+    extra = {"test_fraction": args.test_fraction, "seed": args.seed} if args.spec is not None else {}
+    return check_silo(args.data, model=args.model, max_length=args.max_length, spec=args.spec, **extra)
 
 
 def print_policy(policy: "OrganizationPolicy", path: str) -> None:
@@ -172,10 +204,9 @@ def print_policy(policy: "OrganizationPolicy", path: str) -> None:
     console.print(table)
 
 
-def print_silo_summary(args: argparse.Namespace) -> None:
-    from clients.silo_check import check_silo
-
-    summary = check_silo(args.data, model=args.model, max_length=args.max_length)
+def print_silo_summary(args: argparse.Namespace) -> int:
+    """The summary table; under a job, how the file maps onto its task. 1 when the job would be refused."""
+    summary = _summary(args)
     table = Table(title=f"{Path(args.data).name}: {summary.task} silo — nothing leaves this machine")
     table.add_column("")
     table.add_column("", justify="right")
@@ -183,11 +214,32 @@ def print_silo_summary(args: argparse.Namespace) -> None:
     table.add_row("train / test split", f"{summary.train} / {summary.test}")
     for label, count in summary.labels.items():
         table.add_row(f"label {label!r}", f"{count} ({count / summary.rows:.0%})")
+    for label, count in summary.labels_not_in_job.items():
+        table.add_row(f"label {label!r} (not in the job)", f"{count} rows: {args.spec.unknown_labels}")
+    for label in summary.labels_not_in_file:
+        table.add_row(f"label {label!r} (the job's)", "0 rows here")
     tokens = summary.tokens
     table.add_row("tokens (min / p50 / p95 / max)",
                   f"{tokens['min']:.0f} / {tokens['p50']:.0f} / {tokens['p95']:.0f} / {tokens['max']:.0f}")
-    table.add_row(f"longer than max-length {summary.max_length}", f"{summary.truncated} (truncated in training)")
+    table.add_row(f"longer than max-length {summary.max_length}",
+                  f"{summary.truncated} (the middle of the prompt is left out)")
     console.print(table)
+    if args.spec is None:
+        return 0
+    from clients.formatting import prompt_format
+    from runtime.base_model import load_tokenizer
+
+    console.print(f"job {args.job}: task {args.spec.kind}"
+                  + (f", labels {', '.join(args.spec.labels)}" if args.spec.labels else "")
+                  + f", metric {args.spec.headline_metric(summary.task)}, task fingerprint "
+                  f"{summary.task_fingerprint[:16]}")
+    console.print("every organization renders each row as (the row's fields in <>):")
+    console.print(Text(prompt_format(args.spec, summary.task, summary.job_labels, load_tokenizer(args.model))),
+                  style="dim")
+    if summary.refused:
+        console.print(Text(f"✗ {summary.refused}", style="red"))
+        return 1
+    return 0
 
 
 def split_address(address: str) -> tuple[str, int]:

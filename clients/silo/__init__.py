@@ -25,6 +25,7 @@ from .errors import (
     SiloMalformedRow,
     SiloMissingColumn,
     SiloNoRows,
+    SiloUnknownLabel,
 )
 from .files import load_silo
 from .formats import supported_extensions
@@ -45,6 +46,7 @@ __all__ = [
     "SiloMalformedRow",
     "SiloMissingColumn",
     "SiloNoRows",
+    "SiloUnknownLabel",
     "classification_silo",
     "instruction_silo",
     "load_bbc_news",

@@ -43,6 +43,10 @@ class SiloEncodingError(SiloError):
     """The file is not valid UTF-8."""
 
 
+class SiloUnknownLabel(SiloError):
+    """Rows whose label is outside the job's label set (the message names them)."""
+
+
 class SiloNoRows(SiloError):
     """Rows existed but none survived filtering (blank/missing/non-string fields)."""
 
@@ -56,4 +60,5 @@ __all__ = [
     "SiloMissingColumn",
     "SiloEncodingError",
     "SiloNoRows",
+    "SiloUnknownLabel",
 ]

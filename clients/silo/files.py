@@ -11,9 +11,11 @@ import logging
 import os
 from pathlib import Path
 
+from protos.task_spec import CLASSIFICATION_TEMPLATE, INSTRUCTION_TEMPLATE, TaskSpec
+
 from .build import classification_silo, instruction_silo, render_classification_prompt
 from .errors import SiloFileNotFound, SiloMissingColumn
-from .layouts import LAYOUTS, Layout, known_layouts, matching_layouts
+from .layouts import CHAT_LAYOUTS, LAYOUTS, Layout, known_layouts, matching_layouts
 from .readers import RawTable, read_table
 from .records import TASKS, Silo
 
@@ -29,13 +31,16 @@ REQUIRED_COLUMNS: dict[str, tuple[str, str]] = {
 __all__ = [
     "REQUIRED_COLUMNS",
     "load_silo",
+    "read_silo_table",
+    "silo_from_table",
     "render_classification_prompt",
     "classification_silo",
     "instruction_silo",
 ]
 
 
-def load_silo(path: str | os.PathLike[str], *, task: str = "auto", max_chars: int = 2000) -> Silo:
+def load_silo(path: str | os.PathLike[str], *, task: str = "auto", max_chars: int = 2000,
+              spec: TaskSpec | None = None) -> Silo:
     """Read, validate and convert a silo in any registered format (``formats/``).
 
     Built in: ``.jsonl``, ``.csv``, ``.parquet``, ``.json`` (an array of
@@ -49,23 +54,54 @@ def load_silo(path: str | os.PathLike[str], *, task: str = "auto", max_chars: in
     Forcing a task makes one of that task's layouts mandatory. Fields longer
     than ``max_chars`` are truncated (with a warning) so one huge document
     cannot blow up a training step.
+
+    ``spec``, the job's task (protos/task_spec.py), decides the task, the
+    label set and the prompt template instead of the file: a round loads its
+    silo with the spec of the job, so every organization renders the same
+    prompts.
     """
-    valid = ("auto", *TASKS)
-    if task not in valid:
-        raise ValueError(f"task must be one of {', '.join(map(repr, valid))}; got {task!r}")
+    return silo_from_table(read_silo_table(path), os.fspath(path), task=task, max_chars=max_chars, spec=spec)
+
+
+def read_silo_table(path: str | os.PathLike[str]) -> RawTable:
+    """The silo's raw columns (path checks, then the format chosen by extension or folder)."""
     source = os.fspath(path)
     file = Path(source)
     if not file.exists():
         raise SiloFileNotFound(f"{source}: silo file not found")
     if not file.is_file() and not file.is_dir():
         raise SiloFileNotFound(f"{source}: not a regular file")
+    return read_table(file)  # a folder no format reads: SiloFileNotFound ("not a regular file")
 
-    table = read_table(file)  # a folder no format reads: SiloFileNotFound ("not a regular file")
+
+def silo_from_table(table: RawTable, source: str, *, task: str = "auto", max_chars: int = 2000,
+                    spec: TaskSpec | None = None) -> Silo:
+    """Raw columns -> Silo, under the job's ``spec`` when there is one (see ``load_silo``)."""
+    if spec is not None:
+        task = spec.kind
+    valid = ("auto", *TASKS)
+    if task not in valid:
+        raise ValueError(f"task must be one of {', '.join(map(repr, valid))}; got {task!r}")
     layout = _resolve_layout(table, task, source)
-    build = instruction_silo if layout.task == "instruction" else classification_silo
-    silo = build(layout.pairs(table, source), source, max_chars)
-    logger.info("%s: loaded %d %s examples (%s layout)", source, len(silo), layout.task, layout.name)
+    pairs = layout.pairs(table, source)
+    if layout.task == "classification":
+        silo = classification_silo(
+            pairs, source, max_chars,
+            labels=(spec.labels or None) if spec is not None else None,
+            unknown_labels=spec.unknown_labels if spec is not None else "error",
+            template=spec.template_for("classification") if spec is not None else CLASSIFICATION_TEMPLATE)
+    else:
+        silo = instruction_silo(
+            pairs, source, max_chars, task="chat" if task == "chat" else "instruction",
+            template=spec.template_for("instruction") if spec is not None else INSTRUCTION_TEMPLATE)
+    logger.info("%s: loaded %d %s examples (%s layout)", source, len(silo), silo.task, layout.name)
     return silo
+
+
+def _layouts_of(task: str) -> list[Layout]:
+    if task == "chat":
+        return [layout for layout in LAYOUTS if layout.name in CHAT_LAYOUTS]
+    return [layout for layout in LAYOUTS if layout.task == task]
 
 
 def _resolve_layout(table: RawTable, task: str, source: str) -> Layout:
@@ -84,10 +120,10 @@ def _resolve_layout(table: RawTable, task: str, source: str) -> Layout:
                 "(pass task= to choose)", source, candidates[0].name,
             )
         return candidates[0]
-    candidates = matching_layouts(table.columns, task)
+    layouts = _layouts_of(task)
+    candidates = [layout for layout in layouts if set(table.columns).issuperset(layout.columns)]
     if candidates:
         return candidates[0]
-    layouts = [layout for layout in LAYOUTS if layout.task == task]
     if len(layouts) == 1:
         needed = layouts[0].columns
         missing = [c for c in needed if c not in table.columns]
@@ -96,7 +132,8 @@ def _resolve_layout(table: RawTable, task: str, source: str) -> Layout:
             f"missing {', '.join(map(repr, missing))}; found: {found_text}{_case_hint(table.columns)}"
         )
     raise SiloMissingColumn(
-        f"{source}: task {task!r} needs the columns of one of its layouts: {known_layouts(task)}; "
+        f"{source}: task {task!r} needs the columns of one of its layouts: "
+        f"{', '.join(layout.describe() for layout in layouts)}; "
         f"found: {found_text}{_case_hint(table.columns)}"
     )
 

@@ -20,7 +20,10 @@ Every layout but ``classification`` maps onto the instruction task:
   user turn is its text as is (so ``[user, assistant]`` gives the same example
   as ``instruction``/``response``); several turns are written one per
   paragraph as ``User: ...`` / ``Assistant: ...`` / ``Tool: ...``. Turns after
-  the last assistant turn are ignored; blank turns are skipped.
+  the last assistant turn are ignored; blank turns are skipped. Anything more
+  than one user turn and its answer also keeps its turns on the example
+  (``Example.messages``): training then renders them with the base model's
+  chat template, the loss on every assistant turn (clients/formatting.py).
 * prompt-completion: prompt and completion as they are; conversational ones
   are the conversation ``prompt + completion`` (its last assistant turn must be
   in ``completion``).
@@ -45,7 +48,8 @@ from .formats import RawTable
 #: roles a conversation may hold, and how a turn is named in a multi-turn prompt
 ROLES: dict[str, str] = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 
-Pairs = Iterator[tuple[object, object]]
+#: (prompt, answer) or, from the conversation layouts, (prompt, answer, conversation)
+Pairs = Iterator[tuple[object, ...]]
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,9 @@ def _turns(value: object, source: str, row: int, column: str) -> list[tuple[str,
 
 
 def _conversation_pair(turns: list[tuple[str, str]], source: str, row: int, column: str,
-                       answer_from: int = 0) -> tuple[str, str]:
-    """(prompt, answer) of a conversation whose answer is its last assistant turn (at index >= answer_from)."""
+                       answer_from: int = 0) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+    """(prompt, answer, conversation) of a conversation whose answer is its last assistant turn (at index
+    >= answer_from); the conversation is empty for one user turn and its answer."""
     last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=-1)
     if last < answer_from:
         where = "" if answer_from == 0 else " in 'completion'"
@@ -115,7 +120,12 @@ def _conversation_pair(turns: list[tuple[str, str]], source: str, row: int, colu
         body = dialog[0][1]
     else:
         body = "\n\n".join(f"{ROLES[role]}: {text}" for role, text in dialog)
-    return "\n\n".join([*system, body]), turns[last][1]
+    answer = turns[last][1]
+    single_exchange = not system and len(dialog) == 1 and dialog[0][0] == "user"
+    # the structure is kept when the flattened prompt loses it: encoded with the chat template
+    conversation = () if single_exchange else tuple(
+        [("system", text) for text in system] + dialog + [("assistant", answer)])
+    return "\n\n".join([*system, body]), answer, conversation
 
 
 def _messages_pairs(table: RawTable, source: str) -> Pairs:
@@ -163,6 +173,10 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("prompt-completion", "instruction", ("prompt", "completion"), _prompt_completion_pairs),
     Layout("alpaca", "instruction", ("instruction", "output"), _alpaca_pairs),
 )
+
+
+#: the layouts whose rows are conversations: the only ones a chat task accepts
+CHAT_LAYOUTS = ("messages", "prompt-completion")
 
 
 def known_layouts(task: str | None = None) -> str:

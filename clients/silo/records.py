@@ -9,10 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Task = Literal["instruction", "classification"]
+Task = Literal["instruction", "classification", "chat"]
 
 #: The task kinds a silo can hold; ``load_silo(task=...)`` also accepts "auto".
-TASKS: tuple[str, ...] = ("instruction", "classification")
+#: A chat silo is an instruction silo whose rows had to be conversations.
+TASKS: tuple[str, ...] = ("instruction", "classification", "chat")
+
+#: one turn of a conversation: (role, content), role one of system/user/assistant/tool
+Turn = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,11 @@ class Example:
     prompt: str
     answer: str
     label: str | None = None  # class label for classification silos, None for instruction
+    #: a conversation with more than one user turn or a system turn, up to and
+    #: including its answer; it is then encoded with the model's chat template,
+    #: the loss on every assistant turn (``prompt`` is its flattened text, for
+    #: display and the split). Empty for a single exchange.
+    messages: tuple[Turn, ...] = ()
 
 
 @dataclass
@@ -45,6 +54,8 @@ class Silo:
     examples: list[Example]
     labels: tuple[str, ...]
     source: str
+    #: rows dropped because their label is outside the job's label set (unknown-labels = skip)
+    skipped_unknown_labels: int = 0
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -19,6 +19,8 @@ import logging
 
 import numpy as np
 
+from protos.task_spec import TaskSpec
+
 from .build import classification_silo, instruction_silo
 from .corpora import load_bbc_news, load_construction_faq
 from .records import Silo
@@ -155,6 +157,7 @@ def virtual_silo(
     skew: float = 0.8,
     max_records: int | None = None,
     seed: int = 0,
+    spec: TaskSpec | None = None,
 ) -> Silo:
     """The silo of simulated organization ``partition_id`` out of ``num_partitions``.
 
@@ -162,7 +165,9 @@ def virtual_silo(
     so every org renders the same prompt); "construction-faq" gives an
     instruction silo (question -> answer) skewed over FAQ categories. Each org
     gets ``max_records`` records if given (capped so partitions stay
-    disjoint), else ``len(corpus) // num_partitions``.
+    disjoint), else ``len(corpus) // num_partitions``. The job's ``spec``
+    (its label set, unknown-label rule and prompt template) applies as it does
+    to a file silo; without labels in it, bbc-news uses the corpus-wide set.
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
@@ -182,6 +187,8 @@ def virtual_silo(
     indices = _assignment(dataset, num_partitions, float(skew), max_records, seed)[partition_id]
     source = f"virtual:{dataset}:{partition_id}/{num_partitions}"
     chosen = [rows[i] for i in indices]
+    spec = spec or TaskSpec()
     if dataset == "bbc-news":
-        return classification_silo(chosen, source, labels=sorted(set(groups)))
-    return instruction_silo(chosen, source)
+        return classification_silo(chosen, source, labels=spec.labels or sorted(set(groups)),
+                                   unknown_labels=spec.unknown_labels, template=spec.template_for("classification"))
+    return instruction_silo(chosen, source, template=spec.template_for("instruction"))

@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from runtime.console import INSECURE_WARNING, console
 from server.cli.report_table import report_table
+from server.cli.round_table import render_event
+from server.events import EVENTS_FILE, Event, EventsFollower
 
 #: (--scenario or None, the --set pairs) → the job's run config. Scenario files
 #: are the simulation's format (simulations/scenario.py), so the `silotune`
@@ -135,6 +138,9 @@ def coordinator(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir).resolve()
     run_config = args.read_run_config(args.scenario, args.overrides)
     run_config.setdefault("run-dir", str(state_dir / "run"))
+    # the ServerApp runs in Flower's process, whose working directory is the SuperLink's (the
+    # state dir): an absolute run dir is where this process reads the events and the report
+    run_config["run-dir"] = str(Path(str(run_config["run-dir"])).expanduser().resolve())
     cfg = JobConfig.from_run_config(run_config)  # refuse a bad config before starting anything
     # Refuse bad security settings before starting anything too.
     to_enroll = [parse_enroll_arg(text) for text in args.enroll]
@@ -192,15 +198,17 @@ def coordinator(args: argparse.Namespace) -> int:
                 f"--ca-cert {tls.ca_cert} --private-key ORG.key --data FILE; enroll more with: "
                 f"silotune pki enroll --coordinator-dir {state_dir} --name ORG --public-key ORG.pub")
         console.print(operator_line)
+        # the rounds as they happen: the job's events file as tables, from now on (a resumed job's
+        # earlier rounds are not repeated), and the ServerApp's log for everything else
+        rounds = EventsFollower(Path(cfg.run_dir) / EVENTS_FILE, show_event)
         run_id = superlink.submit_run(app_dir, run_config)
         console.print(f"job {cfg.job_id}: run {run_id} submitted; waiting for {cfg.min_nodes} organization(s)")
-        # the rounds as they happen (the ServerApp's log; text from the network, so no markup)
-        follower = superlink.follow_run_log(run_id, lambda line: console.print(f"  {line}", markup=False,
-                                                                               highlight=False))
+        follower = superlink.follow_run_log(run_id, lambda line: relay_log_line(line, tables_shown=rounds.grown()))
         try:
             status = superlink.wait_for_run(run_id, timeout=args.timeout)
         finally:
             follower.stop()
+            rounds.stop()
         logs = superlink.run_logs(run_id)
         (state_dir / f"run-{run_id}.log").write_text(logs)
         if not status.endswith("completed"):
@@ -210,6 +218,27 @@ def coordinator(args: argparse.Namespace) -> int:
     console.print(report_table(report))
     console.print(f"specialist: {report['specialist']}")
     return 0
+
+
+def show_event(event: Event) -> None:
+    """Print one round event as `silotune simulate` does (server/cli/round_table.py)."""
+    for renderable in render_event(event):
+        console.print(renderable)
+
+
+#: the round log's lines (server/job.py's LogObserver) that the events show as well: a round
+#: sampled, an update accepted, a round done. Information lines only: a warning (a rejection,
+#: a retry) is always relayed, so no text from the network can hide one.
+ROUND_LOG_LINE = re.compile(
+    r" INFO silotune\.server: round \d+(: \d+ organization\(s\) sampled\s*$| done: |: .* accepted )")
+
+
+def relay_log_line(line: str, *, tables_shown: bool) -> None:
+    """One line of the ServerApp's log (text from the network, so no markup). Once the events
+    file is showing the rounds, the log's own lines for the same events are left out."""
+    if tables_shown and ROUND_LOG_LINE.search(line):
+        return
+    console.print(f"  {line}", markup=False, highlight=False)
 
 
 TUNNEL_CONNECTION = "coordinator"  # the `flwr` connection `operator-tunnel` writes
