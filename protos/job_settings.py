@@ -44,6 +44,10 @@ class JobSettings:
     num_rounds: int = setting(2, "federated rounds to run")
     run_dir: str = setting("runs/silotune", "where checkpoints, report.json and the specialist are written")
     seed: int = setting(0, "seed of sampling, adapter initialisation, data splits and local training", ROUND)
+    init_adapter: str = setting("", "start from this PEFT adapter folder instead of a fresh adapter (continued "
+                                "training; the jobs service fills it from a registered specialist)")
+    dataset: str = setting("", "the named dataset every organization trains on (agent start --data NAME=FILE); "
+                           "empty: the agent's only one", ROUND)
     # ---- organizations and rounds -------------------------------------------
     min_nodes: int = setting(2, "organizations that must be online before a round starts")
     node_wait_timeout: float = setting(120.0, "seconds to wait for min-nodes organizations, then stop with an error")
