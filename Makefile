@@ -47,9 +47,12 @@ test-slow: install
 faults: install
 	$(PY) -m pytest -q -p no:cacheprovider tests/faults
 
-# Regenerate the Python code of the update contract (committed; a test fails when stale).
+# Regenerate the Python code of the update contract and of the jobs API (committed; a test fails when stale).
+# jobs.proto has a gRPC service: compiled from the repository root, so its _grpc module imports
+# `protos.silotune.v1.jobs_pb2` (with -Iprotos it would import a top-level `silotune` package).
 protos: install
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos protos/silotune/v1/update.proto
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/silotune/v1/jobs.proto
 
 clean:
 	rm -rf runs .pytest_cache

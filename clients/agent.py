@@ -4,14 +4,22 @@
 (clients/policy.py; a bad one is a PolicyError naming the key, before anything
 starts); without one the agent enforces the default policy.
 
+``Agent(data, ...)`` takes the datasets it offers: the values of
+`silotune agent start --data` (``parse_data``: ``NAME=FILE``, or a bare
+``FILE`` named by its stem), one path, or a mapping {name: path}. Names match
+``[A-Za-z0-9._-]+`` and are unique; every dataset the policy's ``datasets``
+rule lists must be offered (a typo would refuse every job). Each job names the
+dataset it trains on (its ``dataset``; "" for the agent's only one).
+
 ``Agent.start()``:
-1. validates the silo file (a bad file fails here, with its named error);
+1. validates every silo file (a bad file fails here, with its named error);
 2. starts the organization's Ray — or joins the one named by ``RAY_ADDRESS`` —
    and on it the resident trainer (clients/resident_trainer.py), which loads
    the base model once and serves every round — with ``train_workers`` N > 1
    it trains each round on N Ray Train workers instead (clients/train_workers.py
    splits the devices: one GPU or one CPU per worker, no GPU for the actor);
-3. starts the Flower SuperNode with node config ``silo-path``, ``org-name``,
+3. starts the Flower SuperNode with node config ``silo-paths`` (``silo-path``
+   for one bare ``--data FILE``, as before named datasets), ``org-name``,
    ``state-dir`` (where the agent's ε ledger lives), ``policy-path`` (with a
    policy file), ``ray-address`` and ``trainer-actor`` (and ``train-workers``,
    ``train-use-gpu`` when N > 1), so each ClientApp process forwards its
@@ -32,13 +40,15 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from clients.local_ray import keep_ray_on_loopback
 from clients.node_config import (NAMESPACE, ORG_NAME_KEY, POLICY_PATH_KEY, RANK_KEY, RAY_ADDRESS_KEY, SILO_PATH_KEY,
-                                 SIGNING_KEY_KEY, STATE_DIR_KEY, TRAINER_ACTOR_KEY, TRUSTED_PEERS_KEY)
-from clients.policy import OrganizationPolicy, load_policy
+                                 SILO_PATHS_KEY, SIGNING_KEY_KEY, STATE_DIR_KEY, TRAINER_ACTOR_KEY, TRUSTED_PEERS_KEY,
+                                 DatasetError, check_dataset_name, render_silo_paths)
+from clients.policy import OrganizationPolicy, PolicyError, load_policy
 from clients.resident_trainer import actor_name, start_resident_trainer
 from clients.silo import Silo, load_silo
 from clients.supernode import SuperNodeProcess
@@ -46,11 +56,67 @@ from clients.train_workers import TrainWorkersError, check_capacity, plan_device
 
 log = logging.getLogger("silotune.agent")
 
+#: what Agent(data=...) accepts: `agent start --data` values (or one), one path, or {name: path}
+Data = str | Path | Sequence[str] | Mapping[str, str | Path]
+
+
+def split_data_value(value: str) -> tuple[str | None, str]:
+    """One `--data` value → (the name given before '=', or None for a bare FILE; the file).
+
+    A value whose part before the first '=' holds a path separator is a bare file
+    (``/data/a=b.jsonl``); a file in the current folder whose name holds '=' is ``./a=b.jsonl``."""
+    name, sep, file = value.partition("=")
+    if sep and "/" not in name and os.sep not in name:
+        return name, file
+    return None, value
+
+
+def parse_data(values: Sequence[str]) -> dict[str, Path]:
+    """`--data` values → {name: resolved path}, in the order given; a DatasetError names the value.
+
+    ``NAME=FILE`` names the dataset; a bare ``FILE`` is named by its stem (which must then be a
+    valid name too, unless it is the agent's only dataset: a job reaches that one with ``dataset`` "").
+    """
+    if isinstance(values, str):
+        raise TypeError("parse_data takes a list of --data values")
+    if not values:
+        raise DatasetError("--data: give at least one silo file (FILE or NAME=FILE)")
+    datasets: dict[str, Path] = {}
+    for value in values:
+        given, file = split_data_value(value)
+        if not file:
+            raise DatasetError(f"--data {value!r}: no file (FILE or NAME=FILE)")
+        name = given if given is not None else Path(file).stem
+        if given is not None or len(values) > 1:
+            try:
+                check_dataset_name(name)
+            except DatasetError as err:
+                hint = "" if given is not None else " (the file's stem): name it, --data NAME=FILE"
+                raise DatasetError(f"--data {value!r}: {err}{hint}") from None
+        if name in datasets:
+            raise DatasetError(f"--data: dataset {name!r} is given twice ({datasets[name]} and {file}); "
+                               "give each a name of its own, --data NAME=FILE")
+        datasets[name] = Path(file).resolve()
+    return datasets
+
+
+def _datasets(data: Data) -> tuple[dict[str, Path], bool]:
+    """({name: path}, whether it is one bare file: node config `silo-path`, exactly as before names)."""
+    if isinstance(data, Path):
+        return {data.stem: data.resolve()}, True
+    if isinstance(data, Mapping):
+        datasets = {check_dataset_name(str(name)): Path(path).resolve() for name, path in data.items()}
+        if not datasets:
+            raise DatasetError("no dataset to offer")
+        return datasets, False
+    values = [data] if isinstance(data, str) else list(data)
+    return parse_data(values), len(values) == 1 and split_data_value(values[0])[0] is None
+
 
 class Agent:
     def __init__(
         self,
-        data: str | Path,
+        data: Data,
         coordinator: str,
         *,
         name: str | None = None,
@@ -66,9 +132,15 @@ class Agent:
         # the policy first: a bad file stops the agent before anything starts
         self.policy_path = Path(policy).resolve() if policy is not None else None
         self.policy = load_policy(self.policy_path) if self.policy_path is not None else OrganizationPolicy()
-        self.data = Path(data).resolve()
+        # the datasets this agent offers, {name: silo file}; nothing is read until start()
+        self.datasets, self._one_bare_file = _datasets(data)
+        unknown = [d for d in self.policy.datasets if d not in self.datasets]
+        if unknown:
+            raise PolicyError(f"datasets: the policy lets jobs use {unknown}, which this agent does not offer "
+                              f"(--data gives {', '.join(self.datasets)})")
         self.coordinator = coordinator
-        self.name = name or self.data.stem
+        self.silo_config = self._silo_config()  # a path the node config cannot carry fails here
+        self.name = name or next(iter(self.datasets.values())).stem
         self.state_dir = Path(state_dir or f"runs/agent-{self.name}").resolve()
         self.resident = resident
         self.gpus = gpus
@@ -83,15 +155,15 @@ class Agent:
             from clients.secure_aggregation import load_trusted_peers
 
             load_trusted_peers(self.trusted_peers)
-        self.silo: Silo | None = None
+        self.silos: dict[str, Silo] = {}
         self.supernode: SuperNodeProcess | None = None
         self._started_ray = False
         self._actor: Any = None
 
     def start(self) -> "Agent":
-        self.silo = load_silo(self.data)
+        self.silos = {name: load_silo(path) for name, path in self.datasets.items()}  # a bad file fails here
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        node_config: dict[str, Any] = {SILO_PATH_KEY: str(self.data), ORG_NAME_KEY: self.name,
+        node_config: dict[str, Any] = {**self.silo_config, ORG_NAME_KEY: self.name,
                                        STATE_DIR_KEY: str(self.state_dir)}
         if self.policy_path is not None:
             node_config[POLICY_PATH_KEY] = str(self.policy_path)
@@ -110,6 +182,13 @@ class Agent:
             self.stop()
             raise
         return self
+
+    def _silo_config(self) -> dict[str, str]:
+        """The node config of the datasets: ``silo-path`` for one bare file (as before named
+        datasets, so its path may hold any character), else ``silo-paths``."""
+        if self._one_bare_file:
+            return {SILO_PATH_KEY: str(next(iter(self.datasets.values())))}
+        return {SILO_PATHS_KEY: render_silo_paths(self.datasets)}
 
     def _start_resident(self) -> dict[str, Any]:
         import ray
@@ -173,7 +252,8 @@ class Agent:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clients.agent", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--data", required=True, action="append", metavar="[NAME=]FILE",
+                        help="a silo file this agent offers, named by NAME or the file's stem; repeatable")
     parser.add_argument("--coordinator", required=True)
     parser.add_argument("--name")
     parser.add_argument("--state-dir")

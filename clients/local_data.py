@@ -1,6 +1,7 @@
 """This organization's data for a round: its silo, split, tokenized, cached.
 
-Deployment: the agent's node config names the silo file (``silo-path``).
+Deployment: the agent's node config names its silo files (``silo-paths``,
+or one ``silo-path``) and the job's ``dataset`` picks one (``choose_silo_path``).
 Simulation: Flower gives each virtual organization a ``partition-id``, and
 its silo is that partition of a public corpus (``clients.silo.virtual``).
 Either way the train/test split is made here and never leaves the process.
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from clients.formatting import EncodedExample, encode_example, prompt_format
-from clients.node_config import NUM_PARTITIONS_KEY, ORG_NAME_KEY, PARTITION_ID_KEY, RANK_KEY, SILO_PATH_KEY
+from clients.node_config import (NUM_PARTITIONS_KEY, ORG_NAME_KEY, PARTITION_ID_KEY, RANK_KEY, SILO_PATH_KEY,
+                                 SILO_PATHS_KEY, DatasetError, offered_silos)
 from clients.silo import Example, Silo, load_silo, split_silo, virtual_silo
 from protos.round_config import RoundConfig, SimulationSettings
 from protos.task_spec import TaskSpec, TaskSpecError
@@ -58,8 +60,8 @@ def local_rank(node_config: Mapping[str, Any], cfg: RoundConfig, sim: Simulation
 def load_local_silo(node_config: Mapping[str, Any], cfg: RoundConfig, sim: SimulationSettings | None) -> Silo:
     """This organization's silo, built under the job's task spec (protos/task_spec.py)."""
     spec = task_spec(cfg, sim)
-    if SILO_PATH_KEY in node_config:
-        return load_silo(str(node_config[SILO_PATH_KEY]), spec=spec)
+    if SILO_PATH_KEY in node_config or SILO_PATHS_KEY in node_config:
+        return load_silo(choose_silo_path(node_config, cfg.dataset), spec=spec)
     if PARTITION_ID_KEY in node_config:
         if sim is None:
             raise ValueError("a virtual organization (partition-id) needs the simulation settings, "
@@ -83,6 +85,33 @@ def load_local_silo(node_config: Mapping[str, Any], cfg: RoundConfig, sim: Simul
         f"this node has no data: set node config {SILO_PATH_KEY}=\"/path/to/silo.jsonl\" "
         "(deployment) or run it in simulation (partition-id)"
     )
+
+
+class UnknownDataset(DatasetError):
+    """The job names a dataset this agent does not offer."""
+
+
+class AmbiguousDataset(DatasetError):
+    """The job names no dataset and this agent offers several."""
+
+
+def choose_silo_path(node_config: Mapping[str, Any], dataset: str) -> str:
+    """The silo file of the job's ``dataset``: the one so named; "" → the agent's only one.
+
+    The policy (clients/policy.py, rule ``datasets``) refuses both errors below before anything is
+    loaded; they stand here for a node whose policy did not see its datasets. The names stay in
+    this organization's log: the coordinator learns the error's type only (clients/app.py)."""
+    offered = offered_silos(node_config)
+    names = ", ".join(offered)
+    if dataset:
+        if dataset not in offered:
+            raise UnknownDataset(f"the job asks for dataset {dataset!r}; this agent offers {names} "
+                                 "(agent start --data NAME=FILE)")
+        return offered[dataset]
+    if len(offered) != 1:
+        raise AmbiguousDataset(f"the job names no dataset and this agent offers {len(offered)}: {names}; "
+                               "the job's `dataset` must name one")
+    return next(iter(offered.values()))
 
 
 def task_spec(cfg: RoundConfig, sim: SimulationSettings | None) -> TaskSpec:
@@ -128,7 +157,7 @@ def local_data(node_config: Mapping[str, Any], cfg: RoundConfig, sim: Simulation
     """The split, tokenized silo of this organization (cached per process)."""
     key = (
         tuple(sorted((k, str(v)) for k, v in node_config.items())),
-        cfg.model, cfg.max_length, cfg.test_fraction, cfg.seed, TaskSpec.from_config(cfg).fingerprint(),
+        cfg.dataset, cfg.model, cfg.max_length, cfg.test_fraction, cfg.seed, TaskSpec.from_config(cfg).fingerprint(),
         (sim.sim_dataset, sim.sim_skew, sim.sim_max_records, sim.sim_data, sim.sim_partitioner)
         if sim is not None else None,
     )

@@ -20,6 +20,15 @@ Which policy applies (``policy_for(node_config)``):
 * otherwise (a deployed agent without ``--policy``): ``OrganizationPolicy()``,
   the defaults below.
 
+Each comes bound to the datasets the node offers (``silo-paths``, or one
+``silo-path``; ``offering``): what an agent offers is a fact of the node, not
+a rule of the file, and the ``datasets`` rule needs it to refuse, before
+anything is loaded, a job that names a dataset this agent does not offer or
+that names none while the agent offers several. The reply then says
+``policy_violation: datasets`` and nothing else: the coordinator cannot tell
+a dataset that does not exist here from one the organization withholds, nor
+learn the names the agent offers.
+
 The defaults refuse only what no deployed organization should do: an update
 or a metric that describes a single record (``min_batch_size`` 2,
 ``min_eval_examples`` 2) and a secure-aggregation session of two, where the
@@ -70,6 +79,7 @@ Decisions:
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import logging
 import math
@@ -83,7 +93,7 @@ import yaml
 
 from clients.evaluation import EVAL_METRICS
 from clients.local_baseline import LOCAL_EVAL_METRICS
-from clients.node_config import PARTITION_ID_KEY, POLICY_PATH_KEY
+from clients.node_config import DATASET_NAME, PARTITION_ID_KEY, POLICY_PATH_KEY, offered_silos
 from protos.errors import RejectReason, UpdateRejected
 
 if TYPE_CHECKING:
@@ -141,6 +151,10 @@ class OrganizationPolicy:
         "header carries; checked against the loaded weights). Empty: any", "names")
     allowed_job_ids: tuple[str, ...] = rule(
         (), "job ids this agent takes part in, as glob patterns (`consortium-*`). Empty: any", "names")
+    datasets: tuple[str, ...] = rule(
+        (), "the datasets (`agent start --data NAME=FILE`) a job may name in its `dataset`; a job naming "
+        "another, one this agent does not offer, or none while it offers several is refused before anything "
+        "is loaded. Empty: every dataset the agent offers", "names")
     max_rounds_per_job: int | None = rule(
         None, "refuse every instruction of a job past this round. null: no cap", "optional int")
     max_rank: int | None = rule(
@@ -190,6 +204,19 @@ class OrganizationPolicy:
             object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), f.metadata["kind"]))
         _validate(self)
 
+    # ---- the node it is enforced on ----------------------------------------------
+    def offering(self, names: tuple[str, ...]) -> "OrganizationPolicy":
+        """This policy, bound to the dataset names its node offers (not a rule: the same
+        file serves agents that offer different data). Equal to ``self``: rules only compare."""
+        bound = copy.copy(self)
+        object.__setattr__(bound, "_offered_datasets", tuple(names))
+        return bound
+
+    @property
+    def offered_datasets(self) -> tuple[str, ...] | None:
+        """The dataset names the node offers (``offering``); None: not known (the rule alone applies)."""
+        return self.__dict__.get("_offered_datasets")
+
     # ---- what the rules say --------------------------------------------------
     @property
     def capped(self) -> bool:
@@ -209,6 +236,7 @@ class OrganizationPolicy:
         if self.allowed_job_ids and not any(fnmatch.fnmatchcase(request.job_id, p) for p in self.allowed_job_ids):
             raise PolicyViolation("allowed_job_ids",
                                   f"job {request.job_id!r} matches none of {list(self.allowed_job_ids)}")
+        self._check_dataset(request)
         if self.allowed_base_models and not ({request.model, request.fingerprint} & set(self.allowed_base_models)):
             raise PolicyViolation("allowed_base_models", f"base model {request.model!r} ({request.fingerprint}) "
                                   f"is not among {list(self.allowed_base_models)}")
@@ -221,6 +249,21 @@ class OrganizationPolicy:
             self._check_train(request)
         else:
             self._check_evaluate(request)
+
+    def _check_dataset(self, request: "Request") -> None:
+        """The job's ``dataset`` ("": the agent's only one) must be offered here and allowed by the rule."""
+        offered, name = self.offered_datasets, request.dataset
+        if offered is not None:
+            if not name and len(offered) == 1:
+                name = offered[0]
+            if not name:
+                raise PolicyViolation("datasets", f"the job names no dataset and this agent offers "
+                                      f"{len(offered)}: {', '.join(offered)}")
+            if name not in offered:
+                raise PolicyViolation("datasets", f"the job asks for dataset {name!r}; this agent offers "
+                                      f"{', '.join(offered)}")
+        if self.datasets and name and name not in self.datasets:
+            raise PolicyViolation("datasets", f"dataset {name!r} is not among {list(self.datasets)}")
 
     def _check_train(self, request: "Request") -> None:
         if request.batch_size < self.min_batch_size:
@@ -329,6 +372,7 @@ class Request:
     dp_clip: float
     dp_noise: float
     secure_session: int | None   # secure aggregation: the fewest inputs of an unmaskable sum, min(N, t); None: plain
+    dataset: str = ""            # the job's `dataset`; "": the agent's only one
 
     @property
     def secure(self) -> bool:
@@ -341,27 +385,34 @@ class Request:
 
 
 _CACHE: dict[str, OrganizationPolicy] = {}
+_BOUND: dict[tuple[str, tuple[str, ...]], OrganizationPolicy] = {}  # (file, offered datasets): its bound copy
 _CACHE_LOCK = threading.Lock()
 
 
 def policy_for(node_config: Mapping[str, Any]) -> OrganizationPolicy:
     """The policy this node enforces: its policy file (read once per process), else the
-    simulation policy for a virtual organization, else the defaults."""
+    simulation policy for a virtual organization, else the defaults; bound to the datasets
+    the node offers, if it names any."""
+    offered = tuple(offered_silos(node_config))
     if POLICY_PATH_KEY in node_config:
         path = str(node_config[POLICY_PATH_KEY])
         with _CACHE_LOCK:
             if path not in _CACHE:
                 _CACHE[path] = load_policy(path)
-            return _CACHE[path]
-    if PARTITION_ID_KEY in node_config:
-        return SIMULATION_POLICY
-    return OrganizationPolicy()
+            if not offered:
+                return _CACHE[path]
+            if (path, offered) not in _BOUND:
+                _BOUND[(path, offered)] = _CACHE[path].offering(offered)
+            return _BOUND[(path, offered)]
+    policy = SIMULATION_POLICY if PARTITION_ID_KEY in node_config else OrganizationPolicy()
+    return policy.offering(offered) if offered else policy
 
 
 def forget_cached_policies() -> None:
     """Drop the per-process cache (what a restarted agent starts with)."""
     with _CACHE_LOCK:
         _CACHE.clear()
+        _BOUND.clear()
 
 
 def load_policy(path: str | Path) -> OrganizationPolicy:
@@ -461,6 +512,9 @@ def _validate(p: OrganizationPolicy) -> None:
             raise PolicyError(f"{key}: must be > 0 (or null: no cap), got {value}")
     if not 0 < p.dp_delta < 1:
         raise PolicyError(f"dp_delta: must be in (0, 1), got {p.dp_delta}")
+    for name in p.datasets:
+        if not DATASET_NAME.fullmatch(name):
+            raise PolicyError(f"datasets: {name!r} is not a dataset name (letters, digits, '.', '_' and '-')")
     for entry in p.allowed_base_models:
         if entry.startswith("blake2b:") and not _FINGERPRINT.match(entry):
             raise PolicyError(f"allowed_base_models: {entry!r} is not a fingerprint (blake2b: and 32 hex digits)")

@@ -84,7 +84,8 @@ def _receive(kind: str, content: RecordDict, node_config: dict, state: RecordDic
     request = Request(kind=kind, job_id=cfg.job_id, server_round=cfg.server_round, model=cfg.model,
                       fingerprint=header.base_model_fingerprint, rank=local_rank(node_config, cfg, sim),
                       batch_size=cfg.batch_size, local_steps=cfg.local_steps, eval_examples=cfg.eval_max_examples,
-                      dp_clip=cfg.dp_clip, dp_noise=cfg.dp_noise, secure_session=_secure_session(content, state))
+                      dp_clip=cfg.dp_clip, dp_noise=cfg.dp_noise, secure_session=_secure_session(content, state),
+                      dataset=cfg.dataset)
     policy.check(request)
     ledger = privacy.ledger_for(node_config)
     if kind == "train":

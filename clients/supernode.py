@@ -14,7 +14,9 @@ before installing or importing anything of it. Without a key, every app runs
 unless told (`--insecure` or `--unsigned-apps`).
 
 The organization's settings reach the ClientApp as `context.node_config`,
-passed here as a dict (e.g. {"silo-path": "/data/silo.jsonl"}) and rendered
+passed here as a dict (e.g. {"silo-path": "/data/silo.jsonl"}, or an agent's
+named datasets as one string, {"silo-paths": "legal=/data/a.jsonl;tax=/data/b.csv"}:
+Flower's node-config values are scalars, clients/node_config.py) and rendered
 to Flower's `--node-config 'k="v" n=1'` syntax. Runtime dependency
 installation stays off (the SuperNode default; we never pass
 `--allow-runtime-dependency-installation`). Stopping kills the process and

@@ -45,7 +45,8 @@ class JobSettings:
     run_dir: str = setting("runs/silotune", "where checkpoints, report.json and the specialist are written")
     tensorboard_dir: str = setting("", "also write the round events as TensorBoard scalars to this folder "
                                    "(empty: off)")
-    mlflow_dir: str = setting("", "also log the round events to an MLflow file store in this folder (empty: off)")
+    mlflow_dir: str = setting("", "also log the round events to an MLflow SQLite store (mlflow.db) in this folder "
+                              "(empty: off)")
     seed: int = setting(0, "seed of sampling, adapter initialisation, data splits and local training", ROUND)
     init_adapter: str = setting("", "start from this PEFT adapter folder instead of a fresh adapter (continued "
                                 "training; the jobs service fills it from a registered specialist)")

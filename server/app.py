@@ -18,6 +18,9 @@ from server.export import export_specialist
 from server.job import Job, LogObserver, RoundObserver
 from server.job_config import JobConfig
 from server.report import build_report, weight_cap, write_report
+from server.trackers import finishing, trackers_for
+from server.specialists import init_adapter_provenance
+from server.traffic import bytes_moved
 
 log = logging.getLogger("silotune.server")
 
@@ -31,8 +34,10 @@ def run_job(grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None) -
     ``<run-dir>/events.jsonl`` (server/events.py), which a resumed job appends to."""
     events = EventsFile(Path(cfg.run_dir) / EVENTS_FILE, cfg.job_id)
     # the file first: whoever reads an event's log line finds the event in the file
-    job = Job(grid, cfg, TeeObserver(events, observer or LogObserver()))
-    final = job.run()
+    trackers = trackers_for(cfg)   # TensorBoard, MLflow: those the job's settings turn on
+    job = Job(grid, cfg, TeeObserver(events, observer or LogObserver(), *trackers))
+    with finishing(trackers):   # each run ends FINISHED, or FAILED if the rounds raised
+        final = job.run()
     history = final.run_state["history"]
     organizations = sorted({org for h in history for org in h["eval"]})
     provenance = {
@@ -46,6 +51,8 @@ def run_job(grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None) -
         "seed": cfg.seed,
         **weight_cap(history),   # max_weight: how far one organization's example count could weigh
         **task_provenance(cfg),
+        **init_adapter_provenance(cfg.init_adapter),  # continued training: the specialist it started from
+        "bytes_moved": bytes_moved(history),   # instructions down + replies up, every round (server/traffic.py)
     }
     if job.privacy is not None:  # the (ε, δ) spent, for whoever receives the adapter
         provenance["differential_privacy"] = job.privacy.provenance()
@@ -55,7 +62,7 @@ def run_job(grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None) -
     out = export_specialist(final, run_dir / SPECIALIST_DIR, provenance, overwrite=True, history=history)
     meta = {"job_id": cfg.job_id, "model": cfg.model, "strategy": cfg.strategy, "specialist": str(out),
             "metric": cfg.metric, "task_spec_fingerprint": cfg.task_spec.fingerprint()}
-    for key in ("differential_privacy", "stopped_early"):
+    for key in ("differential_privacy", "stopped_early", "init_adapter", "bytes_moved"):
         if key in provenance:
             meta[key] = provenance[key]
     report = build_report(history, meta)

@@ -41,6 +41,8 @@ from server.exchange import ExchangeResult, LateReplies, QuorumError, exchange, 
 from server.fault_points import fault_point
 from server.job_config import JobConfig
 from server.secure_aggregation import SecureRound, SecureSettings
+from server.specialists import load_init_adapter
+from server.traffic import CountingGrid
 from server.privacy import PrivacyBudgetExhausted, PrivacyLedger
 from server.validation import (
     EVALUATE_MAX_BYTES,
@@ -104,7 +106,7 @@ class Job:
                  enrolled: Callable[[], Mapping[int, str]] | None = None) -> None:
         """``enrolled``: node id → enrolled name (default: the coordinator's enrollment
         registry when the SuperLink runs with node authentication, else none)."""
-        self.grid = grid
+        self.grid = CountingGrid(grid)  # each round's summary says the bytes it moved (server/traffic.py)
         self.cfg = cfg
         self.observer = observer or LogObserver()
         self.store = CheckpointStore(cfg.checkpoint_dir)
@@ -129,21 +131,29 @@ class Job:
         self.secure_input = self.strategy.secure_input() if cfg.secure_aggregation else None
         # Flower's Simulation Engine (run_simulation, `flwr run` on a simulation federation) drives
         # the ServerApp through an InMemoryGrid; a deployment through a SuperLink never does
-        self.simulated = isinstance(grid, InMemoryGrid)
+        self.simulated = isinstance(grid, InMemoryGrid)  # the Grid Flower gave, not our counting wrapper
 
     # ---- state -------------------------------------------------------------
     def _resume_or_init(self) -> JobState:
         checkpoint = self.store.latest()
         if checkpoint is None:
             rng = np.random.default_rng(self.cfg.seed)
-            state = JobState(0, init_adapter(self.layout, self.cfg.seed), rng)
-            # round 0 scores the base model: in a deployment the agents may still be joining,
-            # and an evaluation of nobody would leave the report without its base column
+            state = JobState(0, self._initial_adapter(), rng)
+            # round 0 scores the base model (continuing: the specialist it starts from); in a deployment the
+            # agents may still be joining, and an evaluation of nobody would leave the report without its base column
             wait_for_nodes(self.grid, self.cfg.min_nodes, self.cfg.node_wait_timeout, self.cfg.poll_interval)
-            self._evaluate(state)  # round 0: the base model
+            self._evaluate(state)  # round 0: the starting adapter
             self._checkpoint(state)
             return state
         return self._resume(checkpoint)
+
+    def _initial_adapter(self) -> Adapter:
+        """A fresh adapter (B = 0: the base model), or with ``init-adapter`` the one continued
+        training starts from (a registered specialist), checked against this job's layout and
+        base model. Only a fresh job reads it: a resumed one continues from its checkpoint."""
+        if not self.cfg.init_adapter:
+            return init_adapter(self.layout, self.cfg.seed)
+        return load_init_adapter(self.cfg.init_adapter, self.layout, self.cfg.lora, self.fingerprint)
 
     def _resume(self, checkpoint: Checkpoint) -> JobState:
         saved = checkpoint.run_state
@@ -431,6 +441,7 @@ class Job:
         summary["eval_rejected"] = eval_rejected
         summary["names_refused"] = self.names(state).take_refused()   # this round's, train and evaluate
         summary["eval_seconds"] = time.monotonic() - started
+        summary["bytes"] = self.grid.take()   # this round's instructions and replies, training and evaluation
         state.history.append(summary)
         self.observer.round_finished(state.server_round, summary)
         return summary
@@ -461,11 +472,13 @@ def overall_metrics(per_org: dict[str, dict[str, float]]) -> dict[str, float]:
     if not total:
         return {}
     overall: dict[str, float] = {"num_examples": total}
-    # macro-F1 too: the example-weighted mean of the organizations' own (their confusion counts stay home)
-    for key in ("loss", "accuracy", "macro_f1", "exact_match"):
-        rows = [(m[key], m["num_examples"]) for m in per_org.values() if key in m]
-        if rows:
-            overall[key] = sum(v * n for v, n in rows) / sum(n for _, n in rows)
-    if "loss" in overall:
-        overall["perplexity"] = math.exp(min(overall["loss"], 50.0))
+    # macro-F1 too: the example-weighted mean of the organizations' own (their confusion counts stay
+    # home); the local-only adapters' metrics (local-baseline) the same way
+    for prefix in ("", "local_"):
+        for key in (f"{prefix}{name}" for name in ("loss", "accuracy", "macro_f1", "exact_match")):
+            rows = [(m[key], m["num_examples"]) for m in per_org.values() if key in m]
+            if rows:
+                overall[key] = sum(v * n for v, n in rows) / sum(n for _, n in rows)
+        if f"{prefix}loss" in overall:
+            overall[f"{prefix}perplexity"] = math.exp(min(overall[f"{prefix}loss"], 50.0))
     return overall

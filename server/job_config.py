@@ -64,6 +64,8 @@ class JobConfig(JobSettings):
         need(self.dp_epsilon_max >= 0, "dp-epsilon-max", "must be >= 0 (0: no budget)")
         need(0.0 < self.dp_delta < 1.0, "dp-delta", "must be in (0, 1)")
         need(bool(self.job_id.strip()), "job-id", "must not be empty")
+        need(not self.init_adapter or Path(self.init_adapter).expanduser().is_dir(), "init-adapter",
+             "no such folder (a PEFT adapter folder, e.g. a registered specialist's)")
         try:
             self.lora
         except ValueError as err:

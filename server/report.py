@@ -1,8 +1,9 @@
 """The job's results for people and programs: report.json and a learning curve.
 
 "base" is round 0 (the initial adapter is a no-op, so it scores the base
-model) and "specialist" is the last round, per organization and overall, each
-on that organization's own held-out split. ``max_weight`` and
+model; a continued job's round 0 scores the specialist it started from, named
+in "init_adapter") and "specialist" is the last round, per organization and
+overall, each on that organization's own held-out split. ``max_weight`` and
 ``capped_replies`` say how far one organization's example count could weigh
 (``weight_cap``); the per-round history holds the rest, rejected evaluate
 replies and refused name claims included.

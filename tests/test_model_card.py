@@ -251,3 +251,31 @@ def test_card_code_runs_for_the_builtin_with_the_hub_id_pointed_at_a_local_copy(
 
     prompt = render_classification_prompt("<the text to classify>", LABELS)
     assert answer == _expected_answer(load_model(SMOLLM2), load_tokenizer(SMOLLM2), out, prompt)
+
+
+def test_card_code_follows_the_jobs_task_spec(tmp_path: Path, tiny_folder: Path) -> None:
+    """A job with its own template and system prompt: the card's code prompts the specialist
+    exactly as the organizations rendered every example (clients/formatting.py)."""
+    from clients.formatting import encode_example
+    from protos.job_settings import JobSettings
+    from protos.task_spec import TaskSpec
+    from runtime.base_model import load_tokenizer
+
+    spec = TaskSpec.from_config(JobSettings.from_run_config({
+        "task": "classification", "task-labels": "refund,outage,billing",
+        "prompt-template": "Ticket: {text}\nQueue ({labels})?", "system-prompt": "You route support tickets."}))
+    provenance = {**PROVENANCE, "task": "classification", "labels": list(spec.labels),
+                  "task_spec": {**spec.as_dict(), "fingerprint": spec.fingerprint()}}
+    out = export_specialist(_checkpoint(tmp_path, str(tiny_folder), model_config(TINY)), tmp_path / "specialist",
+                            provenance)
+    card = (out / "README.md").read_text()
+    assert "`refund`, `outage`, `billing`" in card and spec.fingerprint()[:16] in card
+    code = _code_block(card, "python")
+    prompt = "Ticket: <the text to classify>\nQueue (refund, outage, billing)?"
+    assert repr(prompt) in code
+    # what the card's code feeds the model, token for token, is what training rendered
+    shown = _run_snippet(code.split("output = model.generate")[0] + "print(repr(text))", cwd=out.parent)
+    tokenizer = load_tokenizer(TINY)
+    trained = encode_example(tokenizer, prompt, "refund", 512, system_prompt=spec.system_prompt)
+    assert eval(shown.strip()) == tokenizer.decode(trained.prompt_ids)  # noqa: S307 (our own repr)
+    _run_snippet(code, cwd=out.parent)  # and the whole snippet runs

@@ -172,6 +172,7 @@ CASES = [
     # rule, policy file (None: no file, the defaults), instruction kind, what the coordinator asks
     ("allowed_base_models", {"allowed_base_models": ["smollm2-135m"]}, "train", {}),
     ("allowed_job_ids", {"allowed_job_ids": ["consortium-*"]}, "evaluate", {}),
+    ("datasets", {"datasets": ["claims"]}, "train", {}),  # the job's "" is the agent's only dataset, bank
     ("max_rounds_per_job", {"max_rounds_per_job": 2}, "train", {"server_round": 3}),
     ("max_rank", {"max_rank": 2}, "evaluate", {}),
     ("min_batch_size", None, "train", {"batch_size": 1}),

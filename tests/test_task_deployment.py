@@ -56,7 +56,7 @@ def test_three_organizations_with_different_label_subsets_share_one_prompt(tmp_p
     orgs = ["insurer-a", "insurer-b", "insurer-c"]
 
     # every organization logged the same prompt format, with the job's labels in the job's order
-    spec = TaskSpec.from_config(JobSettings.from_run_config(task))
+    spec = TaskSpec.from_config(JobSettings.from_run_config(settings))
     rendered = {}
     for org in orgs:
         log = (tmp_path / org / "supernode.log").read_text()

@@ -283,3 +283,14 @@ def test_a_job_file_without_simulation_keys_is_a_coordinator_scenario(tmp_path: 
         "task": "classification", "task-labels": "billing,outage", "metric": "macro-f1"}
     with pytest.raises(ScenarioError, match="num-organizations"):
         load_scenario(str(job))  # a simulation needs to know how many
+
+
+def test_the_local_only_metrics_are_pooled_overall_too() -> None:
+    import math
+
+    from server.job import overall_metrics
+
+    overall = overall_metrics({"a": {"num_examples": 10, "loss": 1.0, "local_loss": 2.0, "local_accuracy": 0.2},
+                               "b": {"num_examples": 30, "loss": 1.0, "local_loss": 1.0, "local_accuracy": 0.6}})
+    assert overall["local_accuracy"] == pytest.approx(0.5) and overall["local_loss"] == pytest.approx(1.25)
+    assert overall["local_perplexity"] == pytest.approx(math.exp(1.25))

@@ -49,7 +49,11 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     p = actions.add_parser("start", help="join a federation: Ray + resident trainer + SuperNode")
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink")
-    p.add_argument("--data", required=True, help="this organization's silo file (.jsonl, .json, .csv, .parquet, .arrow, or a Hugging Face datasets folder; README, \"Bring your own data\")")
+    p.add_argument("--data", required=True, action="append", metavar="[NAME=]FILE",
+                   help="a silo file this agent offers (.jsonl, .json, .csv, .parquet, .arrow, or a Hugging Face "
+                        "datasets folder; README, \"Bring your own data\"), named NAME ([A-Za-z0-9._-]+) or by the "
+                        "file's stem. Repeatable: each job names the one it trains on (its `dataset`; empty: the "
+                        "agent's only one); every file is validated at start")
     p.add_argument("--ca-cert", help="the federation's CA certificate (ca.pem) to verify the coordinator")
     p.add_argument("--private-key", help="this organization's node key (ORG.key from `silotune pki org-key`)")
     p.add_argument("--insecure", action="store_true",
@@ -130,9 +134,10 @@ def start(args: argparse.Namespace) -> int:
                   rank=args.rank, policy=args.policy, trusted_peers=args.trusted_peers,
                   supernode_options={**security, "max_wait_time": args.max_wait_time})
     agent.start()
-    assert agent.silo is not None and agent.supernode is not None
-    console.print(f"organization {agent.name}: {len(agent.silo)} {agent.silo.task} examples in {agent.data} "
-                  "(they stay here)")
+    assert agent.silos and agent.supernode is not None
+    for dataset, silo in agent.silos.items():
+        console.print(f"organization {agent.name}, dataset {dataset}: {len(silo)} {silo.task} examples in "
+                      f"{agent.datasets[dataset]} (they stay here)")
     console.print(f"SuperNode pid {agent.supernode.pid} → {args.coordinator}"
                   + (", resident trainer on Ray" if agent.resident else ", no resident trainer")
                   + (f", {agent.plan.train_workers} train workers" if agent.plan.distributed else "")

@@ -33,14 +33,23 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runtime.console import INSECURE_WARNING, console
+from runtime.flower_processes import BIND_ALL, LOCALHOST
+from runtime.keys import load_org_public_key
 from server.cli.report_table import report_table
 from server.cli.round_table import render_event
+from server.enrollment import enroll, parse_enroll_arg
 from server.events import EVENTS_FILE, Event, EventsFollower
+from server.gateway import FLEET, OPERATOR, GatewayProcess, Listener
+from server.job_config import JobConfig
+from server.pki import ServerFiles, coordinator_files
+from server.superlink import LOOPBACK, SuperLinkProcess
 
 #: (--scenario or None, the --set pairs) → the job's run config. Scenario files
 #: are the simulation's format (simulations/scenario.py), so the `silotune`
@@ -77,6 +86,14 @@ def register(commands: argparse._SubParsersAction, read_run_config: RunConfigRea
                    help="submit the app without a signature (silotune-app.sig.json, `silotune pki sign-app`); "
                         "only agents started with --unsigned-apps or --insecure will run it")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up on the run after this long")
+    p.add_argument("--serve", action="store_true",
+                   help="run as a service until SIGINT/SIGTERM: jobs come from operators through the jobs API "
+                        "(`silotune job submit`), one at a time; each finished job is registered as a specialist")
+    p.add_argument("--api-port", type=int,
+                   help="with --serve: the jobs API's port (gRPC, mutual TLS with operator certificates; "
+                        "0: a free one)")
+    p.add_argument("--api-bind", help="with --serve: address of the jobs API (default: --bind)")
+    p.add_argument("--dashboard-port", type=int, help="with --serve: also serve the dashboard on this port")
     p.set_defaults(handler=coordinator, read_run_config=read_run_config)
 
     p = commands.add_parser(
@@ -124,17 +141,8 @@ def check_app(app_dir: Path, *, unsigned_ok: bool) -> None:
 
 
 def coordinator(args: argparse.Namespace) -> int:
-    from contextlib import ExitStack
-
-    from runtime.flower_processes import LOCALHOST
-    from runtime.keys import load_org_public_key
-    from server.enrollment import enroll, parse_enroll_arg
-    from server.gateway import FLEET, OPERATOR, GatewayProcess, Listener
-    from server.job_config import JobConfig
-    from server.pki import coordinator_files
-    from runtime.flower_processes import BIND_ALL
-    from server.superlink import LOOPBACK, SuperLinkProcess
-
+    if args.serve:
+        return serve(args)
     state_dir = Path(args.state_dir).resolve()
     run_config = args.read_run_config(args.scenario, args.overrides)
     run_config.setdefault("run-dir", str(state_dir / "run"))
@@ -142,62 +150,11 @@ def coordinator(args: argparse.Namespace) -> int:
     # state dir): an absolute run dir is where this process reads the events and the report
     run_config["run-dir"] = str(Path(str(run_config["run-dir"])).expanduser().resolve())
     cfg = JobConfig.from_run_config(run_config)  # refuse a bad config before starting anything
-    # Refuse bad security settings before starting anything too.
-    to_enroll = [parse_enroll_arg(text) for text in args.enroll]
-    operator_bind = args.operator_bind or args.bind
-    if args.max_request_mib < 1:
-        raise ValueError("--max-request-mib must be at least 1")
-    if args.insecure:
-        if to_enroll:
-            raise ValueError("--enroll needs node authentication, which --insecure turns off")
-        if args.operator_port:
-            raise ValueError("--operator-port needs TLS (mutual TLS with operator certificates), "
-                             "which --insecure turns off; operate from this host instead")
-        console.print(INSECURE_WARNING)
-        tls = None
-    else:
-        # The SuperLink and its CLI are on loopback; agents dial --bind unless it binds every address.
-        hosts = [LOCALHOST] + [h for h in dict.fromkeys([args.bind, operator_bind])
-                               if h not in BIND_ALL and h not in LOOPBACK]
-        tls = coordinator_files(args.pki_dir, hosts=hosts)
-        for _, key_path in to_enroll:
-            load_org_public_key(key_path)
+    plane = check_plane(args)  # refuse bad security settings before starting anything too
     app_dir = Path(args.app_dir).resolve() if args.app_dir else default_app_dir()
     check_app(app_dir, unsigned_ok=args.insecure or args.unsigned_app)  # what the agents will check
-    listeners = [Listener(FLEET, args.bind, args.port or 0)]
-    if args.operator_port:
-        listeners.append(Listener(OPERATOR, operator_bind, args.operator_port))
     with ExitStack() as stack:
-        superlink = stack.enter_context(SuperLinkProcess().start(
-            state_dir, insecure=args.insecure, tls=tls, node_auth=tls is not None, host=LOCALHOST))
-        scheme = "http" if tls is None else "https"
-        gateway = stack.enter_context(GatewayProcess().start(
-            state_dir, f"{scheme}://{superlink.address}", listeners, tls=tls,
-            upstream_ca=tls.ca_cert if tls is not None else None,
-            max_request_bytes=args.max_request_mib * 1024 * 1024))
-        public = gateway.listener(FLEET)
-        assert public is not None
-        console.print(f"SuperLink pid {superlink.pid} on {superlink.address} (loopback only: Fleet, Control "
-                      f"and Runtime APIs); gateway pid {gateway.pid} on {args.bind}:{public.port} "
-                      f"(Fleet API only{'' if tls is None else ', TLS'})")
-        operator_line = (f"operators: on this host (silotune pki enroll|revoke|list --coordinator-dir "
-                         f"{state_dir}; FLWR_HOME={state_dir / 'flwr-home'} flwr ls)")
-        op = gateway.listener(OPERATOR)
-        if op is not None:
-            operator_line += (f", or remotely with an operator certificate at {operator_bind}:{op.port} "
-                              "(mutual TLS; silotune operator-tunnel)")
-        if tls is None:
-            console.print(f"plain HTTP; agents: silotune agent start --insecure --coordinator "
-                          f"{public.address} --data FILE")
-        else:
-            for name, key_path in to_enroll:
-                row = enroll(state_dir, name, key_path)
-                console.print(f"enrolled {row.name}: node {row.node_id}, key {row.fingerprint}")
-            console.print(
-                f"agents (TLS, node auth): silotune agent start --coordinator HOST:{public.port} "
-                f"--ca-cert {tls.ca_cert} --private-key ORG.key --data FILE; enroll more with: "
-                f"silotune pki enroll --coordinator-dir {state_dir} --name ORG --public-key ORG.pub")
-        console.print(operator_line)
+        superlink = start_plane(stack, args, state_dir, plane)
         # the rounds as they happen: the job's events file as tables, from now on (a resumed job's
         # earlier rounds are not repeated), and the ServerApp's log for everything else
         rounds = EventsFollower(Path(cfg.run_dir) / EVENTS_FILE, show_event)
@@ -218,6 +175,156 @@ def coordinator(args: argparse.Namespace) -> int:
     console.print(report_table(report))
     console.print(f"specialist: {report['specialist']}")
     return 0
+
+
+@dataclass(frozen=True)
+class Plane:
+    """The checked security settings of the SuperLink and the gateway."""
+
+    tls: ServerFiles | None            # None: --insecure
+    to_enroll: list[tuple[str, Path]]  # --enroll ORG=PUBKEY
+    operator_bind: str
+
+
+def check_plane(args: argparse.Namespace, extra_hosts: Sequence[str] = ()) -> Plane:
+    """--insecure, --enroll, --operator-port and the PKI files, checked before anything starts.
+    The server certificate must also name ``extra_hosts`` (the jobs API's address)."""
+    to_enroll = [parse_enroll_arg(text) for text in args.enroll]
+    operator_bind = args.operator_bind or args.bind
+    if args.max_request_mib < 1:
+        raise ValueError("--max-request-mib must be at least 1")
+    if args.insecure:
+        if to_enroll:
+            raise ValueError("--enroll needs node authentication, which --insecure turns off")
+        if args.operator_port:
+            raise ValueError("--operator-port needs TLS (mutual TLS with operator certificates), "
+                             "which --insecure turns off; operate from this host instead")
+        console.print(INSECURE_WARNING)
+        return Plane(None, [], operator_bind)
+    # The SuperLink and its CLI are on loopback; agents dial --bind unless it binds every address.
+    tls = coordinator_files(args.pki_dir, hosts=dialled_hosts([args.bind, operator_bind, *extra_hosts]))
+    for _, key_path in to_enroll:
+        load_org_public_key(key_path)
+    return Plane(tls, to_enroll, operator_bind)
+
+
+def dialled_hosts(binds: Sequence[str]) -> list[str]:
+    """The hosts a server certificate must name: loopback, and each bind address that is not
+    loopback or every address (those are dialled as 127.0.0.1)."""
+    return [LOCALHOST] + [h for h in dict.fromkeys(binds) if h not in BIND_ALL and h not in LOOPBACK]
+
+
+def start_plane(stack: ExitStack, args: argparse.Namespace, state_dir: Path, plane: Plane) -> SuperLinkProcess:
+    """The SuperLink (loopback) and the gateway, stopped by PID when ``stack`` closes; enrolls
+    --enroll's organizations and prints how agents and operators connect."""
+    tls = plane.tls
+    listeners = [Listener(FLEET, args.bind, args.port or 0)]
+    if args.operator_port:
+        listeners.append(Listener(OPERATOR, plane.operator_bind, args.operator_port))
+    superlink = stack.enter_context(SuperLinkProcess().start(
+        state_dir, insecure=tls is None, tls=tls, node_auth=tls is not None, host=LOCALHOST))
+    scheme = "http" if tls is None else "https"
+    gateway = stack.enter_context(GatewayProcess().start(
+        state_dir, f"{scheme}://{superlink.address}", listeners, tls=tls,
+        upstream_ca=tls.ca_cert if tls is not None else None,
+        max_request_bytes=args.max_request_mib * 1024 * 1024))
+    public = gateway.listener(FLEET)
+    assert public is not None
+    console.print(f"SuperLink pid {superlink.pid} on {superlink.address} (loopback only: Fleet, Control "
+                  f"and Runtime APIs); gateway pid {gateway.pid} on {args.bind}:{public.port} "
+                  f"(Fleet API only{'' if tls is None else ', TLS'})")
+    operator_line = (f"operators: on this host (silotune pki enroll|revoke|list --coordinator-dir "
+                     f"{state_dir}; FLWR_HOME={state_dir / 'flwr-home'} flwr ls)")
+    op = gateway.listener(OPERATOR)
+    if op is not None:
+        operator_line += (f", or remotely with an operator certificate at {plane.operator_bind}:{op.port} "
+                          "(mutual TLS; silotune operator-tunnel)")
+    if tls is None:
+        console.print(f"plain HTTP; agents: silotune agent start --insecure --coordinator "
+                      f"{public.address} --data FILE")
+    else:
+        for name, key_path in plane.to_enroll:
+            row = enroll(state_dir, name, key_path)
+            console.print(f"enrolled {row.name}: node {row.node_id}, key {row.fingerprint}")
+        console.print(
+            f"agents (TLS, node auth): silotune agent start --coordinator HOST:{public.port} "
+            f"--ca-cert {tls.ca_cert} --private-key ORG.key --data FILE; enroll more with: "
+            f"silotune pki enroll --coordinator-dir {state_dir} --name ORG --public-key ORG.pub")
+    console.print(operator_line)
+    return superlink
+
+
+def serve(args: argparse.Namespace) -> int:
+    """`coordinator --serve`: the SuperLink, the gateway, the job manager and the jobs API until
+    SIGINT or SIGTERM. Jobs come from operators (server/cli/jobs.py). On the way out the API
+    stops, then the manager (a running job stays `running` in state_dir/jobs.sqlite and resumes
+    from its checkpoint at the next start), then the gateway and the SuperLink, by PID.
+
+    The jobs API is mutual TLS whatever --insecure says (--insecure is the agents' side: plain
+    HTTP and no node authentication): it needs --pki-dir's CA and server certificate, and
+    operators need an operator certificate (`silotune pki operator-cert`)."""
+    import signal
+    import threading
+
+    from server.service.api import JobsApi
+    from server.service.manager import JobManager
+
+    if args.scenario or args.overrides:
+        raise ValueError("--serve takes its jobs from operators (silotune job submit --scenario/--set); "
+                         "--scenario and --set belong to the one-job mode")
+    if args.api_port is None:
+        raise ValueError("--serve needs --api-port (the jobs API's port; 0 for a free one)")
+    state_dir = Path(args.state_dir).resolve()
+    api_bind = args.api_bind or args.bind
+    plane = check_plane(args, extra_hosts=[api_bind])
+    api_tls = plane.tls or coordinator_files(args.pki_dir, hosts=dialled_hosts([api_bind]))
+    app_dir = Path(args.app_dir).resolve() if args.app_dir else default_app_dir()
+    check_app(app_dir, unsigned_ok=args.insecure or args.unsigned_app)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ExitStack() as stack:   # closes in reverse: API, dashboard, manager, gateway, SuperLink
+            superlink = start_plane(stack, args, state_dir, plane)
+            manager = JobManager(state_dir, superlink, app_dir).start()
+            stack.callback(manager.stop)
+            if args.dashboard_port is not None:
+                # with --insecure the dashboard is plain HTTP on loopback (server/dashboard/server.py)
+                dashboard = start_dashboard(state_dir, api_bind if plane.tls else LOCALHOST,
+                                            args.dashboard_port, plane.tls)
+                stack.callback(dashboard.stop)
+            api = JobsApi(manager, api_tls, api_bind, args.api_port).start()
+            stack.callback(api.stop)
+            print_operator_commands(api_bind, api.port, api_tls)
+            stop.wait()
+            console.print("stopping: the jobs API, the job manager (a running job resumes at the next start), "
+                          "the gateway and the SuperLink")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def start_dashboard(state_dir: Path, host: str, port: int, tls: ServerFiles | None) -> Any:
+    """server/dashboard/'s DashboardServer (read-only: jobs.sqlite, the registry, events files)."""
+    from server.dashboard.server import DashboardServer
+
+    dashboard = DashboardServer(state_dir, host, port, tls).start()
+    console.print(f"dashboard on {dashboard.url} ("
+                  + ("mutual TLS, operator certificates" if tls else "plain HTTP, this host only") + ")")
+    return dashboard
+
+
+def print_operator_commands(host: str, port: int, tls: ServerFiles) -> None:
+    shown = LOCALHOST if host in BIND_ALL else host
+    console.print(f"jobs API on {host}:{port} (gRPC, mutual TLS: operator certificates only). Operators:")
+    console.print(f"  (once) silotune pki operator-cert --dir {tls.ca_cert.parent} --name NAME", markup=False)
+    console.print(f"  export SILOTUNE_API={shown}:{port} SILOTUNE_CA_CERT={tls.ca_cert} "
+                  "SILOTUNE_OPERATOR_CERT=operator-NAME.pem SILOTUNE_OPERATOR_KEY=operator-NAME.key", markup=False)
+    console.print("  silotune job submit --specialist NAME --scenario FILE.yaml [--set key=value ...] "
+                  "[--continue NAME[:V]]", markup=False)
+    console.print("  silotune job ls | watch JOB | cancel JOB", markup=False)
+    console.print("  silotune specialist ls | show NAME[:V] | fetch NAME[:V] --out DIR", markup=False)
+    console.print("Ctrl-C or SIGTERM stops the service; a running job resumes at the next start.")
 
 
 def show_event(event: Event) -> None:

@@ -44,7 +44,9 @@ def report_table(report: dict[str, Any]) -> Table:
     stages = ("base", "local", "specialist") if with_local else ("base", "specialist")
     names = {"base": "base", "local": "local", "specialist": "federated" if with_local else "specialist"}
     versus = "local-only vs federated specialist" if with_local else "federated specialist"
-    table = Table(title=plain(f"{report['job_id']}: base model vs {versus} ({report['rounds']} rounds, "
+    start = report.get("init_adapter")  # continued training: round 0 scored the specialist it started from
+    start_name = f"the start ({start.get('specialist') or 'init-adapter'})" if isinstance(start, dict) else "base model"
+    table = Table(title=plain(f"{report['job_id']}: {start_name} vs {versus} ({report['rounds']} rounds, "
                               f"{report['strategy']}) — held-out split of each organization", 500))
     # short headers: nine columns fit a 120-column log without truncating a name
     table.add_column("organization")

@@ -105,6 +105,11 @@ def _headline(server_round: int, summary: Mapping[str, Any]) -> Text:
     seconds = _number(summary.get("eval_seconds"))
     if seconds is not None:
         parts.append(f"eval {seconds:.0f}s")
+    moved = summary.get("bytes")
+    if isinstance(moved, Mapping):
+        down, up = _number(moved.get("down")), _number(moved.get("up"))
+        if down is not None and up is not None:
+            parts.append(f"{down / 1e6:.2f} MB down, {up / 1e6:.2f} MB up")
     return plain(" — ".join(parts), 500)
 
 

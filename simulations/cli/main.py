@@ -1,7 +1,9 @@
 """`silotune` — one command for the three ways in (see DESIGN.md).
 
   silotune simulate     a federation of virtual organizations (Flower Simulation Engine, Ray)
-  silotune coordinator  a SuperLink + the silotune ServerApp for a job (deployment)
+  silotune coordinator  a SuperLink + the silotune ServerApp for a job (deployment); --serve: a service
+  silotune job          submit, list, watch, cancel jobs of a coordinator service (operator certificate)
+  silotune specialist   list, show, fetch the specialists a coordinator service registered
   silotune agent start  an organization's resident trainer + SuperNode, next to its silo file
   silotune agent check  validate and summarize a silo file before joining
   silotune export       the specialist from a run's checkpoints, as a PEFT adapter folder
@@ -17,7 +19,7 @@ import logging
 import sys
 
 from clients.cli import agent, model
-from server.cli import coordinator, export, pki
+from server.cli import coordinator, export, jobs, pki
 from simulations.cli import simulate_command
 
 
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     simulate_command.register(commands)
     coordinator.register(commands, read_run_config=simulate_command.scenario_run_config)
+    jobs.register(commands, read_run_config=simulate_command.scenario_run_config)
     agent.register(commands)
     export.register(commands)
     model.register(commands)
