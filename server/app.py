@@ -61,7 +61,7 @@ def run_job(grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None) -
     run_dir = Path(cfg.run_dir)
     out = export_specialist(final, run_dir / SPECIALIST_DIR, provenance, overwrite=True, history=history)
     meta = {"job_id": cfg.job_id, "model": cfg.model, "strategy": cfg.strategy, "specialist": str(out),
-            "metric": cfg.metric, "task_spec_fingerprint": cfg.task_spec.fingerprint()}
+            "metric": headline_metric(cfg, history), "task_spec_fingerprint": cfg.task_spec.fingerprint()}
     for key in ("differential_privacy", "stopped_early", "init_adapter", "bytes_moved"):
         if key in provenance:
             meta[key] = provenance[key]
@@ -82,6 +82,13 @@ def task_provenance(cfg: JobConfig) -> dict:
     if spec.labels:
         out["task"], out["labels"] = "classification", list(spec.labels)
     return out
+
+
+def headline_metric(cfg: JobConfig, history: list[dict]) -> str:
+    """The job's metric; with ``auto``, what the organizations' silos made of it: accuracy when
+    they evaluated a classification task, perplexity otherwise."""
+    classified = any("accuracy" in metrics for h in history for metrics in h["eval"].values())
+    return cfg.task_spec.headline_metric("classification" if classified else "instruction")
 
 
 def make_server_app(cfg: JobConfig | None = None, observer: RoundObserver | None = None) -> ServerApp:

@@ -203,6 +203,11 @@ def exchange(
     return result
 
 
+#: how often a job waiting for organizations asks the SuperLink who is online: each ask costs
+#: the SuperLink a request, and a coordinator may wait for hours (benchmarks/idle_coordinator.py)
+NODE_POLL_SECONDS = 2.0
+
+
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll_interval: float) -> list[int]:
     """Online node ids once at least ``minimum`` are connected; never waits forever."""
     deadline = time.monotonic() + timeout
@@ -210,12 +215,13 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll_interval: floa
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= minimum:
             return nodes
-        if time.monotonic() >= deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             raise QuorumError(
                 f"only {len(nodes)} organization(s) online after {timeout:.0f}s; "
                 f"min-nodes={minimum}. Start more agents or lower min-nodes."
             )
-        time.sleep(max(poll_interval, 0.5))
+        time.sleep(min(max(poll_interval, NODE_POLL_SECONDS), left))
 
 
 class QuorumError(RuntimeError):

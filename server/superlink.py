@@ -162,6 +162,13 @@ class SuperLinkProcess(ManagedProcess):
         self.host: str = LOCALHOST
         self.tls: ServerTls | None = None
         self.node_auth = False
+        self._control_client: Any = None
+
+    def stop(self, grace: float = 10.0) -> list[int]:
+        if self._control_client is not None:
+            self._control_client.close()
+            self._control_client = None
+        return super().stop(grace)
 
     # ------------------------------------------------------------ lifecycle
     def start(
@@ -331,10 +338,33 @@ class SuperLinkProcess(ManagedProcess):
         return data["runs"][0]
 
     def run_status(self, run_id: int) -> str:
-        """'pending', 'starting', 'running' or 'finished:completed|failed|stopped'."""
-        return str(self.run_info(run_id)["status"])
+        """'pending', 'starting', 'running' or 'finished:completed|failed|stopped'.
 
-    def wait_for_run(self, run_id: int, timeout: float = 600.0, poll: float = 1.0) -> str:
+        Asked over one long-lived Control API connection in this process (Flower's own
+        protobuf-over-HTTP client, as `flwr ls` uses), not by starting a `flwr` process:
+        a coordinator waiting for its agents checks every second and must stay idle."""
+        from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=no-name-in-module
+
+        runs = self._control().ListRuns(ListRunsRequest(run_id=run_id)).run_dict
+        if run_id not in runs:
+            raise FlwrCliError(f"the SuperLink knows no run {run_id}")
+        status = runs[run_id].status
+        return f"{status.status}:{status.sub_status}" if status.sub_status else str(status.status)
+
+    def _control(self) -> Any:
+        """The Control API client (created once, closed in ``stop``)."""
+        if self._control_client is None:
+            from flwr.supercore.control.control_http_client import ControlHttpClient
+            from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+
+            tls = self.tls
+            self._control_client = ControlHttpClient.from_server_address(
+                server_address=self.address, insecure=tls is None,
+                root_certificates=None if tls is None else Path(tls.ca_cert).read_bytes(),
+                interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
+        return self._control_client
+
+    def wait_for_run(self, run_id: int, timeout: float = 600.0, poll: float = 2.0) -> str:
         """Poll until the run is finished; return its final status string."""
         deadline = time.monotonic() + timeout
         status = "unknown"

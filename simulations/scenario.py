@@ -92,7 +92,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def _scalar(text: str) -> Any:
-    value = yaml.safe_load(text) if text.strip() else ""
+    """A YAML scalar (numbers, booleans); anything YAML would read as a structure or refuses —
+    a prompt template's ``{text}``, a ``[...]`` label list, a colon — is the text as typed."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+    if value is None or isinstance(value, (dict, list)):
+        return text
     if isinstance(value, str):
         try:  # YAML 1.1 reads "1e-3" as a string; on a command line it is a number
             return float(value)

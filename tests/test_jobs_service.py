@@ -143,6 +143,7 @@ def test_a_job_moves_queued_running_finished_and_nothing_moves_it_back(tmp_path:
     assert store.create("tickets", {}).id == "job-0002"
     assert store.mark_running(job.id).started_at is not None
     assert store.set_run_id(job.id, 7).run_id == 7
+    assert store.set_run_id(job.id, 2**64 - 5).run_id == 2**64 - 5   # Flower's run ids are uint64
     done = store.mark_finished(job.id, 1)
     assert (done.state, done.specialist_version) == (FINISHED, 1) and done.finished_at
     for move in (store.mark_cancelled, store.requeue, store.mark_running):

@@ -294,3 +294,13 @@ def test_the_local_only_metrics_are_pooled_overall_too() -> None:
                                "b": {"num_examples": 30, "loss": 1.0, "local_loss": 1.0, "local_accuracy": 0.6}})
     assert overall["local_accuracy"] == pytest.approx(0.5) and overall["local_loss"] == pytest.approx(1.25)
     assert overall["local_perplexity"] == pytest.approx(math.exp(1.25))
+
+
+def test_a_template_or_label_list_on_the_command_line_is_taken_as_typed() -> None:
+    from simulations.scenario import parse_overrides
+
+    template = "Topics: {labels}.\n\nQuestion: {text}\n\nTopic:"
+    parsed = parse_overrides([f"prompt-template={template}", 'task-labels=["a, b", "c"]', "system-prompt=Note: be brief",
+                              "learning-rate=1e-3", "local-baseline=true", "num-rounds=3", "job-id=null"])
+    assert parsed == {"prompt-template": template, "task-labels": '["a, b", "c"]', "system-prompt": "Note: be brief",
+                      "learning-rate": 0.001, "local-baseline": True, "num-rounds": 3, "job-id": "null"}

@@ -66,3 +66,15 @@ def test_every_round_of_a_job_says_what_it_moved(tmp_path) -> None:  # type: ign
         up = entry["bytes"]["up"]
         assert (up < 4096) if entry["round"] == 0 else (2 * fp32 <= up < 2 * (fp32 + 4096)), entry
     assert bytes_moved(history)["total"] == sum(h["bytes"]["down"] + h["bytes"]["up"] for h in history)
+
+
+def test_the_report_names_the_metric_the_job_led_with(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from test_round_loop import config
+
+    from server.app import headline_metric
+
+    classified = [{"eval": {"a": {"accuracy": 0.5, "loss": 1.0}}}]
+    generated = [{"eval": {"a": {"loss": 1.0}}}]
+    assert headline_metric(config(tmp_path), classified) == "accuracy"
+    assert headline_metric(config(tmp_path), generated) == "perplexity"
+    assert headline_metric(config(tmp_path, metric="macro-f1"), classified) == "macro-f1"

@@ -79,6 +79,7 @@ class JobManager:
         self._wake = threading.Condition()
         self._stopping = threading.Event()
         self._resume_first: list[str] = []
+        self._current_run: int | None = None   # the worker's run, stopped if its job fails
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -166,11 +167,14 @@ class JobManager:
                 with self._wake:
                     self._wake.wait(timeout=self.poll)
                 continue
+            self._current_run = None
             try:
                 self._run_job(job)
             except Exception as err:  # a job's failure must never end the worker
                 log.exception("job %s failed", job.id)
                 self._end(job.id, self.store.mark_failed, f"{type(err).__name__}: {err}")
+                if self._current_run is not None:   # a run of a failed job must not go on
+                    self._stop_run(job, self._current_run)
 
     def _next_job(self) -> Job | None:
         while self._resume_first:
@@ -185,7 +189,7 @@ class JobManager:
         except JobStateError:
             return   # cancelled between the look and the start
         run_config = self.run_config(job.spec, job.specialist, job.id, job.continue_from)
-        run_id = self.superlink.submit_run(self.app_dir, run_config)
+        run_id = self._current_run = self.superlink.submit_run(self.app_dir, run_config)
         log.info("job %s: run %s submitted (run dir %s)", job.id, run_id, run_config["run-dir"])
         try:
             job = self.store.set_run_id(job.id, run_id)

@@ -11,6 +11,9 @@ Every change is one ``UPDATE … WHERE state IN (…)``: a transition from a sta
 job is no longer in changes nothing and raises ``JobStateError``, so a job cancelled
 while its run was ending stays cancelled whatever the worker finds afterwards.
 
+``run_id`` is Flower's run id, an unsigned 64-bit number, stored as SQLite's signed INTEGER:
+ids from 2**63 up are stored wrapped (negative); a reader takes ``run_id % 2**64``.
+
 Each call opens its own connection (the API's threads and the manager's worker use the
 store at once); WAL lets readers such as the dashboard read while a job is written.
 """
@@ -160,7 +163,7 @@ class JobStore:
                           (utc_now(),))
 
     def set_run_id(self, job_id: str, run_id: int) -> Job:
-        return self._move(job_id, (RUNNING,), RUNNING, "run_id = ?", (int(run_id),))
+        return self._move(job_id, (RUNNING,), RUNNING, "run_id = ?", (to_sqlite_integer(run_id),))
 
     def mark_finished(self, job_id: str, specialist_version: int) -> Job:
         return self._move(job_id, (RUNNING,), FINISHED, "finished_at = ?, specialist_version = ?",
@@ -188,9 +191,19 @@ class JobStore:
         return self.get(job_id)
 
 
+def to_sqlite_integer(run_id: int) -> int:
+    """Flower's run ids are unsigned 64-bit, SQLite's INTEGER signed: ids from 2**63 up are
+    stored wrapped (negative). Read them back with ``from_sqlite_integer`` (or ``% 2**64``)."""
+    return int(run_id) - (1 << 64) if int(run_id) >= 1 << 63 else int(run_id)
+
+
+def from_sqlite_integer(value: int | None) -> int | None:
+    return None if value is None else int(value) % (1 << 64)
+
+
 def _job(row: sqlite3.Row) -> Job:
     return Job(id=row["id"], specialist=row["specialist"], spec=json.loads(row["spec_json"] or "{}"),
-               state=row["state"], run_id=row["run_id"], run_dir=row["run_dir"], created_at=row["created_at"],
+               state=row["state"], run_id=from_sqlite_integer(row["run_id"]), run_dir=row["run_dir"], created_at=row["created_at"],
                started_at=row["started_at"], finished_at=row["finished_at"],
                specialist_version=row["specialist_version"], error=row["error"],
                continue_from=row["continue_from"])
