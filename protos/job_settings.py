@@ -71,6 +71,9 @@ class JobSettings:
                                     "(0: twice the fp32 size of the update plus 64 KiB)")
     max_weight: int = setting(10000, "an update's weight in the aggregate is its example count, at most this "
                               "(plain rounds; under secure aggregation secagg-max-weight applies)")
+    comm_budget_mb: float = setting(0.0, "stop before a round that would bring the bytes the job has moved "
+                                    "(instructions down + replies up, evaluations included) above this many MB "
+                                    "(10^6 bytes); the last round's result is the specialist (0: no budget)")
     # ---- the adapter and local training ------------------------------------
     lora_r: int = setting(8, "LoRA rank of the global adapter (PEFT's r)", ROUND)
     lora_alpha: float = setting(16.0, "LoRA alpha (PEFT's lora_alpha)", ROUND)

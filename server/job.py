@@ -42,7 +42,7 @@ from server.fault_points import fault_point
 from server.job_config import JobConfig
 from server.secure_aggregation import SecureRound, SecureSettings
 from server.specialists import load_init_adapter
-from server.traffic import CountingGrid
+from server.traffic import CommBudgetExhausted, CountingGrid, check_budget
 from server.privacy import PrivacyBudgetExhausted, PrivacyLedger
 from server.validation import (
     EVALUATE_MAX_BYTES,
@@ -451,8 +451,9 @@ class Job:
         state = self._resume_or_init()
         for server_round in range(state.server_round + 1, self.cfg.num_rounds + 1):
             try:
+                check_budget(state.history, server_round, self.cfg.comm_budget_mb)
                 summary = self._train(state, server_round)
-            except PrivacyBudgetExhausted as stop:
+            except (PrivacyBudgetExhausted, CommBudgetExhausted) as stop:
                 log.error("%s", stop)
                 self.stop_reason = str(stop)
                 break

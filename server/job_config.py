@@ -62,6 +62,7 @@ class JobConfig(JobSettings):
         need(self.max_update_bytes >= 0, "max-update-bytes", "must be >= 0 (0: derived from the adapter size)")
         need(self.max_weight >= 1, "max-weight", "must be >= 1 (example counts above it count as it)")
         need(self.dp_epsilon_max >= 0, "dp-epsilon-max", "must be >= 0 (0: no budget)")
+        need(self.comm_budget_mb >= 0, "comm-budget-mb", "must be >= 0 (0: no budget)")
         need(0.0 < self.dp_delta < 1.0, "dp-delta", "must be in (0, 1)")
         need(bool(self.job_id.strip()), "job-id", "must not be empty")
         need(not self.init_adapter or Path(self.init_adapter).expanduser().is_dir(), "init-adapter",

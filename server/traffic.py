@@ -8,6 +8,12 @@ values and metrics; Flower's framing is not included). Each round's summary
 carries what that round moved (``bytes``: ``down`` to the organizations, ``up``
 from them); the totals are the sums over the history, so a resumed job
 counts what it moved before the crash too.
+
+``check_budget`` enforces the job's ``comm-budget-mb``: before each round it
+estimates what the round will move — the last trained round's bytes, or
+before any, three times round 0's (the global adapter goes down once for
+training and once for evaluation, and about as much comes back) — and the
+job stops before a round that would pass the budget.
 """
 
 from __future__ import annotations
@@ -60,3 +66,31 @@ def bytes_moved(history: list[dict[str, Any]]) -> dict[str, int]:
     down = sum(int(h.get("bytes", {}).get("down", 0)) for h in history)
     up = sum(int(h.get("bytes", {}).get("up", 0)) for h in history)
     return {"down": down, "up": up, "total": down + up}
+
+
+class CommBudgetExhausted(RuntimeError):
+    """The next round would move more bytes than the job's comm-budget-mb allows."""
+
+
+def next_round_estimate(history: list[dict[str, Any]]) -> int:
+    """Bytes the next round will move: the last trained round's, else 3 × round 0's."""
+    trained = [h for h in history if h.get("round", 0) > 0 and "bytes" in h]
+    if trained:
+        moved = trained[-1]["bytes"]
+        return int(moved["down"]) + int(moved["up"])
+    first = next((h for h in history if "bytes" in h), None)
+    return 3 * (int(first["bytes"]["down"]) + int(first["bytes"]["up"])) if first else 0
+
+
+def check_budget(history: list[dict[str, Any]], server_round: int, budget_mb: float) -> None:
+    """Raise CommBudgetExhausted when round ``server_round`` would pass ``budget_mb`` (0: none)."""
+    if budget_mb <= 0:
+        return
+    spent, estimate = bytes_moved(history)["total"], next_round_estimate(history)
+    if spent + estimate > budget_mb * 1e6:
+        raise CommBudgetExhausted(
+            f"communication budget: round {server_round} would move about {estimate / 1e6:.2f} MB more, "
+            f"{(spent + estimate) / 1e6:.2f} MB in all > comm-budget-mb={budget_mb:g}; "
+            f"spent {spent / 1e6:.2f} MB in {len(history)} round(s). The job stops before round "
+            f"{server_round}; the last checkpoint is its result.")
+

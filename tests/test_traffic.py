@@ -78,3 +78,33 @@ def test_the_report_names_the_metric_the_job_led_with(tmp_path) -> None:  # type
     assert headline_metric(config(tmp_path), classified) == "accuracy"
     assert headline_metric(config(tmp_path), generated) == "perplexity"
     assert headline_metric(config(tmp_path, metric="macro-f1"), classified) == "macro-f1"
+
+
+def test_a_communication_budget_stops_the_job_before_the_round_that_would_pass_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from test_round_loop import ScriptedGrid, config, honest
+
+    from server.job import Job
+    from server.traffic import next_round_estimate
+
+    free = Job(ScriptedGrid({1: honest(0.1), 2: honest(0.2)}), config(tmp_path / "free", num_rounds=3))
+    history = free.run().run_state["history"]
+    totals = [h["bytes"]["down"] + h["bytes"]["up"] for h in history]
+    assert totals[1] == totals[2] == totals[3]                 # every trained round moves the same
+    assert next_round_estimate(history[:1]) >= totals[1]       # before any: 3 x round 0's, not less
+    # room for round 0 and one trained round, not two: the job stops before round 2, cleanly
+    budget = (totals[0] + 3 * totals[0] + totals[1] // 2) / 1e6
+    job = Job(ScriptedGrid({1: honest(0.1), 2: honest(0.2)}), config(tmp_path / "capped", num_rounds=3,
+                                                                     comm_budget_mb=budget))
+    final = job.run()
+    assert final.round == 1 and [h["round"] for h in final.run_state["history"]] == [0, 1]
+    assert job.stop_reason and "communication budget: round 2 would move" in job.stop_reason
+    assert bytes_moved(final.run_state["history"])["total"] <= budget * 1e6
+
+
+def test_a_negative_budget_is_refused_by_name() -> None:
+    import pytest
+
+    from server.job_config import JobConfig, JobConfigError
+
+    with pytest.raises(JobConfigError, match="comm-budget-mb"):
+        JobConfig.from_run_config({"comm-budget-mb": -1})
