@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy as st
 
+from runtime.flower_processes import is_alive
 from protos.adapter import Adapter, LoraSpec
 
 log = logging.getLogger("silotune.checkpoint")
@@ -324,23 +325,13 @@ def load_dir(directory: Path, round: int) -> Checkpoint:
     )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _owned_by_other_live_process(name: str) -> bool:
     m = _OWNER_RE.fullmatch(name)
     if m is None:
         return False
     pid = int(m.group(1))
     # Our own pid counts as dead: a restarted container coordinator is often pid 1 again.
-    return pid != os.getpid() and _pid_alive(pid)
+    return pid != os.getpid() and is_alive(pid)
 
 
 class CheckpointStore:

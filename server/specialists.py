@@ -54,6 +54,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from protos.adapter import LORA_A, LORA_B, Adapter, AdapterFolderError, LoraSpec, read_adapter_folder
+from runtime.flower_processes import is_alive
 from server.checkpoint import ADAPTER_WEIGHTS, fsync_dir
 from server.job_config import JobConfigError
 
@@ -437,13 +438,7 @@ def _writer_alive(tmp_name: str) -> bool:
     pid, nonce = int(match.group(1)), match.group(2)
     if pid == os.getpid():
         return nonce == _NONCE   # another thread of this process is copying
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return is_alive(pid)
 
 
 # ---- continued training: a job that starts from a registered specialist ----------------

@@ -37,6 +37,7 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from runtime import keys
@@ -72,7 +73,11 @@ def make_pki(root: Path) -> Path:
 def self_signed_operator_lookalike(org: keys.OrgKeyFiles, out: Path) -> tuple[Path, Path]:
     """What an organization can make on its own: its OpenSSH node key in a self-signed
     certificate that claims to be operator "ops" (clientAuth, OU=operator, the SAN)."""
-    key = keys.load_org_private_key(org.private_key)
+    return self_signed_operator(keys.load_org_private_key(org.private_key), out)
+
+
+def self_signed_operator(key: ec.EllipticCurvePrivateKey, out: Path) -> tuple[Path, Path]:
+    """``key`` in a self-signed certificate that claims to be operator "ops"."""
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "silotune federation"),
                       x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "operator"),
                       x509.NameAttribute(NameOID.COMMON_NAME, "ops")])

@@ -8,7 +8,6 @@ server/pki.py; tests/test_service_deployment.py runs the whole thing with agents
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import shutil
@@ -21,7 +20,7 @@ import grpc
 import numpy as np
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -38,6 +37,8 @@ from server.service.store import (
     CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, JobStateError, JobStore, job_run_dir,
 )
 from server.specialists import SpecialistRegistry, init_adapter_provenance
+from test_control_plane import make_pki
+from test_control_plane import self_signed_operator as self_signed
 
 TASK = {"model": "tiny-llama", "num-rounds": 1, "local-steps": 1, "max-length": 64, "min-nodes": 3}
 
@@ -275,34 +276,6 @@ def test_a_job_left_running_by_a_stopped_coordinator_resumes_first_in_the_same_r
 
 
 # ------------------------------------------------------------------ the API, over mutual TLS
-def make_pki(root: Path) -> Path:
-    pki_dir = root / "pki"
-    pki.init_ca(pki_dir, days=2)
-    pki.issue_server_cert(pki_dir, ["127.0.0.1"], days=1)
-    pki.issue_operator_cert(pki_dir, "ops", days=1)
-    return pki_dir
-
-
-def self_signed(key: ec.EllipticCurvePrivateKey, out: Path) -> tuple[Path, Path]:
-    """A self-signed certificate that claims to be operator "ops" (OU=operator, the SAN, clientAuth)."""
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "silotune federation"),
-                      x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "operator"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, "ops")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(
-                "urn:silotune:operator:ops")]), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(key, hashes.SHA384()))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fake.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keys.write_private(out / "fake.key", key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return out / "fake.pem", out / "fake.key"
-
-
 def client_cert_not_operator(pki_dir: Path, out: Path) -> tuple[Path, Path]:
     """A client certificate the federation's CA signed, for something other than an operator
     (`silotune pki` issues none such: this is the check behind the handshake's)."""

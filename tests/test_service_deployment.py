@@ -55,7 +55,7 @@ def test_one_service_two_specialists_and_a_second_version(tmp_path: Path) -> Non
     pki.init_ca(pki_dir, days=2)
     pki.issue_server_cert(pki_dir, ["127.0.0.1"], days=1)
     operator = pki.issue_operator_cert(pki_dir, "ops", days=1)
-    port, api_port = free_port(), free_port()
+    port, api_port, dashboard_port = free_port(), free_port(), free_port()
     state_dir = tmp_path / "coord"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SILOTUNE_API": f"127.0.0.1:{api_port}",
            "SILOTUNE_CA_CERT": str(operator.ca_cert), "SILOTUNE_OPERATOR_CERT": str(operator.cert),
@@ -74,7 +74,7 @@ def test_one_service_two_specialists_and_a_second_version(tmp_path: Path) -> Non
     try:
         processes["coordinator"] = subprocess.Popen(
             [SILOTUNE, "coordinator", "--serve", "--insecure", "--pki-dir", str(pki_dir), "--state-dir",
-             str(state_dir), "--port", str(port), "--api-port", str(api_port)],
+             str(state_dir), "--port", str(port), "--api-port", str(api_port), "--dashboard-port", str(dashboard_port)],
             stdout=logs["coordinator"], stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
         for org in orgs:
             tickets, faq = write_silos(tmp_path / "data" / org, org)
@@ -116,6 +116,16 @@ def test_one_service_two_specialists_and_a_second_version(tmp_path: Path) -> Non
                            for p in tickets_2.path.rglob("*") if p.is_file()}
         jobs = silotune("job", "ls")
         assert jobs.count("│ finished │") == 3, jobs
+        # the service's dashboard shows the same, to the operator's certificate only
+        import httpx
+
+        with httpx.Client(verify=str(operator.ca_cert), cert=(str(operator.cert), str(operator.key))) as browser:
+            shown = browser.get(f"https://127.0.0.1:{dashboard_port}/api/jobs").json()["jobs"]
+            assert sorted((j["id"], j["state"]) for j in shown) == [
+                ("job-0001", "finished"), ("job-0002", "finished"), ("job-0003", "finished")]
+            assert all(j["bytes"] for j in shown), shown   # bytes moved, counted per round
+        with pytest.raises(httpx.HTTPError):   # no operator certificate: the handshake fails
+            httpx.get(f"https://127.0.0.1:{dashboard_port}/api/jobs", verify=str(operator.ca_cert))
 
         # SIGTERM: the service stops its API, manager, gateway and SuperLink and exits cleanly
         processes["coordinator"].send_signal(signal.SIGTERM)

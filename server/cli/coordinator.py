@@ -288,9 +288,8 @@ def serve(args: argparse.Namespace) -> int:
             manager = JobManager(state_dir, superlink, app_dir).start()
             stack.callback(manager.stop)
             if args.dashboard_port is not None:
-                # with --insecure the dashboard is plain HTTP on loopback (server/dashboard/server.py)
-                dashboard = start_dashboard(state_dir, api_bind if plane.tls else LOCALHOST,
-                                            args.dashboard_port, plane.tls)
+                # the operator's, like the jobs API: mutual TLS whatever --insecure says of the agents' side
+                dashboard = start_dashboard(state_dir, api_bind, args.dashboard_port, api_tls)
                 stack.callback(dashboard.stop)
             api = JobsApi(manager, api_tls, api_bind, args.api_port).start()
             stack.callback(api.stop)

@@ -13,6 +13,7 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FP32: _ClassVar[Encoding]
     FP16: _ClassVar[Encoding]
     INT8: _ClassVar[Encoding]
+    Q4: _ClassVar[Encoding]
 
 class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -23,6 +24,7 @@ ENCODING_UNSPECIFIED: Encoding
 FP32: Encoding
 FP16: Encoding
 INT8: Encoding
+Q4: Encoding
 KIND_UNSPECIFIED: Kind
 GLOBAL: Kind
 UPDATE: Kind
