@@ -117,9 +117,13 @@ def test_one_service_two_specialists_and_a_second_version(tmp_path: Path) -> Non
         jobs = silotune("job", "ls")
         assert jobs.count("│ finished │") == 3, jobs
         # the service's dashboard shows the same, to the operator's certificate only
+        import ssl
+
         import httpx
 
-        with httpx.Client(verify=str(operator.ca_cert), cert=(str(operator.cert), str(operator.key))) as browser:
+        operator_tls = ssl.create_default_context(cafile=str(operator.ca_cert))
+        operator_tls.load_cert_chain(str(operator.cert), str(operator.key))  # httpx's cert= is ignored
+        with httpx.Client(verify=operator_tls) as browser:
             shown = browser.get(f"https://127.0.0.1:{dashboard_port}/api/jobs").json()["jobs"]
             assert sorted((j["id"], j["state"]) for j in shown) == [
                 ("job-0001", "finished"), ("job-0002", "finished"), ("job-0003", "finished")]

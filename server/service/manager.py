@@ -15,7 +15,9 @@ bottom):
 Crash safety: a job is ``running`` in the store from step 1 until it ends. A coordinator
 that stops (or is killed) while a job runs leaves it ``running``; the next ``start()``
 requeues it ahead of the queued ones, and because its run dir and run config are the same
-the round loop resumes from its last checkpoint (server/checkpoint.py).
+the round loop resumes from its last checkpoint (server/checkpoint.py). A job killed after
+its specialist was registered but before it was marked finished is marked finished with that
+version, not run (and registered) again.
 
 Cancelling: a queued job is marked cancelled and never starts; a running one is marked
 cancelled, then its run is stopped (``flwr stop``). The store moves a job out of
@@ -36,7 +38,7 @@ from typing import Any, Protocol
 
 from server.job_config import JobConfig
 from server.service.store import QUEUED, RUNNING, Job, JobStateError, JobStore, job_run_dir
-from server.specialists import RegistryError, SpecialistRegistry, check_name, parse_ref
+from server.specialists import RegistryError, Specialist, SpecialistRegistry, check_name, parse_ref
 from server.superlink import FINISHED
 
 log = logging.getLogger("silotune.service")
@@ -188,6 +190,13 @@ class JobManager:
             job = self.store.mark_running(job.id)
         except JobStateError:
             return   # cancelled between the look and the start
+        registered = self._registered(job)
+        if registered is not None:
+            # killed between the registry's commit and the store's verdict: the job is done; running it
+            # again would register the same run as a second version
+            self._end(job.id, self.store.mark_finished, registered.version)
+            log.info("job %s finished before the coordinator stopped: specialist %s", job.id, registered.ref)
+            return
         run_config = self.run_config(job.spec, job.specialist, job.id, job.continue_from)
         run_id = self._current_run = self.superlink.submit_run(self.app_dir, run_config)
         log.info("job %s: run %s submitted (run dir %s)", job.id, run_id, run_config["run-dir"])
@@ -209,6 +218,11 @@ class JobManager:
         specialist = self.registry.register(job.specialist, Path(run_config["run-dir"]), job_id=job.id)
         self._end(job.id, self.store.mark_finished, specialist.version)
         log.info("job %s finished: specialist %s", job.id, specialist.ref)
+
+    def _registered(self, job: Job) -> Specialist | None:
+        """The version this job registered already, if any (job ids are unique per state dir)."""
+        mine = [s for s in self.registry.list(job.specialist) if s.job_id == job.id]
+        return mine[-1] if mine else None
 
     def _save_log(self, job_id: str, run_id: int) -> None:
         """The run's ServerApp log next to the job's run dir (the SuperLink keeps it in its database)."""

@@ -13,6 +13,9 @@ round-1 checkpoint and finishes. Then:
   the run's specialist/; no temporary folder is left under state_dir/specialists/;
 * the job's report.json has rounds 0..3, once each (events.jsonl may hold the round that
   was under way at the kill twice: documented in server/events.py);
+* (in-process, seconds) a service killed after the registry committed the specialist but
+  before the job was marked finished: the restarted service marks the job finished with that
+  version; it neither runs the job again nor registers the same run as a second version;
 * "ends on the same adapter as an uninterrupted run": the same job (same settings, same
   organizations and silos, same seed) run uninterrupted in the one-job mode
   (`silotune coordinator`, tests/faults/conftest.py's Deployment) ends on the same final
@@ -40,12 +43,15 @@ from typing import Any
 
 import pytest
 from test_deployment_faults import BASE, checkpoint_bytes, figure
+from test_jobs_service import TASK, FakeSuperLink, manager_for, wait_until
+from test_jobs_service import exported  # noqa: F401  (a fixture: a real tiny specialist folder)
 
 from runtime.flower_processes import alive, free_port
 from server import pki
 from server.checkpoint import ADAPTER_WEIGHTS
 from server.events import EVENTS_FILE, ROUND_FINISHED, ROUND_STARTED, read_events
-from server.service.store import JOBS_DB
+from server.service.manager import Submission
+from server.service.store import FINISHED, JOBS_DB
 from server.specialists import PROVENANCE, SpecialistRegistry, file_sha256
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -86,7 +92,7 @@ def round_started(run_dir: Path, server_round: int) -> bool:
                for e in read_events(run_dir / EVENTS_FILE))
 
 
-def wait_until(what: str, check: Any, coordinator: subprocess.Popen, tail: Any, timeout: float) -> float:
+def wait_for(what: str, check: Any, coordinator: subprocess.Popen, tail: Any, timeout: float) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -133,18 +139,18 @@ def test_service_sigkilled_mid_job_resumes_to_the_uninterrupted_adapter(deployme
     def silotune(*args: str, timeout: float = 120) -> str:
         done = subprocess.run([SILOTUNE, *args], env=operator_env, cwd=d.root, capture_output=True,
                               text=True, timeout=timeout)
-        assert done.returncode == 0, f"silotune {' '.join(args)}: {done.stdout[-3000:]}{done.stderr[-3000:]}\n{d.tail()}"
+        assert done.returncode == 0, \
+            f"silotune {' '.join(args)}: {done.stdout[-3000:]}{done.stderr[-3000:]}\n{d.tail()}"
         return done.stdout
 
     first = start_service()
     d.start_agents()
     service_started = time.monotonic()
-    assert f"{JOB} queued" in silotune("job", "submit", "--specialist", NAME,
-                                       *sets(SETTINGS))
+    assert f"{JOB} queued" in silotune("job", "submit", "--specialist", NAME, *sets(SETTINGS))
 
     # -- mid-round 2: round 1 on disk, round 2 started; SIGKILL the service's whole tree ----------
-    wait_until("round 1 checkpointed and round 2 started",
-               lambda: 1 in rounds_on_disk(run_dir) and round_started(run_dir, 2), first, d.tail, timeout=600)
+    wait_for("round 1 checkpointed and round 2 started",
+             lambda: 1 in rounds_on_disk(run_dir) and round_started(run_dir, 2), first, d.tail, timeout=600)
     before = job_row(d.state_dir)
     assert before is not None and before["state"] == "running" and before["run_id"] is not None, before
     assert 2 not in rounds_on_disk(run_dir), "round 2 ended before the kill: too late to test a resume"
@@ -157,8 +163,8 @@ def test_service_sigkilled_mid_job_resumes_to_the_uninterrupted_adapter(deployme
 
     # -- restart on the same state dir and ports: the job resumes and ends ----------------------
     second = start_service()
-    resumed_at = wait_until("round 2 checkpointed again", lambda: 2 in rounds_on_disk(run_dir), second, d.tail,
-                            timeout=600)
+    resumed_at = wait_for("round 2 checkpointed again", lambda: 2 in rounds_on_disk(run_dir), second, d.tail,
+                          timeout=600)
     figure("service killed mid-round 2: round 2 checkpointed this long after the kill (s)",
            round(resumed_at - killed_at))
     watched = silotune("job", "watch", JOB, timeout=600)
@@ -171,6 +177,9 @@ def test_service_sigkilled_mid_job_resumes_to_the_uninterrupted_adapter(deployme
     service_seconds = time.monotonic() - service_started
 
     # -- the registry: one version, complete, no half-written folder -----------------------------
+    folders = d.state_dir / "specialists"   # looked at before this process opens the registry (that cleans up)
+    assert sorted(p.relative_to(folders).as_posix() for p in folders.iterdir()) == [NAME]
+    assert sorted(p.name for p in (folders / NAME).iterdir()) == ["v1"], "a temporary folder was left behind"
     registry = SpecialistRegistry(d.state_dir)
     versions = registry.list()
     assert [(s.name, s.version, s.job_id) for s in versions] == [(NAME, 1, JOB)]
@@ -179,11 +188,8 @@ def test_service_sigkilled_mid_job_resumes_to_the_uninterrupted_adapter(deployme
     provenance = json.loads((specialist.path / PROVENANCE).read_text())
     assert sha == specialist.adapter_sha256 == provenance["adapter_sha256"] == \
         specialist.provenance["adapter_sha256"]
-    exported = run_dir / "specialist"
-    assert files(specialist.path) == files(exported), "the registered version is not a copy of the run's export"
-    folders = d.state_dir / "specialists"
-    assert sorted(p.relative_to(folders).as_posix() for p in folders.iterdir()) == [NAME]
-    assert sorted(p.name for p in (folders / NAME).iterdir()) == ["v1"], "a temporary folder was left behind"
+    assert files(specialist.path) == files(run_dir / "specialist"), \
+        "the registered version is not a copy of the run's export"
 
     # -- the job's history: every round once in the report; the redone round twice in the events --
     report = json.loads((run_dir / "report.json").read_text())
@@ -234,3 +240,32 @@ def wait_for_api(address: str, operator: pki.OperatorFiles, coordinator: subproc
         wait(address, operator, coordinator, Path(os.devnull), timeout)
     except AssertionError as err:
         raise AssertionError(f"{err}\n{tail()}") from None
+
+
+def test_killed_between_registration_and_finish_the_job_is_not_registered_twice(tmp_path: Path,
+                                                                               exported: Path) -> None:  # noqa: F811
+    """The state a SIGKILL leaves between SpecialistRegistry.register's commit and the store's
+    mark_finished (JobManager._run_job): version 1 registered, the job still `running`."""
+    first = manager_for(tmp_path, FakeSuperLink(exported)).start()
+    try:
+        job = first.submit(Submission("tickets", TASK))
+        wait_until(lambda: first.store.get(job.id).ended)
+    finally:
+        first.stop()
+    assert first.registry.get("tickets", 1).job_id == job.id
+    db = sqlite3.connect(tmp_path / JOBS_DB)
+    with db:
+        db.execute("UPDATE jobs SET state = 'running', finished_at = NULL, specialist_version = NULL WHERE id = ?",
+                   (job.id,))
+    db.close()
+
+    superlink = FakeSuperLink(exported)
+    restarted = manager_for(tmp_path, superlink).start()
+    try:
+        wait_until(lambda: restarted.store.get(job.id).ended)
+        resumed = restarted.store.get(job.id)
+    finally:
+        restarted.stop()
+    assert resumed.state == FINISHED and resumed.specialist_version == 1
+    assert [s.ref for s in restarted.registry.list()] == ["tickets:1"], "the same run registered twice"
+    assert superlink.runs == {}, "a job whose specialist is registered was run again"
