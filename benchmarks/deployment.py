@@ -303,6 +303,13 @@ def cold_import(repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def _q(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -329,7 +336,7 @@ def report(modes: dict[str, list[dict[str, float]]], bare: float, load: float, c
     lines = [
         f"## Deployment overhead (issue 14) — {args.date}",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only, shared with "
+        f"Machine: {_cpu()}, {os.cpu_count()} cores, CPU only, shared with "
         f"other test runs (load average at start {args.load_start}, at end "
         f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())}). Localhost deployment: `silotune coordinator "
         f"--insecure` and 3 `silotune agent start --insecure`, model tiny-llama, 3 rounds, 2 local steps × batch 4, "
@@ -364,7 +371,7 @@ def report(modes: dict[str, list[dict[str, float]]], bare: float, load: float, c
         f"- bare training: `train_adapter` in one process on the same three silos, same settings, "
         f"torch's default threads, median of {args.repeats * 3 - 2} calls after 2 warm-up: **{bare:.3f} s**; "
         f"tiny model load in that process (first get_resident, peft/transformers imports included): {load:.2f} s",
-        f"- a fresh `python -c \"import clients.app\"` (torch, transformers, flwr): **{cold:.2f} s** median of 3 "
+        f"- a fresh `python -c \"import clients.app\"` (the app and its imports: torch, flwr): **{cold:.2f} s** median of 3 "
         "(a lower bound on a ClientApp process's start)",
         "- polling, by the code: Flower 1.41's SuperNode pulls from the SuperLink and, when nothing is waiting, "
         "sleeps 3 s (`flwr/supernode/start_client_internal.py`); it then waits for the ClientApp's reply in 0.5 s "

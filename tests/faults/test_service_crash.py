@@ -54,7 +54,6 @@ from server.service.manager import Submission
 from server.service.store import FINISHED, JOBS_DB
 from server.specialists import PROVENANCE, SpecialistRegistry, file_sha256
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 SILOTUNE = str(Path(sys.executable).with_name("silotune"))
 ROUNDS = 3
@@ -103,6 +102,8 @@ def wait_for(what: str, check: Any, coordinator: subprocess.Popen, tail: Any, ti
     raise AssertionError(f"{what}: not after {timeout}s:\n{tail()}")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_service_sigkilled_mid_job_resumes_to_the_uninterrupted_adapter(deployment: Any, tmp_path: Path) -> None:
     started = time.monotonic()
 
