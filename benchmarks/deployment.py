@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -40,8 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from runtime.flower_processes import alive, free_port, stop_process_tree  # noqa: E402
-from test_deployment import SILOTUNE, write_silo  # noqa: E402
+from test_deployment import deploy as deploy_processes, write_silo  # noqa: E402
 
 SETTINGS = {"model": "tiny-llama", "num-rounds": 3, "local-steps": 2, "max-length": 64,
             "eval-max-examples": 8, "min-nodes": 3, "round-timeout": 300, "node-wait-timeout": 300}
@@ -157,48 +155,15 @@ if _FILE:
 
 
 def deploy(root: Path, silos: list[Path], resident: bool, probe_dir: Path) -> Path:
-    """tests/test_deployment.py's `deploy()` with three changes: the agents' mode, the probe
-    on their PYTHONPATH, and no assertions beyond the exit codes. Returns the run dir."""
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    run_dir = root / "run"
-    coordinator_cmd = [SILOTUNE, "coordinator", "--insecure", "--state-dir", str(root / "coord"),
-                       "--port", str(port), "--timeout", "900"]
-    for key, value in {**SETTINGS, "job-id": f"overhead-{'resident' if resident else 'no-resident'}",
-                       "run-dir": str(run_dir)}.items():
-        coordinator_cmd += ["--set", f"{key}={value}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    names = [silo.stem for silo in silos]
-    logs = {name: open(root / f"{name}.log", "w") for name in ("coordinator", *names)}
-    processes: dict[str, subprocess.Popen] = {}
-    try:
-        processes["coordinator"] = subprocess.Popen(coordinator_cmd, stdout=logs["coordinator"],
-                                                    stderr=subprocess.STDOUT, env=env, cwd=root)
-        for silo in silos:
-            agent_env = {**env, PROBE_ENV: str(root / f"probe-{silo.stem}.jsonl"),
-                         "PYTHONPATH": os.pathsep.join(filter(None, [str(probe_dir), env.get("PYTHONPATH")]))}
-            processes[silo.stem] = subprocess.Popen(
-                [SILOTUNE, "agent", "start", *([] if resident else ["--no-resident"]), "--insecure",
-                 "--coordinator", f"127.0.0.1:{port}", "--data", str(silo), "--name", silo.stem,
-                 "--state-dir", str(root / silo.stem)],
-                stdout=logs[silo.stem], stderr=subprocess.STDOUT, env=agent_env, cwd=ROOT)
-        code = processes["coordinator"].wait(timeout=1200)
-        if code != 0:
-            raise RuntimeError((root / "coordinator.log").read_text()[-4000:])
-        for name in names:  # an agent leaves on SIGTERM and stops its SuperNode
-            processes[name].send_signal(signal.SIGTERM)
-            processes[name].wait(timeout=90)
-    finally:
-        leftovers = []
-        for process in processes.values():
-            if process.poll() is None:
-                leftovers += stop_process_tree(process.pid, grace=5)
-        for handle in logs.values():
-            handle.close()
-    if leftovers or alive([p.pid for p in processes.values()]):
-        print(f"warning: stopped leftover processes {leftovers}", file=sys.stderr)
-    return run_dir
+    """tests/test_deployment.py's `deploy()` with the agents' mode chosen and the probe on their
+    PYTHONPATH. Returns the run dir."""
+    def probe_env(name: str) -> dict[str, str]:
+        return {PROBE_ENV: str(root / f"probe-{name}.jsonl"),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(probe_dir), os.environ.get("PYTHONPATH")]))}
+
+    settings = {**SETTINGS, "job-id": f"overhead-{'resident' if resident else 'no-resident'}"}
+    return deploy_processes(root, settings, silos, agent_args=() if resident else ("--no-resident",),
+                            agent_env=probe_env, timeout=1200)
 
 
 def _epoch(iso: str) -> float:

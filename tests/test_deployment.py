@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -37,17 +38,20 @@ SETTINGS = {"model": "tiny-llama", "num-rounds": 2, "min-nodes": 2, "local-steps
             "eval-max-examples": 8, "round-timeout": 240, "node-wait-timeout": 120}
 
 
-def deploy(root: Path, settings: dict, silos: list[Path]) -> Path:
+def deploy(root: Path, settings: dict, silos: list[Path], *, agent_args: tuple[str, ...] = ("--no-resident",),
+           agent_env: Callable[[str], dict[str, str]] = lambda name: {}, timeout: float = 540) -> Path:
     """`silotune coordinator` and one `silotune agent start` per silo, as processes on
-    127.0.0.1, until the coordinator's job ends; every process stopped by PID. Returns the run dir."""
+    127.0.0.1, until the coordinator's job ends; every process stopped by PID. Returns the run dir.
+    ``agent_args`` and ``agent_env(name)`` (extra variables) shape the agents (benchmarks/deployment.py)."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     run_dir = root / "run"
     coordinator_cmd = [SILOTUNE, "coordinator", "--insecure", "--state-dir", str(root / "coord"),
-                       "--port", str(port), "--timeout", "500"]
+                       "--port", str(port), "--timeout", str(timeout - 40)]
     for key, value in {**settings, "run-dir": str(run_dir)}.items():
         coordinator_cmd += ["--set", f"{key}={value}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)  # each agent starts its own Ray
     names = [silo.stem for silo in silos]
     logs = {name: open(root / f"{name}.log", "w") for name in ("coordinator", *names)}
     processes: dict[str, subprocess.Popen] = {}
@@ -56,10 +60,10 @@ def deploy(root: Path, settings: dict, silos: list[Path]) -> Path:
                                                     stderr=subprocess.STDOUT, env=env, cwd=root)
         for silo in silos:
             processes[silo.stem] = subprocess.Popen(
-                [SILOTUNE, "agent", "start", "--no-resident", "--insecure", "--coordinator", f"127.0.0.1:{port}", "--data", str(silo),
-                 "--name", silo.stem, "--state-dir", str(root / silo.stem)],
-                stdout=logs[silo.stem], stderr=subprocess.STDOUT, env=env, cwd=root)
-        code = processes["coordinator"].wait(timeout=540)
+                [SILOTUNE, "agent", "start", *agent_args, "--insecure", "--coordinator", f"127.0.0.1:{port}",
+                 "--data", str(silo), "--name", silo.stem, "--state-dir", str(root / silo.stem)],
+                stdout=logs[silo.stem], stderr=subprocess.STDOUT, env={**env, **agent_env(silo.stem)}, cwd=root)
+        code = processes["coordinator"].wait(timeout=timeout)
         assert code == 0, (root / "coordinator.log").read_text()[-4000:]
         for name in names:  # an agent leaves on SIGTERM and stops its SuperNode
             processes[name].send_signal(signal.SIGTERM)
