@@ -34,7 +34,7 @@ demo-qa: install
 
 # The default run: unit, numerical-oracle, codec, validation, secure-round and fault tests,
 # minutes. Suites that start Ray, Flower processes or real-model simulations are marked
-# slow: `make test-slow` runs them (about 10 minutes on an idle 2-core machine); CI runs both.
+# slow: `make test-slow` runs them (about 35 minutes on an idle 2-core machine; the browser test needs chromium, which .ci/run installs); CI runs both.
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not faults_long"
 
