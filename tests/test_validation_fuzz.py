@@ -44,7 +44,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_round_loop import ScriptedGrid, config, honest
 
@@ -52,6 +52,7 @@ from protos import codec
 from protos.errors import RejectReason
 from protos.records import METRICS_RECORD, ORG_RECORD
 from protos.round_config import CONFIG_RECORD, RoundConfig
+from protos.silotune.v1 import update_pb2 as pb
 from server.job import Job
 from server.validation import EVALUATE_MAX_BYTES, MAX_METRIC_KEY, MAX_METRICS
 
@@ -267,12 +268,13 @@ def m_logical_dtype(d: Draft, index: int, dtype: str) -> set[R]:
 
 
 def m_encoding(d: Draft, index: int, encoding: int) -> set[R]:
-    """Announce another encoding than the data has (FP16/INT8 over float32, or unknown)."""
+    """Announce another encoding than the data has (FP16/INT8/Q4 over float32, or unknown): the
+    data's dtype does not match, or — Q4 packs two values a byte — first its length."""
     spec = d.spec(index)
     if spec is None:
         return set()
     spec.encoding = encoding
-    return {R.TENSOR_DTYPE}
+    return {R.TENSOR_SHAPE} if encoding == pb.Q4 else {R.TENSOR_DTYPE}
 
 
 def m_wire_dtype(d: Draft, index: int, dtype: str) -> set[R]:
@@ -420,7 +422,7 @@ MUTATIONS = st.one_of(
     st.tuples(st.just(m_spec_shape), idx, st.lists(st.integers(-3, 70), max_size=3)),
     st.tuples(st.just(m_array_shape_label), idx, st.lists(st.integers(0, 70), max_size=3).map(tuple)),
     st.tuples(st.just(m_logical_dtype), idx, st.sampled_from(["float16", "bfloat16", "int8", "", "float64"])),
-    st.tuples(st.just(m_encoding), idx, st.sampled_from([0, 2, 3, 4, 99, 2**31 - 1])),
+    st.tuples(st.just(m_encoding), idx, st.sampled_from([0, 2, 3, 4, 5, 99, 2**31 - 1])),
     st.tuples(st.just(m_wire_dtype), idx, st.sampled_from(["<f8", "<i4", "<i8", "u1", ">f4", "<u2"])),
     st.tuples(st.just(m_truncate), idx, st.integers(1, 1200)),
     st.tuples(st.just(m_non_finite), idx, st.integers(0, 10**6), st.sampled_from([np.nan, np.inf, -np.inf])),
@@ -721,6 +723,7 @@ def arena(tmp_path_factory: pytest.TempPathFactory) -> Arena:
 @settings(max_examples=1000, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(recipe=RECIPES)
+@example(recipe=("mutate", [(m_encoding, 0, 4)], None))   # q4 announced over float32 data
 def test_every_malformed_update_is_rejected_by_name_and_changes_nothing(arena: Arena, recipe: Any) -> None:
     arena.fuzzed.recipe = recipe
     _, result, accepted, rejected, _ = arena.job._attempt(arena.state, ROUND)
