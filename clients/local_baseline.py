@@ -40,6 +40,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from clients.evaluation import EVAL_METRICS
 from clients.trainer import TrainSettings
 from protos.adapter import Adapter, init_adapter, layout_for_rank
+from protos.records import LOCAL_METRIC_PREFIX
 from protos.round_config import RoundConfig
 from strategies.lora_rank import reduce_adapter
 
@@ -47,14 +48,13 @@ from strategies.lora_rank import reduce_adapter
 LOCAL_BASELINE_STATE = "silotune.local-baseline"
 LOCAL_BASELINE_ROUND_STATE = "silotune.local-baseline.round"
 
-LOCAL_PREFIX = "local_"
 #: the local-only adapter's evaluation metrics; no count of its own: same examples as ``num_examples``
-LOCAL_EVAL_METRICS = tuple(LOCAL_PREFIX + name for name in EVAL_METRICS if name != "num_examples")
+LOCAL_EVAL_METRICS = tuple(LOCAL_METRIC_PREFIX + name for name in EVAL_METRICS if name != "num_examples")
 
 
 def local_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     """An evaluation of the local-only adapter, as its reply metrics (``local_accuracy``, …)."""
-    return {LOCAL_PREFIX + name: value for name, value in metrics.items() if name != "num_examples"}
+    return {LOCAL_METRIC_PREFIX + name: value for name, value in metrics.items() if name != "num_examples"}
 
 
 def stored(state: RecordDict, job_id: str, layout: Mapping[str, tuple[int, ...]]) -> Adapter | None:

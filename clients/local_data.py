@@ -155,9 +155,10 @@ def log_truncation(encoded: list[EncodedExample], max_length: int) -> None:
 def local_data(node_config: Mapping[str, Any], cfg: RoundConfig, sim: SimulationSettings | None,
                tokenizer: Any) -> LocalData:
     """The split, tokenized silo of this organization (cached per process)."""
+    spec = TaskSpec.from_config(cfg)
     key = (
         tuple(sorted((k, str(v)) for k, v in node_config.items())),
-        cfg.dataset, cfg.model, cfg.max_length, cfg.test_fraction, cfg.seed, TaskSpec.from_config(cfg).fingerprint(),
+        cfg.dataset, cfg.model, cfg.max_length, cfg.test_fraction, cfg.seed, spec.fingerprint(),
         (sim.sim_dataset, sim.sim_skew, sim.sim_max_records, sim.sim_data, sim.sim_partitioner)
         if sim is not None else None,
     )
@@ -170,8 +171,7 @@ def local_data(node_config: Mapping[str, Any], cfg: RoundConfig, sim: Simulation
     log_truncation(train_ids + test_ids, cfg.max_length)
     # the same line at every organization of a job: what its spec makes of every row
     log.info("%s: %d %s examples; task %s renders each as %r", org_name(node_config), len(silo), silo.task,
-             TaskSpec.from_config(cfg).fingerprint()[:16],
-             prompt_format(TaskSpec.from_config(cfg), silo.task, silo.labels, tokenizer))
+             spec.fingerprint()[:16], prompt_format(spec, silo.task, silo.labels, tokenizer))
     data = LocalData(
         org_name=org_name(node_config),
         silo=silo,

@@ -14,3 +14,7 @@ CONFIG_RECORD = "silotune.config"          # ConfigRecord: RoundConfig
 SIMULATION_RECORD = "silotune.simulation"  # ConfigRecord: SimulationSettings (virtual organizations only)
 METRICS_RECORD = "metrics"                 # MetricRecord of an evaluate reply
 ORG_RECORD = "organization"                # ConfigRecord {"name": the organization's name}
+
+#: an evaluate reply's metrics of the organization's local-only adapter (run-config local-baseline)
+#: carry this prefix: local_accuracy next to accuracy
+LOCAL_METRIC_PREFIX = "local_"

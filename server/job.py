@@ -34,7 +34,7 @@ from protos import codec
 from protos.adapter import Adapter, adapter_layout, init_adapter, layout_for_rank, select_factors, spec_for_rank
 from protos.errors import RejectReason, UpdateRejected
 from strategies.lora_rank import reduce_adapter
-from protos.records import CONFIG_RECORD, SIMULATION_RECORD
+from protos.records import CONFIG_RECORD, LOCAL_METRIC_PREFIX, SIMULATION_RECORD
 from runtime import base_model
 from server.checkpoint import Checkpoint, CheckpointStore
 from server.exchange import ExchangeResult, LateReplies, QuorumError, exchange, wait_for_nodes
@@ -475,7 +475,7 @@ def overall_metrics(per_org: dict[str, dict[str, float]]) -> dict[str, float]:
     overall: dict[str, float] = {"num_examples": total}
     # macro-F1 too: the example-weighted mean of the organizations' own (their confusion counts stay
     # home); the local-only adapters' metrics (local-baseline) the same way
-    for prefix in ("", "local_"):
+    for prefix in ("", LOCAL_METRIC_PREFIX):
         for key in (f"{prefix}{name}" for name in ("loss", "accuracy", "macro_f1", "exact_match")):
             rows = [(m[key], m["num_examples"]) for m in per_org.values() if key in m]
             if rows:

@@ -24,12 +24,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from protos.records import LOCAL_METRIC_PREFIX
 from server.job import overall_metrics
 
 REPORT_FILE = "report.json"
 CURVE_FILE = "learning_curve.png"
-#: how an organization names its local-only adapter's metrics (clients/local_baseline.py, on the other side)
-LOCAL_PREFIX = "local_"
 
 
 def weight_cap(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -72,7 +71,7 @@ def build_report(history: list[dict[str, Any]], meta: dict[str, Any]) -> dict[st
 def local_only(metrics: dict[str, float]) -> dict[str, float]:
     """An organization's local-only metrics, ``local_`` stripped, with its example count;
     {} when it sent none."""
-    local = {key.removeprefix(LOCAL_PREFIX): value for key, value in metrics.items() if key.startswith(LOCAL_PREFIX)}
+    local = {key.removeprefix(LOCAL_METRIC_PREFIX): value for key, value in metrics.items() if key.startswith(LOCAL_METRIC_PREFIX)}
     if local and "num_examples" in metrics:
         local["num_examples"] = metrics["num_examples"]
     return local

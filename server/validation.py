@@ -87,7 +87,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from protos import codec
 from protos.adapter import Adapter
 from protos.errors import RejectReason, UpdateRejected
-from protos.records import METRICS_RECORD, ORG_RECORD
+from protos.records import LOCAL_METRIC_PREFIX, METRICS_RECORD, ORG_RECORD
 from server.superlink import ENROLLMENT_STATE_ENV   # set by a SuperLink with node authentication
 
 log = logging.getLogger("silotune.server")
@@ -233,7 +233,7 @@ _EVAL_BOUNDS: dict[str, tuple[float, float]] = {
 METRIC_BOUNDS: dict[str, tuple[float, float]] = {
     "train_loss": (0.0, math.inf),
     **_EVAL_BOUNDS,
-    **{f"local_{name}": bounds for name, bounds in _EVAL_BOUNDS.items()},
+    **{LOCAL_METRIC_PREFIX + name: bounds for name, bounds in _EVAL_BOUNDS.items()},
 }
 
 
