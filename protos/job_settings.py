@@ -87,8 +87,10 @@ class JobSettings:
     test_fraction: float = setting(0.2, "share of each organization's records held out for evaluation", ROUND)
     eval_max_examples: int = setting(64, "held-out examples each organization scores per evaluation", ROUND)
     update_encoding: str = setting("fp32", "how the organizations' updates travel up (protos/encodings/: fp32, "
-                                   "fp16, int8, q4: 4-bit blocks, 7.5x fewer bytes than fp32); the global adapter "
-                                   "goes down as fp32", ROUND)
+                                   "fp16, int8, q4: 4-bit blocks, 7.5x fewer bytes than fp32)", ROUND)
+    global_encoding: str = setting("fp32", "how the global adapter travels down each round (the same encodings); "
+                                   "a lossy one keeps the coordinator's global on its grid, so organizations "
+                                   "train and evaluate exactly the adapter it holds and exports")
     local_baseline: bool = setting(False, "each organization also trains a local-only adapter with the same local "
                                    "budget and reports its held-out score next to the federated one", ROUND)
     # ---- the task (protos/task_spec.py; every organization renders the same prompts from it) ----

@@ -53,6 +53,8 @@ def run_job(grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None) -
         **task_provenance(cfg),
         **init_adapter_provenance(cfg.init_adapter),  # continued training: the specialist it started from
         "bytes_moved": bytes_moved(history),   # instructions down + replies up, every round (server/traffic.py)
+        # a lossy global encoding means the specialist sits on that encoding's grid (server/downlink.py)
+        "encodings": {"update": cfg.update_encoding, "global": cfg.global_encoding},
     }
     if job.privacy is not None:  # the (ε, δ) spent, for whoever receives the adapter
         provenance["differential_privacy"] = job.privacy.provenance()
@@ -62,7 +64,7 @@ def run_job(grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None) -
     out = export_specialist(final, run_dir / SPECIALIST_DIR, provenance, overwrite=True, history=history)
     meta = {"job_id": cfg.job_id, "model": cfg.model, "strategy": cfg.strategy, "specialist": str(out),
             "metric": headline_metric(cfg, history), "task_spec_fingerprint": cfg.task_spec.fingerprint()}
-    for key in ("differential_privacy", "stopped_early", "init_adapter", "bytes_moved"):
+    for key in ("differential_privacy", "stopped_early", "init_adapter", "bytes_moved", "encodings"):
         if key in provenance:
             meta[key] = provenance[key]
     report = build_report(history, meta)

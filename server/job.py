@@ -37,6 +37,7 @@ from strategies.lora_rank import reduce_adapter
 from protos.records import CONFIG_RECORD, LOCAL_METRIC_PREFIX, SIMULATION_RECORD
 from runtime import base_model
 from server.checkpoint import Checkpoint, CheckpointStore
+from server.downlink import on_grid
 from server.exchange import ExchangeResult, LateReplies, QuorumError, exchange, wait_for_nodes
 from server.fault_points import fault_point
 from server.job_config import JobConfig
@@ -152,8 +153,10 @@ class Job:
         training starts from (a registered specialist), checked against this job's layout and
         base model. Only a fresh job reads it: a resumed one continues from its checkpoint."""
         if not self.cfg.init_adapter:
-            return init_adapter(self.layout, self.cfg.seed)
-        return load_init_adapter(self.cfg.init_adapter, self.layout, self.cfg.lora, self.fingerprint)
+            adapter = init_adapter(self.layout, self.cfg.seed)
+        else:
+            adapter = load_init_adapter(self.cfg.init_adapter, self.layout, self.cfg.lora, self.fingerprint)
+        return on_grid(adapter, self.cfg.global_encoding)  # what the organizations will decode (server/downlink.py)
 
     def _resume(self, checkpoint: Checkpoint) -> JobState:
         saved = checkpoint.run_state
@@ -172,7 +175,9 @@ class Job:
         if self.privacy is not None:
             self.privacy.load_state_dict(saved.get("privacy"))
         log.info("resuming job %s after round %d from %s", self.cfg.job_id, checkpoint.round, checkpoint.path)
-        return JobState(checkpoint.round, checkpoint.adapter, rng, list(saved["history"]), dict(saved["org_names"]))
+        # a no-op unless the job resumes under another global-encoding: the next push must decode to what is held
+        adapter = on_grid(checkpoint.adapter, self.cfg.global_encoding)
+        return JobState(checkpoint.round, adapter, rng, list(saved["history"]), dict(saved["org_names"]))
 
     def _checkpoint(self, state: JobState) -> Checkpoint:
         fault_point("checkpoint-write", state.server_round)
@@ -199,6 +204,7 @@ class Job:
             server_round=server_round,
             fingerprint=self.fingerprint,
             lora=self.cfg.lora,
+            encoding=codec.encoding_from_name(self.cfg.global_encoding),  # state.adapter is on its grid
         )
         content[CONFIG_RECORD] = self._round_config(server_round).to_record()
         if self.simulated:  # virtual organizations build their silos from these; deployed agents never get them
@@ -273,7 +279,7 @@ class Job:
             log.warning("%s: retrying the round with a fresh sample (retry %d of %d)",
                         problem, attempt, self.cfg.round_retries)
         fault_point("before-aggregate", server_round)
-        state.adapter = self.strategy.finish_round()
+        state.adapter = on_grid(self.strategy.finish_round(), self.cfg.global_encoding)
         if self.privacy is not None:
             self.privacy.released()
         fault_point("after-aggregate", server_round)

@@ -54,10 +54,11 @@ class JobConfig(JobSettings):
         need(self.learning_rate > 0, "learning-rate", "must be > 0")
         need(self.max_length >= 16, "max-length", "must be >= 16 tokens")
         need(0.0 < self.test_fraction < 1.0, "test-fraction", "must be in (0, 1)")
-        try:
-            codec.encoding_from_name(self.update_encoding)
-        except ValueError as err:
-            need(False, "update-encoding", str(err))
+        for key in ("update-encoding", "global-encoding"):
+            try:
+                codec.encoding_from_name(getattr(self, key.replace("-", "_")))
+            except ValueError as err:
+                need(False, key, str(err))
         need(self.norm_bound >= 0, "norm-bound", "must be >= 0")
         need(self.max_update_bytes >= 0, "max-update-bytes", "must be >= 0 (0: derived from the adapter size)")
         need(self.max_weight >= 1, "max-weight", "must be >= 1 (example counts above it count as it)")
