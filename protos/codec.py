@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -338,8 +338,78 @@ def check_header(header: pb.UpdateHeader, expected: Expectation) -> None:
 
 
 #: check_values works through each tensor in slices of this many values: its
-#: float32/float64 scratch (768 KiB) stays in a core's L2 cache
+#: float32/float64 scratch (768 KiB) stays in a core's L2 cache. The slices are
+#: part of the result: each slice's squares are summed on their own, then the
+#: slice sums in order, so whoever splits the work must split it here.
 CHECK_CHUNK = 1 << 16
+
+
+class NormScratch:
+    """One thread's scratch for ``slice_squares`` (float32 difference, float64 squares)."""
+
+    def __init__(self) -> None:
+        self.diff = np.empty(CHECK_CHUNK, dtype=np.float32)
+        self.wide = np.empty(CHECK_CHUNK, dtype=np.float64)
+
+
+def slice_squares(values: np.ndarray, base: np.ndarray | None, start: int, scratch: NormScratch) -> float:
+    """Σ (values − base)² over the slice of ``CHECK_CHUNK`` flat values from ``start``.
+
+    The difference is taken in the dtype ``values - base`` has (float32 for
+    updates), cast to float64 (exact), squared (exact: a float32 squared fits a
+    float64) and summed by numpy's pairwise reduction. Non-finite when a value
+    is, or when a float32 difference overflows.
+    """
+    part = values[start : start + CHECK_CHUNK]
+    size = part.size
+    out = scratch.wide[:size]
+    if base is None:
+        np.copyto(out, part, casting="unsafe")
+    elif np.result_type(values, base) == np.float32:
+        diff = scratch.diff[:size]
+        np.subtract(part, base[start : start + size], out=diff)
+        np.copyto(out, diff)
+    else:  # other dtypes: numpy's loop for the inputs, cast into the scratch
+        np.subtract(part, base[start : start + size], out=out, casting="unsafe")
+    np.multiply(out, out, out=out)
+    return float(np.add.reduce(out))
+
+
+def norm_slices(adapter: Adapter, reference: Adapter | None) -> list[tuple[str, np.ndarray, np.ndarray | None, int]]:
+    """The slices the norm is summed over, in order: (name, flat values, flat reference, start)."""
+    slices = []
+    for name, values in adapter.items():
+        flat = np.asarray(values).reshape(-1)
+        base = None if reference is None else np.asarray(reference[name]).reshape(-1)
+        slices += [(name, flat, base, start) for start in range(0, flat.size, CHECK_CHUNK)]
+    return slices
+
+
+def judge_values(
+    slices: list[tuple[str, np.ndarray, np.ndarray | None, int]],
+    partials: Iterable[float],
+    norm_bound: float | None,
+) -> float:
+    """The verdict on an update from its slice sums (``slice_squares`` of each of
+    ``slices``, in order): UpdateRejected NON_FINITE or NORM_BOUND, else the norm.
+
+    Summed in the slices' order, so the norm has the same bits however the slice
+    sums were computed (one thread or several). The finiteness check rides on the
+    sums: a NaN or Inf value makes its slice's sum non-finite, and only then are
+    the values themselves looked at.
+    """
+    total = 0.0
+    for (name, flat, _, start), partial in zip(slices, partials):
+        if not math.isfinite(partial):
+            if not np.isfinite(flat[start : start + CHECK_CHUNK]).all():
+                raise _reject(RejectReason.NON_FINITE, f"{name} holds NaN or Inf")
+            # finite values whose float32 difference overflowed: an infinite
+            # norm, which the bound rejects (as before)
+        total += partial
+    norm = total**0.5
+    if norm_bound is not None and not norm <= norm_bound:  # a NaN norm (NaN reference) is refused too
+        raise _reject(RejectReason.NORM_BOUND, f"update norm {norm:.4g} exceeds bound {norm_bound:.4g}")
+    return norm
 
 
 def check_values(
@@ -349,45 +419,15 @@ def check_values(
 
     Returns that norm, which the round log records.
 
-    The difference is taken in float32 (as the values travel), each slice of it
-    cast to float64 into a small scratch, squared there (exactly: a float32
-    squared fits a float64) and summed by numpy's pairwise reduction; the slice
-    sums are added in a fixed order. No BLAS, no threads, no float64 copy of a
+    Per slice of ``CHECK_CHUNK`` values (``slice_squares``), the slice sums
+    added in a fixed order (``judge_values``). No BLAS, no float64 copy of a
     whole tensor: the same update gives the same bits whatever else the machine
     runs (np.dot through OpenBLAS did not — its result depended on its thread
-    count, and its threads spun on a loaded machine). The finiteness check rides
-    on the sums: a NaN or Inf value makes its slice's sum non-finite, and only
-    then are the values themselves looked at.
+    count, and its threads spun on a loaded machine). Here on one thread, lazily,
+    so a non-finite value early in the update stops the work there;
+    strategies/checked_sum.py computes the same slice sums on several threads.
     """
-    chunk = CHECK_CHUNK
-    diff = np.empty(chunk, dtype=np.float32)
-    wide = np.empty(chunk, dtype=np.float64)
-    total = 0.0
-    for name, values in adapter.items():
-        flat = np.asarray(values).reshape(-1)
-        base = None if reference is None else np.asarray(reference[name]).reshape(-1)
-        # the difference in the dtype `values - reference` has (float32 for updates)
-        narrow = base is not None and np.result_type(flat, base) == np.float32
-        for start in range(0, flat.size, chunk):
-            part = flat[start : start + chunk]
-            size = part.size
-            out = wide[:size]
-            if base is None:
-                np.copyto(out, part, casting="unsafe")
-            elif narrow:
-                np.subtract(part, base[start : start + size], out=diff[:size])
-                np.copyto(out, diff[:size])
-            else:  # other dtypes: numpy's loop for the inputs, cast into the scratch
-                np.subtract(part, base[start : start + size], out=out, casting="unsafe")
-            np.multiply(out, out, out=out)
-            partial = float(np.add.reduce(out))
-            if not math.isfinite(partial):
-                if not np.isfinite(part).all():
-                    raise _reject(RejectReason.NON_FINITE, f"{name} holds NaN or Inf")
-                # finite values whose float32 difference overflowed: an infinite
-                # norm, which the bound rejects (as before)
-            total += partial
-    norm = total**0.5
-    if norm_bound is not None and not norm <= norm_bound:  # a NaN norm (NaN reference) is refused too
-        raise _reject(RejectReason.NORM_BOUND, f"update norm {norm:.4g} exceeds bound {norm_bound:.4g}")
-    return norm
+    slices = norm_slices(adapter, reference)
+    scratch = NormScratch()
+    partials = (slice_squares(flat, base, start, scratch) for _, flat, base, start in slices)
+    return judge_values(slices, partials, norm_bound)

@@ -335,12 +335,11 @@ class Job:
                 if rank not in references:
                     references[rank] = select_factors(
                         reduce_adapter(state.adapter, rank, self.strategy.rank_reduction), self.shared_factors)
-                norm = codec.check_values(update, reference=references[rank],
-                                          norm_bound=self.cfg.norm_bound or None)
                 claimed = int(header.num_examples)
                 weight = min(claimed, self.cfg.max_weight)   # no organization outweighs max-weight examples
-                try:
-                    self.strategy.accumulate(update, weight)
+                try:   # the value checks (finite, norm bound) decide before the strategy's sums change
+                    norm = self.strategy.accumulate_checked(update, weight, reference=references[rank],
+                                                            norm_bound=self.cfg.norm_bound or None)
                 except AggregationError as refusal:
                     raise UpdateRejected(RejectReason.STRATEGY_REFUSED, str(refusal)) from None
                 self.validator.accepted(digest)

@@ -2,6 +2,8 @@
 
 A round is ``begin_round(global)`` → ``accumulate(update, n)`` once per
 accepted reply, in arrival order → ``finish_round()`` → new global adapter.
+The coordinator calls ``accumulate_checked``, which checks the update's values
+(finite, norm under the bound) before it calls ``accumulate``.
 The coordinator drops each update right after ``accumulate``, so a strategy
 that keeps O(P) running state keeps the coordinator's memory flat in the
 number of replies. A strategy that mathematically needs every update at once
@@ -108,6 +110,21 @@ class Strategy(ABC):
     @abstractmethod
     def accumulate(self, update: Adapter, num_examples: int) -> None:
         """Fold in one organization's trained adapter; it is not kept."""
+
+    def accumulate_checked(self, update: Adapter, num_examples: int, *, reference: Adapter | None,
+                           norm_bound: float | None = None) -> float:
+        """Check the update's values, then fold it in; returns the L2 norm of
+        ``update − reference``. The checks are ``codec.check_values``'s, with its
+        rejections (UpdateRejected NON_FINITE, NORM_BOUND) and its norm to the bit,
+        and they decide before the strategy's state changes: a refused update
+        leaves it as it was. The norm's slices are shared among the kernels'
+        threads (strategies/checked_sum.py)."""
+        # imported here: it brings protos.codec (and Flower), which `import strategies` does not need
+        from strategies.checked_sum import checked_norm
+
+        norm = checked_norm(update, reference, norm_bound)
+        self.accumulate(update, num_examples)
+        return norm
 
     @abstractmethod
     def finish_round(self) -> Adapter:

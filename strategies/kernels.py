@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -60,7 +60,7 @@ def describe() -> str:
     """Which implementation ``add_scaled`` uses here (for benchmark reports)."""
     return (f"numpy: below {LARGE_MIN} elements np.add(total, np.multiply(u, n, dtype=float64), out=total); "
             f"from there per slice of {CHUNK}: copyto a float64 scratch, multiply by n in place, add; large "
-            f"tensors dealt to {_threads()} Python threads when an update has ≥ {PARALLEL_MIN} such elements")
+            f"tensors dealt to {threads()} Python threads when an update has ≥ {PARALLEL_MIN} such elements")
 
 
 def _sliced_path(total: np.ndarray, values: Any, weight: Any) -> bool:
@@ -103,7 +103,8 @@ def add_scaled(total: np.ndarray, values: Any, weight: Any) -> None:
         np.add(part, buffer, out=part)  # and its add
 
 
-def _threads() -> int:
+def threads() -> int:
+    """How many threads the kernels split large work among here (the caller included)."""
     try:
         available = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -120,6 +121,36 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
+def run_shares(shares: list[Callable[[], None]]) -> None:
+    """Run each share on its own thread, the caller taking the first; return when all
+    are done, re-raising the first error. Whoever splits the work fixes what each
+    share does, so the result cannot depend on which thread ran when."""
+    futures = [_executor(max(1, threads() - 1)).submit(share) for share in shares[1:]]
+    try:
+        if shares:
+            shares[0]()
+    finally:
+        for future in futures:
+            future.result()  # wait for all, re-raise the first error
+
+
+def run_together(work: Callable[[], None]) -> None:
+    """Run ``work`` on the caller's thread and, at once, on up to ``threads() − 1``
+    pool threads; ``work`` takes its items from a shared counter until none are
+    left, so the result must not depend on which thread did which item. A pool
+    thread that has not started by the time the caller is done is cancelled: on a
+    busy machine the caller loses the help, it never waits for a thread that the
+    scheduler has not run yet."""
+    helpers = threads() - 1
+    futures = [_executor(helpers).submit(work) for _ in range(helpers)]
+    try:
+        work()
+    finally:
+        for future in futures:
+            if not future.cancel():
+                future.result()  # started: wait for its item, re-raise its error
+
+
 def add_scaled_all(totals: Mapping[str, np.ndarray], values: Mapping[str, Any], weight: Any) -> None:
     """``add_scaled(totals[k], values[k], weight)`` for every key of ``totals``.
 
@@ -127,21 +158,19 @@ def add_scaled_all(totals: Mapping[str, np.ndarray], values: Mapping[str, Any], 
     ``MAX_THREADS`` threads (the caller is one of them); same bits as one thread.
     """
     large = [k for k, total in totals.items() if getattr(values[k], "size", 0) >= LARGE_MIN]
-    workers = _threads()
+    workers = threads()
     if workers == 1 or sum(totals[k].size for k in large) < PARALLEL_MIN:
         for name, total in totals.items():
             add_scaled(total, values[name], weight)
         return
     small = [k for k in totals if getattr(values[k], "size", 0) < LARGE_MIN]
 
-    def run(names: list[str]) -> None:
-        for name in names:
-            add_scaled(totals[name], values[name], weight)
+    def share(names: list[str]) -> Callable[[], None]:
+        def run() -> None:
+            for name in names:
+                add_scaled(totals[name], values[name], weight)
+        return run
 
-    shares = [large[i::workers] for i in range(workers)]
-    futures = [_executor(workers - 1).submit(run, share) for share in shares[1:] if share]
-    try:
-        run(shares[0] + small)
-    finally:
-        for future in futures:
-            future.result()  # wait for all, re-raise the first error
+    parts = [large[i::workers] for i in range(workers)]
+    parts[0] = parts[0] + small
+    run_shares([share(names) for names in parts if names])

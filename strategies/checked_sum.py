@@ -1,0 +1,68 @@
+"""The value check of one update (finite, L2 norm of update − reference under
+the bound) on all of the kernels' threads, for ``Strategy.accumulate_checked``.
+
+Same bits as ``codec.check_values``: the norm is a sum of per-slice sums
+(``codec.slice_squares``) added in the slices' order (``codec.judge_values``).
+Here the caller and the kernels' pool threads take the slices one at a time
+from a shared counter, each slice's sum goes to its own place, and the verdict
+adds them in order on the caller's thread: which thread summed a slice changes
+nothing, so the result depends neither on the thread count nor on scheduling,
+and a refused update is refused with check_values' reason and message.
+
+Why a pass of its own, before the accumulate, and not one pass that checks and
+adds together: the running sums are float64 (P·8 bytes). Adding into them
+before the norm is known means taking a refused update out again, and
+(t + a) − a is not t in floating point, so the old values would have to be kept
+(P·8 bytes); writing total + n·update into a second sum-sized buffer and
+swapping it in costs the same P·8 bytes. Either way the coordinator would hold
+4·P·4 bytes over its baseline, past its 3·P·4 bound. Nor would one pass move
+fewer bytes. Per parameter, two passes move 28: the update and the reference
+(8), then the update and the sum, read and written (20); one pass into a second
+buffer moves 32: the update, the reference and the sum (16), and the buffer,
+which a store reads into the cache before it writes it (16).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import numpy as np
+
+from protos import codec
+from protos.adapter import Adapter
+from strategies import kernels
+
+#: below this many values in all, one thread, as for the accumulate: on a machine whose
+#: cores are busy, waiting for a pool thread the scheduler has not run costs more than
+#: a small update's norm
+PARALLEL_MIN = kernels.PARALLEL_MIN
+
+_local = threading.local()  # per-thread codec.NormScratch
+
+
+def _scratch() -> codec.NormScratch:
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None:
+        scratch = _local.scratch = codec.NormScratch()
+    return scratch
+
+
+def checked_norm(update: Adapter, reference: Adapter | None, norm_bound: float | None) -> float:
+    """``codec.check_values(update, reference=reference, norm_bound=norm_bound)``,
+    bit for bit and with the same rejections, on ``kernels.threads()`` threads."""
+    slices = codec.norm_slices(update, reference)
+    partials = [0.0] * len(slices)
+    order = itertools.count()  # next() on it is atomic under the GIL: each slice is taken once
+
+    def work() -> None:
+        scratch = _scratch()
+        while (i := next(order)) < len(slices):
+            _, flat, base, start = slices[i]
+            partials[i] = codec.slice_squares(flat, base, start, scratch)
+
+    if kernels.threads() == 1 or sum(np.size(values) for values in update.values()) < PARALLEL_MIN:
+        work()
+    else:
+        kernels.run_together(work)
+    return codec.judge_values(slices, partials, norm_bound)
