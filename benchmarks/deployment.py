@@ -18,6 +18,12 @@ Per organization-round (a train reply the coordinator accepted):
   benchmark only) writes wall-clock stamps of each ClientApp process's fork,
   interpreter start, task pull, handler, model load, codec and reply push to a file
   per agent. Every stamp is `time.time()` on this one machine, as are the events'.
+  A task handled by a warm runner (clients/app_launcher.py; the resident mode)
+  runs in a process started before the round: its delivery ends when the runner
+  starts pulling the task, and it has no interpreter start.
+
+The agents run the code on their PYTHONPATH first: `PYTHONPATH=/path/to/other/checkout`
+measures another version of silotune with this benchmark (e.g. before and after a change).
 """
 
 from __future__ import annotations
@@ -89,6 +95,11 @@ def _patch_run_clientapp(m):
     m.pull_task_input = _timed("pulled", m.pull_task_input, lambda a, r: {
         "kind": r[0].metadata.message_type, "round": _round_of(r[0].content)})
     m.push_message = _timed("push", m.push_message)
+    m.pull_and_inflate_object_from_tree = _timed("objects", m.pull_and_inflate_object_from_tree)
+
+
+def _patch_supernode_loop(m):
+    m.pull_objects = _timed("sn_objects", m.pull_objects)
 
 
 def _patch_round_work(m):
@@ -116,7 +127,8 @@ def _patch_resident_trainer(m):
 
 PATCHES = {"flwr.supernode.runtime.run_clientapp": _patch_run_clientapp, "clients.round_work": _patch_round_work,
            "clients.trainer": _patch_trainer, "clients.resident": _patch_resident, "protos.codec": _patch_codec,
-           "clients.resident_trainer": _patch_resident_trainer}
+           "clients.resident_trainer": _patch_resident_trainer,
+           "flwr.supernode.start_client_internal": _patch_supernode_loop}
 
 
 class _Loader(importlib.abc.Loader):
@@ -200,6 +212,8 @@ def _parts(probe: list[dict[str, Any]], server_round: int, push: float, reply: f
     pulled = next(r for r in probe if r["what"] == "pulled" and r["kind"] == "train" and r["round"] == server_round)
     task = pulled["pid"]
     proc = next(r for r in probe if r["what"] == "process" and r["pid"] == task)
+    warm = proc["created"] < push  # a warm runner, started before this round: the task begins at its pull
+    began = pulled["t0"] if warm else proc["started"]
     handler = next(r for r in probe if r["what"] == "handler" and r["kind"] == "train" and r["round"] == server_round)
     worker = handler["pid"]
 
@@ -207,14 +221,14 @@ def _parts(probe: list[dict[str, Any]], server_round: int, push: float, reply: f
         return [r for r in probe if r["what"] == what and r["pid"] == pid
                 and handler["t0"] - 1e-3 <= r["t0"] <= handler["t1"] + 1e-3]
 
-    pushed = next(r for r in probe if r["what"] == "push" and r["pid"] == task)
+    pushed = next(r for r in probe if r["what"] == "push" and r["pid"] == task and r["t0"] >= handler["t1"] - 1e-3)
     training = sum(r["t1"] - r["t0"] for r in within("train_adapter", worker))
     model = sum(r["t1"] - r["t0"] for r in within("get_resident", worker))
     codec = sum(r["t1"] - r["t0"] for r in within("encode", worker) + within("decode", worker))
     parts = {
-        "delivery": proc["created"] - push,                   # SuperLink → SuperNode → launcher → fork
-        "interpreter": proc["started"] - proc["created"],     # fork → site imported
-        "pull": pulled["t1"] - proc["started"],               # imports, Runtime API pull of the message
+        "delivery": (pulled["t0"] if warm else proc["created"]) - push,  # SuperLink → SuperNode → launcher → task
+        "interpreter": 0.0 if warm else proc["started"] - proc["created"],  # fork → site imported
+        "pull": pulled["t1"] - began,                         # (imports,) Runtime API pull of the message
         "to_handler": handler["t0"] - pulled["t1"],           # FAB install, app import (+ Ray hop if resident)
         "model_load": model,
         "codec": codec,
@@ -224,8 +238,16 @@ def _parts(probe: list[dict[str, Any]], server_round: int, push: float, reply: f
         "push": pushed["t1"] - pushed["t0"],                  # reply to the SuperNode's Runtime API
         "return": reply - pushed["t1"],                       # SuperNode → SuperLink → coordinator poll, checks
     }
+    objects = [r for r in probe if r["what"] == "objects" and r["pid"] == task
+               and pulled["t0"] - 1e-3 <= r["t0"] <= pulled["t1"] + 1e-3]
+    if objects:
+        parts["objects"] = sum(r["t1"] - r["t0"] for r in objects)
+    supernode = [r for r in probe if r["what"] == "sn_objects" and push <= r["t0"] <= pulled["t1"]]
+    if supernode:
+        parts["sn_objects"] = supernode[-1]["t1"] - supernode[-1]["t0"]
     if resident:
-        call = next(r for r in probe if r["what"] == "resident_call" and r["pid"] == task and r["t0"] <= handler["t0"])
+        call = max((r for r in probe if r["what"] == "resident_call" and r["pid"] == task
+                    and pulled["t1"] - 1e-3 <= r["t0"] <= handler["t0"]), key=lambda r: r["t0"])
         parts["ray_call"] = (call["t1"] - call["t0"]) - (handler["t1"] - handler["t0"])
     return parts
 
@@ -281,9 +303,11 @@ def _q(values: list[float], q: float) -> float:
 
 
 PART_LABELS = [
-    ("delivery", "push → ClientApp process forked (SuperNode pull, idle sleep 3 s; launcher poll 1 s)"),
-    ("interpreter", "fork → interpreter up"),
-    ("pull", "imports + task pulled from the SuperNode"),
+    ("delivery", "push → task starts in its process (SuperNode pull + idle wait; launcher poll; fork if new)"),
+    ("interpreter", "fork → interpreter up (0 in a warm runner)"),
+    ("pull", "(imports +) task pulled from the SuperNode"),
+    ("objects", "…of which the message's objects (waits while the SuperNode still stores them)"),
+    ("sn_objects", "SuperNode pulling the message's objects from the SuperLink (overlaps the above)"),
     ("to_handler", "FAB install + app import (+ Ray hop when resident)"),
     ("ray_call", "…of which Ray: connect + call + return, outside the handler"),
     ("model_load", "model load (get_resident: imports peft/transformers, builds, fingerprints)"),
@@ -292,7 +316,7 @@ PART_LABELS = [
     ("training", "train_adapter, in situ"),
     ("to_push", "handler end → reply push starts"),
     ("push", "reply pushed to the SuperNode"),
-    ("return", "pushed → coordinator's reply event (SuperNode reply poll 0.5 s, poll-interval 0.2 s)"),
+    ("return", "pushed → coordinator's reply event (SuperNode reply wait, coordinator poll-interval 0.2 s)"),
 ]
 
 
@@ -338,11 +362,12 @@ def report(modes: dict[str, list[dict[str, float]]], bare: float, load: float, c
         f"tiny model load in that process (first get_resident, peft/transformers imports included): {load:.2f} s",
         f"- a fresh `python -c \"import clients.app\"` (the app and its imports: torch, flwr): **{cold:.2f} s** median of 3 "
         "(a lower bound on a ClientApp process's start)",
+        f"- silotune on the agents' PYTHONPATH: {os.environ.get('PYTHONPATH') or '(the installed one)'}",
         "- polling, by the code: Flower 1.41's SuperNode pulls from the SuperLink and, when nothing is waiting, "
         "sleeps 3 s (`flwr/supernode/start_client_internal.py`); it then waits for the ClientApp's reply in 0.5 s "
-        "sleeps before pushing it; our app launcher asks the SuperNode for tasks every 1.0 s "
-        "(`clients/app_launcher.py`, `--poll-interval`); the coordinator polls replies every poll-interval = 0.2 s "
-        "(`protos/job_settings.py`).",
+        "sleeps before pushing it (both shortened by `clients/supernode.py` where that exists: 0.5 s and 0.05 s by "
+        "default); our app launcher asks the SuperNode for tasks every `--poll-interval` (1.0 s before the warm "
+        "runner, 0.1 s since); the coordinator polls replies every poll-interval = 0.2 s (`protos/job_settings.py`).",
         "",
     ]
     return "\n".join(lines)

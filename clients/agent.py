@@ -23,7 +23,10 @@ dataset it trains on (its ``dataset``; "" for the agent's only one).
    ``state-dir`` (where the agent's ε ledger lives), ``policy-path`` (with a
    policy file), ``ray-address`` and ``trainer-actor`` (and ``train-workers``,
    ``train-use-gpu`` when N > 1), so each ClientApp process forwards its
-   instruction to the resident trainer and every round enforces the policy.
+   instruction to the resident trainer and every round enforces the policy;
+   with the resident trainer the SuperNode's app launcher keeps one warm
+   runner process per app (clients/app_launcher.py), connected to that Ray,
+   instead of a new ClientApp process per message.
 ``Agent.stop()`` stops what it started: the SuperNode (by PID, with its
 children) and the Ray it started (not a Ray it merely joined).
 
@@ -177,7 +180,7 @@ class Agent:
             if self.resident:
                 node_config.update(self._start_resident())
             self.supernode = SuperNodeProcess().start(self.coordinator, node_config, self.state_dir,
-                                                      **self.supernode_options)
+                                                      **{"warm_runner": self.resident, **self.supernode_options})
         except BaseException:
             self.stop()
             raise

@@ -15,6 +15,23 @@ isolation Flower checks it, so no other local process can claim the tasks),
 and for each ClientApp task it gets starts one ``flwr-clientapp`` process of
 ours, handing it the task's token on stdin (not on the command line).
 
+``flwr-clientapp-runner`` (with ``serve --warm-runner``, which the agent uses
+with its resident trainer): one long-lived process per verified app, keyed by
+the full sha256 of the FAB (the `fab_hash` AcquireTask reports; the runner
+checks it against the bytes it pulls). The launcher writes each task's token
+to the runner's stdin; the runner handles the tasks one after the other
+exactly as a task process does (below), but flwr, torch, the verified
+ClientApp and its Ray connection are imported and opened once, not per
+message (a new process per message spends seconds on interpreter start,
+imports and `ray.init`; benchmarks/deployment.py measures it).
+Every task's bundle is still checked before anything of it is used; a
+successful verification is remembered by the sha256 of the bundle's bytes,
+so an identical bundle is not checked twice. A runner refuses a task whose
+bundle is not the one it serves (another hash gets another runner); a runner
+whose bundle was refused leaves at once, having installed and imported
+nothing. Without ``--warm-runner`` (the agent's ``--no-resident``, whose
+ClientApp loads the model itself) each task gets its own process as below.
+
 ``flwr-clientapp`` (one process per task; a copy of flwr 1.41's
 `flwr.supernode.runtime.run_clientapp.run_clientapp` with one step added and
 the runtime dependency installation left out): pulls the task input (message,
@@ -35,31 +52,41 @@ or `--unsigned-apps`) every bundle runs, as with Flower's own launcher, and
 each task logs a warning.
 
 The module imports only the standard library, Flower and runtime/ at start; a
-task process drops the app's own top-level packages (clients, runtime, ...)
-from `sys.modules` before it loads the ClientApp, so the bundle's verified
-copies are what runs, never a mix with the agent's installed silotune.
+task process (or a runner, before its first task) drops the app's own
+top-level packages (clients, runtime, ...) from `sys.modules` before it loads
+the ClientApp, so the bundle's verified copies are what runs, never a mix
+with the agent's installed silotune; a runner re-checks that before every
+task. The verification code is bound before any app is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from logging import DEBUG, ERROR, INFO, WARNING
 from pathlib import Path
 
 SERVE = "serve"
 TASK = "flwr-clientapp"  # in the task processes' command line, as Flower's own (tests look for it)
+RUNNER = "flwr-clientapp-runner"  # a warm runner: many tasks of one app
+MAX_RUNNERS = 2  # warm runners per launcher (one per app in use: a new job with a changed app adds one)
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"  # the Runtime API call SuperExec auth protects
 INSTALL_DIR = "silotune-apps"  # under $FLWR_HOME
+#: retry for message objects the SuperNode is still storing (runtime/flower_backoff.py): a local store
+OBJECT_BACKOFF, OBJECT_BACKOFF_CAP = 0.02, 0.2
 
 
 def command(mode: str, runtime_api_address: str, *, publisher_key: Path | str | None,
-            parent_pid: int | None = None, secret_file: Path | str | None = None) -> list[str]:
-    """The command line of a launcher (`serve`) or task (`flwr-clientapp`) process."""
+            parent_pid: int | None = None, secret_file: Path | str | None = None,
+            app_sha256: str | None = None, warm_runner: bool = False,
+            poll_interval: float | None = None) -> list[str]:
+    """The command line of a launcher (`serve`), task (`flwr-clientapp`) or runner process."""
     # -P: the working directory is not put on sys.path (nothing there may shadow a module).
     cmd = [sys.executable, "-P", "-m", "clients.app_launcher", mode, "--runtime-api-address", runtime_api_address]
     cmd += ["--app-publisher-key", str(Path(publisher_key).resolve())] if publisher_key else ["--unsigned-apps"]
@@ -67,13 +94,72 @@ def command(mode: str, runtime_api_address: str, *, publisher_key: Path | str | 
         cmd += ["--parent-pid", str(parent_pid)]
     if secret_file is not None:
         cmd += ["--superexec-auth-secret-file", str(Path(secret_file).resolve())]
+    if app_sha256 is not None:
+        cmd += ["--app-sha256", app_sha256]
+    if warm_runner:
+        cmd += ["--warm-runner"]
+    if poll_interval is not None:
+        cmd += ["--poll-interval", repr(float(poll_interval))]
     return cmd
 
 
 # ------------------------------------------------------------------ the launcher
+class Runners:
+    """The launcher's warm runners, one per app (the FAB's sha256), at most `limit`."""
+
+    def __init__(self, runtime_api_address: str, publisher_key: Path | None, limit: int = MAX_RUNNERS) -> None:
+        self.address, self.publisher_key, self.limit = runtime_api_address, publisher_key, max(1, limit)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}  # by sha256, least recently used first
+        self.retired: list[subprocess.Popen[bytes]] = []  # finishing their last tasks
+
+    def hand(self, app_sha256: str, token: str, *, retry: bool = True) -> subprocess.Popen[bytes]:
+        """Give the task to the app's runner (started if there is none alive); the runner."""
+        if not _SHA256_HEX.match(app_sha256):
+            raise ValueError(f"not a FAB sha256: {app_sha256!r:.80}")
+        proc = self.procs.pop(app_sha256, None)
+        if proc is not None and proc.poll() is not None:
+            proc = None  # it left (a refused bundle, a crash; reaped by poll()): a fresh one
+        if proc is None:
+            while len(self.procs) >= self.limit:  # the least recently used app's runner goes
+                self._retire(self.procs.pop(next(iter(self.procs))))
+            proc = subprocess.Popen(  # pylint: disable=consider-using-with
+                command(RUNNER, self.address, publisher_key=self.publisher_key, parent_pid=os.getpid(),
+                        app_sha256=app_sha256), stdin=subprocess.PIPE)
+        self.procs[app_sha256] = proc
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(token.encode() + b"\n")
+            proc.stdin.flush()
+        except BrokenPipeError:  # it died between poll() and the write: one retry with a fresh runner
+            self.procs.pop(app_sha256, None)
+            if not retry:
+                raise
+            return self.hand(app_sha256, token, retry=False)
+        return proc
+
+    def _retire(self, proc: subprocess.Popen[bytes]) -> None:
+        """End of input: the runner finishes the tasks it was handed, then leaves (reaped by `reap`)."""
+        try:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        self.retired.append(proc)
+
+    def reap(self) -> None:
+        self.retired = [proc for proc in self.retired if proc.poll() is None]
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            self._retire(proc)
+        self.procs.clear()
+
+
 def serve(runtime_api_address: str, *, publisher_key: Path | None, secret: bytes | None,
-          parent_pid: int | None, poll_interval: float = 1.0) -> None:
-    """Acquire ClientApp tasks from the SuperNode and start a task process for each, until stopped."""
+          parent_pid: int | None, poll_interval: float = 0.1, warm_runner: bool = False) -> None:
+    """Acquire ClientApp tasks from the SuperNode and run each (a task process, or an app's
+    warm runner), until stopped. `poll_interval`: AcquireTask is a local call to the SuperNode,
+    cheap enough to ask ten times a second; a task is looked for again at once."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore import log
     from flwr.supercore.app_utils import start_parent_process_monitor
@@ -89,6 +175,8 @@ def serve(runtime_api_address: str, *, publisher_key: Path | None, secret: bytes
         log(INFO, "app launcher: only apps signed by publisher key %s run here", fingerprint)
     else:
         log(WARNING, "app launcher: no publisher key (--unsigned-apps): any app the coordinator sends runs here")
+    log(INFO, "app launcher: %s, task poll every %.2f s",
+        "a warm runner per app" if warm_runner else "one process per task", poll_interval)
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)  # the SuperNode gone: SIGINT, we leave
     interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
@@ -97,22 +185,30 @@ def serve(runtime_api_address: str, *, publisher_key: Path | None, secret: bytes
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address, insecure=True, root_certificates=None,
         interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+    runners = Runners(runtime_api_address, publisher_key) if warm_runner else None
     tasks: list[subprocess.Popen[bytes]] = []
     try:
         while True:
             tasks = [task for task in tasks if task.poll() is None]  # reap finished ones
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-            if res.HasField("task") and res.token:
-                log(DEBUG, "app launcher: task %d of run %d", res.task.task_id, res.task.run_id)
-                task = subprocess.Popen(  # pylint: disable=consider-using-with
-                    command(TASK, runtime_api_address, publisher_key=publisher_key, parent_pid=os.getpid()),
-                    stdin=subprocess.PIPE)
-                assert task.stdin is not None
-                task.stdin.write(res.token.encode() + b"\n")
-                task.stdin.close()
-                tasks.append(task)
-            time.sleep(poll_interval)
+            if not (res.HasField("task") and res.token):
+                time.sleep(poll_interval)
+                continue
+            log(DEBUG, "app launcher: task %d of run %d", res.task.task_id, res.task.run_id)
+            if runners is not None and _SHA256_HEX.match(res.task.fab_hash):
+                runners.reap()
+                runners.hand(res.task.fab_hash, res.token)
+                continue
+            task = subprocess.Popen(  # pylint: disable=consider-using-with
+                command(TASK, runtime_api_address, publisher_key=publisher_key, parent_pid=os.getpid()),
+                stdin=subprocess.PIPE)
+            assert task.stdin is not None
+            task.stdin.write(res.token.encode() + b"\n")
+            task.stdin.close()
+            tasks.append(task)
     finally:
+        if runners is not None:
+            runners.close()
         client.close()
 
 
@@ -149,122 +245,205 @@ def check_loaded_from(app_dir: Path, packages: set[str]) -> int:
     return len(loaded)
 
 
-def run_task(runtime_api_address: str, token: str, *, publisher_key: Path | None,
-             parent_pid: int | None) -> None:
-    """One ClientApp task: pull its input, verify the app, then install, load and run it.
+class WrongApp(RuntimeError):
+    """A task whose bundle is not the one this runner serves (never expected: the launcher routes by hash)."""
 
-    A copy of flwr 1.41.0 `flwr.supernode.runtime.run_clientapp.run_clientapp`
-    (pinned with flwr==1.41.0): the same Runtime API calls, heartbeat, error
-    replies and exit handling, reusing its `pull_task_input`, `push_message`
-    and `push_task_output`; added: `verify_fab` before installation, the
-    install folder keyed by the full hash, loading from that folder; left out:
-    runtime dependency installation (silotune never allows it).
+
+class TaskExecutor:
+    """Runs ClientApp tasks in this process: one (a task process) or, in a runner, many of one app.
+
+    The body of `execute` is a copy of flwr 1.41.0
+    `flwr.supernode.runtime.run_clientapp.run_clientapp` (pinned with
+    flwr==1.41.0): the same Runtime API calls, heartbeat, error replies and
+    task output, reusing its `pull_task_input`, `push_message` and
+    `push_task_output`; added: `verify_fab` before installation, the install
+    folder keyed by the full hash, loading from that folder, and (a runner)
+    keeping the loaded ClientApp for the next task of the same bundle; left
+    out: runtime dependency installation (silotune never allows it).
     """
-    import hashlib
 
-    from flwr.app import Message
-    from flwr.app.error import Error
-    from flwr.cli.install import install_from_fab
-    from flwr.clientapp.client_app import ClientApp, LoadClientAppError
-    from flwr.clientapp.utils import get_load_client_app_fn
-    from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore import log
-    from flwr.supercore.app_utils import start_parent_process_monitor
-    from flwr.supercore.exit import ExitCode, flwr_exit, register_signal_handlers
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supercore.runtime.tracing import RuntimeTracingInterceptor
-    from flwr.supercore.telemetry import EventType
-    from flwr.supercore.utils import get_flwr_home
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+    def __init__(self, runtime_api_address: str, publisher_key: Path | None, only_sha256: str | None = None) -> None:
+        # Bound now, before any app is loaded: a loaded app's own `runtime` package never does the checking.
+        from flwr.supernode.runtime import run_clientapp
 
-    from runtime.app_signature import AppRejected, load_publisher_public_key, publisher_fingerprint, verify_fab
+        from runtime.app_signature import AppRejected, load_publisher_public_key, publisher_fingerprint, verify_fab
+        from runtime.flower_backoff import shorten_object_backoff
 
-    key = load_publisher_public_key(publisher_key) if publisher_key is not None else None
-    if parent_pid is not None:
-        start_parent_process_monitor(parent_pid)
+        # the task's message may be pulled before the SuperNode has stored its objects (runtime/flower_backoff.py)
+        shorten_object_backoff(run_clientapp, "pull_and_inflate_object_from_tree", OBJECT_BACKOFF, OBJECT_BACKOFF_CAP)
+        self.AppRejected, self.verify_fab, self.fingerprint = AppRejected, verify_fab, publisher_fingerprint
+        self.address = runtime_api_address
+        self.key = load_publisher_public_key(publisher_key) if publisher_key is not None else None
+        self.only_sha256 = only_sha256
+        self.verified: set[str] = set()  # sha256 of bundles whose signature checked out in this process
+        self.loaded: tuple[str, Path, set[str], object] | None = None  # sha256, folder, packages, ClientApp
+        self.refused = False  # the last task's bundle was refused
+        self.finish_current: Callable[[], None] | None = None  # the running task's end (signal handlers call it)
 
-    retry_invoker = make_simple_http_retry_invoker()
-    client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address, insecure=True, root_certificates=None,
-        interceptors=[RuntimeTracingInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                      RuntimeTokenHttpInterceptor(token)],
-        retry_invoker=retry_invoker)
+    def on_exit(self) -> None:
+        if self.finish_current is not None:
+            self.finish_current()
 
-    heartbeat_sender = None
-    message = None
-    reply_message = None
-    context = None
-    outcome = {"sub_status": SubStatus.FAILED, "details": "ClientApp task failed due to unknown reason"}
-    exit_code = ExitCode.SUCCESS
+    def execute(self, token: str) -> int:
+        """One task: pull its input, verify the app, load it (or reuse it), run it, push the reply.
+        Returns Flower's exit code for the task."""
+        from flwr.app import Message
+        from flwr.app.error import Error
+        from flwr.clientapp.client_app import LoadClientAppError
+        from flwr.common.constant import ErrorCode, SubStatus
+        from flwr.supercore import log
+        from flwr.supercore.exit import ExitCode
+        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+        from flwr.supercore.runtime.tracing import RuntimeTracingInterceptor
+        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-    def on_exit() -> None:
-        retry_invoker.max_tries = 1  # do not block on exit
-        push_task_output(client=client, context=context, sub_status=outcome["sub_status"],
-                         details=outcome["details"])
-        if heartbeat_sender is not None and heartbeat_sender.is_running:
-            heartbeat_sender.stop()
-        client.close()
+        retry_invoker = make_simple_http_retry_invoker()
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=True, root_certificates=None,
+            interceptors=[RuntimeTracingInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                          RuntimeTokenHttpInterceptor(token)],
+            retry_invoker=retry_invoker)
+        heartbeat_sender = None
+        message = None
+        reply_message = None
+        context = None
+        outcome = {"sub_status": SubStatus.FAILED, "details": "ClientApp task failed due to unknown reason"}
+        exit_code = ExitCode.SUCCESS
+        self.refused = False
 
-    register_signal_handlers(event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE, exit_message="Task stopped.",
-                             exit_handlers=[on_exit])
-    try:
-        heartbeat_sender = HeartbeatSender(make_task_heartbeat_fn_http(client))
-        heartbeat_sender.start()
+        def finish() -> None:
+            self.finish_current = None
+            retry_invoker.max_tries = 1  # do not block on exit
+            push_task_output(client=client, context=context, sub_status=outcome["sub_status"],
+                             details=outcome["details"])
+            if heartbeat_sender is not None and heartbeat_sender.is_running:
+                heartbeat_sender.stop()
+            client.close()
 
-        message, context, run, fab = pull_task_input(client)
+        self.finish_current = finish
+        try:
+            heartbeat_sender = HeartbeatSender(make_task_heartbeat_fn_http(client))
+            heartbeat_sender.start()
+            message, context, run, fab = pull_task_input(client)
+            client_app = self._app(fab.content, run, log)
+            reply_message = client_app(message=message, context=context)
+            outcome.update(sub_status=SubStatus.COMPLETED, details="")
+        except self.AppRejected as err:
+            reason = f"app refused: {err}"
+            log(ERROR, "%s; the app was not installed and its ClientApp not loaded", reason)
+            outcome["details"] = reason
+            self.refused = True
+            if message:
+                reply_message = Message(Error(code=ErrorCode.INVALID_FAB, reason=reason), reply_to=message)
+            exit_code = ExitCode.TASK_PROC_EXCEPTION
+        except Exception as ex:  # pylint: disable=broad-exception-caught
+            # As upstream: any other failure becomes an error reply with the exception.
+            e_code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            reason = str(type(ex)) + ":<'" + str(ex) + "'>"
+            if isinstance(ex, LoadClientAppError):
+                reason = "An exception was raised when attempting to load `ClientApp`"
+                e_code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION
+            log(ERROR, "ClientApp raised an exception", exc_info=ex)
+            outcome["details"] = reason
+            if message:
+                reply_message = Message(Error(code=e_code, reason=reason), reply_to=message)
+            exit_code = (ExitCode.COMMON_APP_IMPORT_ERROR if isinstance(ex, ImportError)
+                         else ExitCode.TASK_PROC_EXCEPTION)
+        finally:
+            if reply_message and context:
+                try:
+                    push_message(client, reply_message, context)
+                except Exception as ex:  # pylint: disable=broad-exception-caught
+                    log(ERROR, "Failed to push reply message", exc_info=ex)
+                    exit_code = ExitCode.CLIENTAPP_COMMUNICATION_ERROR
+            if self.finish_current is finish:
+                finish()
+        return exit_code
 
-        # Added: nothing of the bundle is written or imported before this check.
-        if key is not None:
-            signature = verify_fab(fab.content, key)
-            log(INFO, "app %s verified: %d files signed by publisher key %s", run.fab_id,
-                len(signature.files), publisher_fingerprint(key))
+    def _app(self, fab: bytes, run: object, log: Callable[..., None]) -> Callable[..., object]:
+        """The task's ClientApp: nothing of the bundle is written or imported before it is verified."""
+        import hashlib
+
+        digest = hashlib.sha256(fab).hexdigest()
+        if self.only_sha256 is not None and digest != self.only_sha256:
+            raise WrongApp(f"this runner serves app {self.only_sha256[:16]}…; the task's bundle is {digest[:16]}…")
+        fab_id = getattr(run, "fab_id")
+        if self.key is None:
+            log(WARNING, "app %s runs unverified (--unsigned-apps)", fab_id)
+        elif digest in self.verified:
+            log(DEBUG, "app %s: bundle sha256 %s verified earlier in this process", fab_id, digest)
         else:
-            log(WARNING, "app %s runs unverified (--unsigned-apps)", run.fab_id)
+            signature = self.verify_fab(fab, self.key)
+            self.verified.add(digest)
+            log(INFO, "app %s verified: %d files signed by publisher key %s", fab_id,
+                len(signature.files), self.fingerprint(self.key))
+        if self.loaded is not None:
+            loaded_digest, app_dir, packages, client_app = self.loaded
+            if loaded_digest != digest:  # unreachable with only_sha256; a task process loads one app
+                raise WrongApp(f"app {loaded_digest[:16]}… is loaded here; the task's bundle is {digest[:16]}…")
+            check_loaded_from(app_dir, packages)  # nothing of the app came from elsewhere since
+            return client_app  # type: ignore[return-value]
+        from flwr.cli.install import install_from_fab
+        from flwr.clientapp.utils import get_load_client_app_fn
+        from flwr.supercore.utils import get_flwr_home
 
-        digest = hashlib.sha256(fab.content).hexdigest()
-        app_dir = install_from_fab(fab.content, install_dir=get_flwr_home() / INSTALL_DIR / digest,
-                                   skip_prompt=True)
-        packages = app_packages(fab.content)
+        app_dir = install_from_fab(fab, install_dir=get_flwr_home() / INSTALL_DIR / digest, skip_prompt=True)
+        packages = app_packages(fab)
         dropped = forget_modules(packages)
         log(DEBUG, "loading the ClientApp from %s (dropped %d preloaded modules)", app_dir, len(dropped))
         load_client_app_fn = get_load_client_app_fn(default_app_ref="", app_path=str(app_dir), multi_app=True)
-        client_app: ClientApp = load_client_app_fn(run.fab_id, run.fab_version, fab.hash_str)
+        client_app = load_client_app_fn(fab_id, getattr(run, "fab_version"), digest)
         log(INFO, "ClientApp loaded from %s (%d modules of the app)", app_dir, check_loaded_from(app_dir, packages))
+        self.loaded = (digest, Path(app_dir), packages, client_app)
+        return client_app
 
-        reply_message = client_app(message=message, context=context)
-        outcome.update(sub_status=SubStatus.COMPLETED, details="")
 
-    except AppRejected as err:
-        reason = f"app refused: {err}"
-        log(ERROR, "%s; the app was not installed and its ClientApp not loaded", reason)
-        outcome["details"] = reason
-        if message:
-            reply_message = Message(Error(code=ErrorCode.INVALID_FAB, reason=reason), reply_to=message)
-        exit_code = ExitCode.TASK_PROC_EXCEPTION
-    except Exception as ex:  # pylint: disable=broad-exception-caught
-        # As upstream: any other failure becomes an error reply with the exception.
-        e_code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-        reason = str(type(ex)) + ":<'" + str(ex) + "'>"
-        if isinstance(ex, LoadClientAppError):
-            reason = "An exception was raised when attempting to load `ClientApp`"
-            e_code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION
-        log(ERROR, "ClientApp raised an exception", exc_info=ex)
-        outcome["details"] = reason
-        if message:
-            reply_message = Message(Error(code=e_code, reason=reason), reply_to=message)
-        exit_code = ExitCode.COMMON_APP_IMPORT_ERROR if isinstance(ex, ImportError) else ExitCode.TASK_PROC_EXCEPTION
-    finally:
-        if reply_message and context:
-            try:
-                push_message(client, reply_message, context)
-            except Exception as ex:  # pylint: disable=broad-exception-caught
-                log(ERROR, "Failed to push reply message", exc_info=ex)
-                exit_code = ExitCode.CLIENTAPP_COMMUNICATION_ERROR
+def run_task(runtime_api_address: str, token: str, *, publisher_key: Path | None,
+             parent_pid: int | None) -> None:
+    """One ClientApp task in this process, then exit as Flower's `flwr-clientapp` does."""
+    from flwr.supercore.app_utils import start_parent_process_monitor
+    from flwr.supercore.exit import flwr_exit, register_signal_handlers
+    from flwr.supercore.telemetry import EventType
 
+    executor = TaskExecutor(runtime_api_address, publisher_key)
+    if parent_pid is not None:
+        start_parent_process_monitor(parent_pid)
+    register_signal_handlers(event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE, exit_message="Task stopped.",
+                             exit_handlers=[executor.on_exit])
+    exit_code = executor.execute(token)
     flwr_exit(code=exit_code, event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE)
+
+
+def run_runner(runtime_api_address: str, app_sha256: str, tokens: Iterable[str], *,
+               publisher_key: Path | None, parent_pid: int | None) -> int:
+    """A warm runner: the tasks whose tokens arrive (one a line), in order, with the app loaded once.
+    Leaves at the end of input, or after a refused bundle (it holds nothing of it)."""
+    from flwr.supercore import log
+    from flwr.supercore.app_utils import start_parent_process_monitor
+    from flwr.supercore.exit import register_signal_handlers
+    from flwr.supercore.telemetry import EventType
+
+    executor = TaskExecutor(runtime_api_address, publisher_key, only_sha256=app_sha256)
+    if parent_pid is not None:
+        start_parent_process_monitor(parent_pid)
+    register_signal_handlers(event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE, exit_message="Runner stopped.",
+                             exit_handlers=[executor.on_exit])
+    log(INFO, "app runner %d: serves app sha256 %s", os.getpid(), app_sha256)
+    handled = 0
+    for line in tokens:
+        token = line.strip()
+        if not token:
+            continue
+        code = executor.execute(token)
+        handled += 1
+        log(INFO, "app runner %d: task %d done (exit code %d)", os.getpid(), handled, code)
+        if executor.refused:
+            log(INFO, "app runner %d: leaves, its app refused", os.getpid())
+            return 1
+    return 0
 
 
 # ------------------------------------------------------------------ entry point
@@ -285,7 +464,7 @@ def _show_silotune_log() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clients.app_launcher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=[SERVE, TASK])
+    parser.add_argument("mode", choices=[SERVE, TASK, RUNNER])
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT")
     trust = parser.add_mutually_exclusive_group(required=True)
     trust.add_argument("--app-publisher-key", type=Path, help="run only apps signed by this key (publisher.pub)")
@@ -293,20 +472,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, help="leave when this process is gone")
     parser.add_argument("--superexec-auth-secret-file", type=Path,
                         help="serve: the SuperNode's SuperExec secret, to sign AcquireTask")
-    parser.add_argument("--poll-interval", type=float, default=1.0, help="serve: seconds between task polls")
+    parser.add_argument("--poll-interval", type=float, default=0.1,
+                        help="serve: seconds between task polls (a local call to the SuperNode)")
+    parser.add_argument("--warm-runner", action="store_true",
+                        help="serve: one long-lived runner process per app instead of one process per task")
+    parser.add_argument("--app-sha256", help=f"{RUNNER}: the sha256 of the only bundle this runner serves")
     args = parser.parse_args(argv)
+    if not 0 < args.poll_interval <= 60:
+        parser.error(f"--poll-interval must be in (0, 60] seconds, got {args.poll_interval}")
+    if (args.mode == RUNNER) != (args.app_sha256 is not None):
+        parser.error(f"--app-sha256 goes with {RUNNER}, and only with it")
+    if args.app_sha256 is not None and not _SHA256_HEX.match(args.app_sha256):
+        parser.error(f"--app-sha256 must be 64 lowercase hex digits, got {args.app_sha256!r:.80}")
     if args.mode == SERVE:
         secret = args.superexec_auth_secret_file.read_bytes() if args.superexec_auth_secret_file else None
         try:
             serve(args.runtime_api_address, publisher_key=args.app_publisher_key, secret=secret,
-                  parent_pid=args.parent_pid, poll_interval=args.poll_interval)
+                  parent_pid=args.parent_pid, poll_interval=args.poll_interval, warm_runner=args.warm_runner)
         except KeyboardInterrupt:  # SIGINT, or the SuperNode gone (parent monitor)
             return 0
         return 0
+    _show_silotune_log()
+    if args.mode == RUNNER:
+        try:
+            return run_runner(args.runtime_api_address, args.app_sha256, iter(sys.stdin.readline, ""),
+                              publisher_key=args.app_publisher_key, parent_pid=args.parent_pid)
+        except KeyboardInterrupt:  # the launcher gone (parent monitor)
+            return 0
     token = sys.stdin.readline().strip()
     if not token:
         parser.error("the task's token is read from stdin; got none")
-    _show_silotune_log()
     run_task(args.runtime_api_address, token, publisher_key=args.app_publisher_key, parent_pid=args.parent_pid)
     return 0
 

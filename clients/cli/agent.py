@@ -88,6 +88,11 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="no Ray: every round's ClientApp process loads the base model itself")
     p.add_argument("--max-wait-time", type=float,
                    help="give up if the coordinator cannot be reached for this many seconds (default: retry)")
+    p.add_argument("--pull-interval", type=float, metavar="SECONDS",
+                   help="seconds between the SuperNode's requests for messages while idle (default 0.5, "
+                        "clients/supernode.py; lower answers sooner and asks the coordinator more often)")
+    p.add_argument("--flower-pacing", action="store_true",
+                   help="run Flower's SuperNode unchanged: a 3 s wait after an empty pull, 0.5 s reply checks")
     p.set_defaults(handler=start)
 
     p = actions.add_parser("check", help="validate and summarize a silo file, and/or show the policy the agent "
@@ -102,6 +107,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, help="default: the job's, else 160")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=check)
+
+
+def pacing(args: argparse.Namespace) -> dict[str, object]:
+    """The SuperNode's pacing options: Flower's own waits, or ours (the default interval unless given)."""
+    if args.flower_pacing:
+        if args.pull_interval is not None:
+            raise ValueError("--flower-pacing keeps Flower's 3 s pull interval: drop --pull-interval")
+        return {"pull_interval": None}
+    if args.pull_interval is None:
+        return {}
+    from clients.supernode import check_interval
+
+    return {"pull_interval": check_interval("--pull-interval", args.pull_interval)}  # before anything starts
 
 
 def start(args: argparse.Namespace) -> int:
@@ -132,7 +150,8 @@ def start(args: argparse.Namespace) -> int:
     agent = Agent(args.data, args.coordinator, name=args.name, state_dir=args.state_dir,
                   resident=not args.no_resident, gpus=args.gpus, train_workers=args.train_workers,
                   rank=args.rank, policy=args.policy, trusted_peers=args.trusted_peers,
-                  supernode_options={**security, "max_wait_time": args.max_wait_time})
+                  supernode_options={**security, "max_wait_time": args.max_wait_time,
+                                     **pacing(args)})
     agent.start()
     assert agent.silos and agent.supernode is not None
     for dataset, silo in agent.silos.items():
