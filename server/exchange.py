@@ -217,11 +217,15 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll_interval: floa
             return nodes
         left = deadline - time.monotonic()
         if left <= 0:
-            raise QuorumError(
-                f"only {len(nodes)} organization(s) online after {timeout:.0f}s; "
-                f"min-nodes={minimum}. Start more agents or lower min-nodes."
-            )
+            raise too_few_nodes(len(nodes), minimum, timeout)
         time.sleep(min(max(poll_interval, NODE_POLL_SECONDS), left))
+
+
+def too_few_nodes(online: int, minimum: int, timeout: float) -> QuorumError:
+    """The error of a job whose organizations did not come in time; the coordinator, which waits
+    for them before it submits a job's run, ends with the same words."""
+    return QuorumError(f"only {online} organization(s) online after {timeout:.0f}s; "
+                       f"min-nodes={minimum}. Start more agents or lower min-nodes.")
 
 
 class QuorumError(RuntimeError):

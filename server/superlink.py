@@ -12,6 +12,11 @@ Runs are submitted the way users do it: a connection named
 `--format json` where they have it. Every process started here is stopped by
 PID together with its descendants (runtime.flower_processes.stop_process_tree).
 
+The SuperExec asks the SuperLink for a run to launch every
+`SUPEREXEC_POLL_SECONDS` instead of Flower's every second: those asks were most
+of what an idle coordinator's process tree cost (benchmarks/idle_coordinator.py);
+a submitted run starts at most that much later.
+
 Loopback only: because that one port also carries the Control API, which
 has no account login in flwr 1.41, the SuperLink listens on 127.0.0.1 only
 and `start` refuses any other host. What is reachable from other
@@ -35,6 +40,7 @@ without node authentication.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -62,6 +68,10 @@ FINISHED = "finished"  # run status prefix: finished:completed|failed|stopped
 #: with node authentication, the ServerApp (started by the SuperLink, inheriting its environment)
 #: finds the enrollment registry, node id → enrolled name, in this state dir (server/validation.py)
 ENROLLMENT_STATE_ENV = "SILOTUNE_ENROLLMENT_STATE_DIR"
+#: Flower's SuperExec reads its poll interval from this variable (1 s by default); one ask costs the
+#: SuperLink and the SuperExec about 17 ms of CPU together: 2% of a core at 1 s, for as long as it runs
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL_SECONDS = 3.0  # unless the environment sets SUPEREXEC_POLL_ENV itself
 
 
 class SuperLinkExposed(ValueError):
@@ -216,8 +226,10 @@ class SuperLinkProcess(ManagedProcess):
         self.host = host
         self.port = port or free_port(dial_host(host))
         self.log_path = self.state_dir / "superlink.log"
-        self.env = flower_env(flwr_home, tag=self.tag,
-                              extra={ENROLLMENT_STATE_ENV: str(self.state_dir)} if node_auth else None)
+        extra = {ENROLLMENT_STATE_ENV: str(self.state_dir)} if node_auth else {}
+        if SUPEREXEC_POLL_ENV not in os.environ:   # the SuperExec is the SuperLink's child: it inherits this
+            extra[SUPEREXEC_POLL_ENV] = str(SUPEREXEC_POLL_SECONDS)
+        self.env = flower_env(flwr_home, tag=self.tag, extra=extra)
         self.tls = tls
         self.node_auth = node_auth
         tls_args: list[str] = []
@@ -342,7 +354,7 @@ class SuperLinkProcess(ManagedProcess):
 
         Asked over one long-lived Control API connection in this process (Flower's own
         protobuf-over-HTTP client, as `flwr ls` uses), not by starting a `flwr` process:
-        a coordinator waiting for its agents checks every second and must stay idle."""
+        ``wait_for_run`` asks every few seconds for as long as a run lasts."""
         from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=no-name-in-module
 
         runs = self._control().ListRuns(ListRunsRequest(run_id=run_id)).run_dict
@@ -404,6 +416,17 @@ class SuperLinkProcess(ManagedProcess):
     def stop_run(self, run_id: int) -> None:
         """`flwr stop N`: the run ends as 'finished:stopped'."""
         self._flwr_json("stop", str(run_id), CONNECTION_NAME, timeout=60)
+
+    def online_node_ids(self) -> list[int]:
+        """IDs of the SuperNodes online now (what `flwr supernode list` shows as 'online'), asked
+        over the in-process Control API connection: a coordinator waiting for its agents asks
+        this every few seconds, and a `flwr` process per ask would cost more than the wait."""
+        from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=no-name-in-module
+
+        if self.exited is not None:   # a named error, not a refused connection, for whoever waits
+            raise RuntimeError(f"SuperLink exited with {self.exited} while nodes were awaited:\n{self.log_tail()}")
+        nodes = self._control().ListNodes(ListNodesRequest()).nodes_info
+        return sorted(node.node_id for node in nodes if node.status == "online")
 
     def list_nodes(self) -> list[dict[str, Any]]:
         """`flwr supernode list`: dicts with 'node-id', 'status' ('online', ...)."""

@@ -11,6 +11,7 @@ checks with psutil that no process of those trees survives.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -34,7 +35,7 @@ from runtime.flower_processes import (
     stop_process_tree,
     tagged,
 )
-from server.superlink import FlwrCliError, SuperLinkProcess
+from server.superlink import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS, FlwrCliError, SuperLinkProcess
 
 PYPROJECT = """\
 [build-system]
@@ -220,6 +221,13 @@ def test_superlink_and_two_supernodes_run_an_app_end_to_end(tmp_path):
                        tmp_path / f"node{i}")
         online = link.wait_for_nodes(2, timeout=90)
         assert len(online) == 2
+        # the in-process Control API call a waiting coordinator polls sees the same nodes
+        assert link.online_node_ids() == sorted(int(n["node-id"]) for n in online)
+        # the SuperExec asks for runs to launch at silotune's pace, not Flower's every second
+        (superexec,) = [p for p in psutil.Process(link.pid).children(recursive=True)
+                        if "flower-superexec" in " ".join(p.cmdline())]
+        expected = os.environ.get(SUPEREXEC_POLL_ENV, str(SUPEREXEC_POLL_SECONDS))   # an operator's own setting wins
+        assert superexec.environ()[SUPEREXEC_POLL_ENV] == expected
 
         # An unknown run-config key is refused by the SuperLink.
         with pytest.raises(FlwrCliError):

@@ -6,9 +6,11 @@ stored queued. A worker thread then, for each job in turn (``_run_job`` reads to
 bottom):
 
 1. marks it running; its run dir is ``state_dir/jobs/<id>/run`` on every attempt;
-2. submits the run config (the operator's keys + ``run-dir``, ``init-adapter`` when it
-   continues a specialist, ``job-id`` if the operator set none) with ``flwr run``;
-3. waits for the run to end (``wait_for_run``: the one place that asks the SuperLink);
+2. once min-nodes organizations are online (``_agents_online``: no run, so no ServerApp
+   and no log stream, while nobody is there), submits the run config (the operator's keys +
+   ``run-dir``, ``init-adapter`` when it continues a specialist, ``job-id`` if the operator
+   set none) with ``flwr run``;
+3. waits for the run to end (``wait_for_run``);
 4. registers ``run_dir/specialist`` as the next version of the job's specialist
    (server/specialists.py) and marks the job finished, or marks it failed with the reason.
 
@@ -31,11 +33,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from server.exchange import NODE_POLL_SECONDS, too_few_nodes
 from server.job_config import JobConfig
 from server.service.store import QUEUED, RUNNING, Job, JobStateError, JobStore, job_run_dir
 from server.specialists import RegistryError, Specialist, SpecialistRegistry, check_name, parse_ref
@@ -49,7 +53,8 @@ COMPLETED = f"{FINISHED}:completed"
 
 
 class RunDriver(Protocol):
-    """What the manager needs of a SuperLink (server.superlink.SuperLinkProcess is one)."""
+    """What the manager needs of a SuperLink (server.superlink.SuperLinkProcess is one); its
+    ``online_node_ids`` and ``run_logs`` are used where it has them."""
 
     def submit_run(self, app_dir: Path | str, run_config: Mapping[str, object]) -> int: ...
     def run_status(self, run_id: int) -> str: ...
@@ -198,6 +203,9 @@ class JobManager:
             log.info("job %s finished before the coordinator stopped: specialist %s", job.id, registered.ref)
             return
         run_config = self.run_config(job.spec, job.specialist, job.id, job.continue_from)
+        if not self._agents_online(job.id, JobConfig.from_run_config(run_config)):
+            log.info("job %s: not submitted (the coordinator is stopping, or the job was cancelled)", job.id)
+            return
         run_id = self._current_run = self.superlink.submit_run(self.app_dir, run_config)
         log.info("job %s: run %s submitted (run dir %s)", job.id, run_id, run_config["run-dir"])
         try:
@@ -218,6 +226,26 @@ class JobManager:
         specialist = self.registry.register(job.specialist, Path(run_config["run-dir"]), job_id=job.id)
         self._end(job.id, self.store.mark_finished, specialist.version)
         log.info("job %s finished: specialist %s", job.id, specialist.ref)
+
+    def _agents_online(self, job_id: str, cfg: JobConfig) -> bool:
+        """Wait until the job's min-nodes organizations are online (asked every NODE_POLL_SECONDS over
+        the SuperLink's in-process Control API connection): True then; False if the coordinator stops
+        (the job stays running and resumes at the next start) or the job is cancelled meanwhile; the
+        job's own QuorumError after its node-wait-timeout. A driver that cannot list nodes: True at
+        once, and the submitted job waits for its nodes itself."""
+        online = getattr(self.superlink, "online_node_ids", None)
+        if online is None:
+            return True
+        deadline = time.monotonic() + cfg.node_wait_timeout
+        while True:
+            count = len(online())
+            if count >= cfg.min_nodes:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise too_few_nodes(count, cfg.min_nodes, cfg.node_wait_timeout)
+            if self._stopping.wait(min(NODE_POLL_SECONDS, left)) or self.store.get(job_id).state != RUNNING:
+                return False
 
     def _registered(self, job: Job) -> Specialist | None:
         """The version this job registered already, if any (job ids are unique per state dir)."""
@@ -258,7 +286,7 @@ class JobManager:
 def wait_for_run(superlink: RunDriver, run_id: int, stopping: threading.Event, poll: float,
                  tolerated_errors: int = 5) -> str | None:
     """The run's final status ('finished:completed|failed|stopped'), or None once ``stopping``
-    is set. Polls `flwr ls` (issue 14 replaces it: this is the one place that asks); a few
+    is set. Asks ``run_status`` (one in-process Control API call) every ``poll`` seconds; a few
     failed asks in a row are tolerated (a busy SuperLink), more end the wait with the error."""
     errors = 0
     while True:
