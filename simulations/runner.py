@@ -21,6 +21,7 @@ from runtime import base_model
 from server.app import make_server_app
 from server.job import RoundObserver
 from server.job_config import JobConfig
+from simulations.dispatch import delivering_in_one_scan
 from simulations.scenario import Scenario
 
 log = logging.getLogger("silotune.simulate")
@@ -92,12 +93,14 @@ def run_scenario(scenario: Scenario, cfg: JobConfig, observer: RoundObserver | N
     hide_deprecation = _WithoutRunSimulationDeprecation()
     flower_log.addFilter(hide_deprecation)
     try:
-        run_simulation(
-            server_app=make_server_app(cfg, observer),
-            client_app=client_app,
-            num_supernodes=scenario.num_organizations,
-            backend_config=backend_config(scenario, ray_address),
-        )
+        # Flower's own extractor costs nodes × pending instructions a pass (simulations/dispatch.py)
+        with delivering_in_one_scan():
+            run_simulation(
+                server_app=make_server_app(cfg, observer),
+                client_app=client_app,
+                num_supernodes=scenario.num_organizations,
+                backend_config=backend_config(scenario, ray_address),
+            )
     finally:
         flower_log.removeFilter(hide_deprecation)
     run_dir = Path(cfg.run_dir)
