@@ -132,7 +132,7 @@ def _tensors_for_the_bounds() -> list[np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("name", ["fp32", "fp16", "int8", "q4"])
+@pytest.mark.parametrize("name", ["fp32", "fp16", "int8", "q4", "q8"])
 def test_each_encoding_keeps_within_its_documented_error_bound(name: str) -> None:
     encoding = ENCODINGS.get(name)
     tensors = _tensors_for_the_bounds()
@@ -180,7 +180,7 @@ def _registered(name: str, encoding: type[UpdateEncoding]):  # type: ignore[no-u
         yield encoding
     finally:
         ENCODINGS.unregister(name)
-        assert codec.encoding_names() == ["fp32", "fp16", "int8", "q4"]
+        assert codec.encoding_names() == ["fp32", "fp16", "int8", "q4", "q8"]
 
 
 def _encoding_class(wire_id: object, wire_dtype: object = np.dtype("<f4")) -> type[UpdateEncoding]:

@@ -28,7 +28,7 @@ from test_round_loop import ScriptedGrid, config
 
 GLOBAL = codec.Kind.Value("GLOBAL")
 UPDATE = codec.Kind.Value("UPDATE")
-LOSSY = ("fp16", "int8", "q4")
+LOSSY = ("fp16", "int8", "q4", "q8")
 
 
 def _decoded(adapter: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:

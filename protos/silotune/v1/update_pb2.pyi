@@ -14,6 +14,7 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FP16: _ClassVar[Encoding]
     INT8: _ClassVar[Encoding]
     Q4: _ClassVar[Encoding]
+    Q8: _ClassVar[Encoding]
 
 class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -25,6 +26,7 @@ FP32: Encoding
 FP16: Encoding
 INT8: Encoding
 Q4: Encoding
+Q8: Encoding
 KIND_UNSPECIFIED: Kind
 GLOBAL: Kind
 UPDATE: Kind
