@@ -600,7 +600,8 @@ def main() -> None:
                      "rows may mix versions; run again.")
     else:
         notes.append(f"- code under test (sha256 of protos/codec.py, protos/encodings/*.py, strategies/base.py, "
-                     f"strategies/fedavg.py, strategies/kernels.py, strategies/checked_sum.py): {code0}")
+                     f"strategies/fedavg.py, strategies/kernels.py, strategies/sum_kernels.py, strategies/checked_sum.py, "
+                     f"protos/norm_kernels.py): {code0}")
     report = "\n".join([text, "", "Targets:", *targets, "",
                         "Per reply (medians of the repeats; ours and Flower: timed part / N; stages: median over "
                         "up to 32 replies of each case, run one by one after the timed part, reference = the "
@@ -620,7 +621,7 @@ def _code_digest() -> str:
     # decode dispatches to the encoding modules (fp32's is the one timed here): they are code under test too
     encodings = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "protos" / "encodings").glob("*.py"))
     for name in ("protos/codec.py", *encodings, "strategies/base.py", "strategies/fedavg.py", "strategies/kernels.py",
-                 "strategies/checked_sum.py"):
+                 "strategies/sum_kernels.py", "strategies/checked_sum.py", "protos/norm_kernels.py"):
         path = ROOT / name
         digest.update(path.read_bytes() if path.exists() else b"-")
     return digest.hexdigest()[:12]

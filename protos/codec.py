@@ -357,22 +357,33 @@ def slice_squares(values: np.ndarray, base: np.ndarray | None, start: int, scrat
 
     The difference is taken in the dtype ``values - base`` has (float32 for
     updates), cast to float64 (exact), squared (exact: a float32 squared fits a
-    float64) and summed by numpy's pairwise reduction. Non-finite when a value
-    is, or when a float32 difference overflows.
+    float64) and summed in the fixed lane order of ``protos/norm_kernels.py``,
+    in one compiled pass for float32 values and references. Other dtypes are
+    first cast into the scratch by numpy, then summed the same way. Non-finite
+    when a value is, or when a float32 difference overflows.
     """
+    from protos.norm_kernels import sum_of_squares  # numba: imported by the processes that check
+
     part = values[start : start + CHECK_CHUNK]
     size = part.size
+    other = None if base is None else base[start : start + size]
+    if _compiled_input(part) and (other is None or _compiled_input(other)):
+        return float(sum_of_squares(part, other))
     out = scratch.wide[:size]
-    if base is None:
+    if other is None:
         np.copyto(out, part, casting="unsafe")
     elif np.result_type(values, base) == np.float32:
         diff = scratch.diff[:size]
-        np.subtract(part, base[start : start + size], out=diff)
-        np.copyto(out, diff)
+        np.subtract(part, other, out=diff)
+        return float(sum_of_squares(diff))  # the same float32 differences as the compiled pass
     else:  # other dtypes: numpy's loop for the inputs, cast into the scratch
-        np.subtract(part, base[start : start + size], out=out, casting="unsafe")
-    np.multiply(out, out, out=out)
-    return float(np.add.reduce(out))
+        np.subtract(part, other, out=out, casting="unsafe")
+    return float(sum_of_squares(out))
+
+
+def _compiled_input(part: np.ndarray) -> bool:
+    """What the compiled pass takes as it is: contiguous native float32."""
+    return part.dtype == np.float32 and part.flags.c_contiguous
 
 
 def norm_slices(adapter: Adapter, reference: Adapter | None) -> list[tuple[str, np.ndarray, np.ndarray | None, int]]:

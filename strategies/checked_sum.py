@@ -15,11 +15,13 @@ before the norm is known means taking a refused update out again, and
 (t + a) − a is not t in floating point, so the old values would have to be kept
 (P·8 bytes); writing total + n·update into a second sum-sized buffer and
 swapping it in costs the same P·8 bytes. Either way the coordinator would hold
-4·P·4 bytes over its baseline, past its 3·P·4 bound. Nor would one pass move
-fewer bytes. Per parameter, two passes move 28: the update and the reference
-(8), then the update and the sum, read and written (20); one pass into a second
-buffer moves 32: the update, the reference and the sum (16), and the buffer,
-which a store reads into the cache before it writes it (16).
+4·P·4 bytes over its baseline, past its 3·P·4 bound. What moves most is the
+float64 sums, read and written (16 bytes a parameter), not the update (4), so
+FedAvg saves there instead: it folds two checked updates in one pass over its
+sums (strategies/kernels.py ``add_scaled_all_two``). Per parameter and reply:
+the norm reads the update and the reference (8), the paired accumulate the
+update (4) and half of the sums' 16: 20 bytes, where one fused pass per reply
+would move 24 at best.
 """
 
 from __future__ import annotations

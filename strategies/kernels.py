@@ -4,29 +4,28 @@
 ``total`` and float32 ``values``, in place, bit-identical to FedAvg's original
 ``np.add(total, np.multiply(values, weight, dtype=np.float64), out=total)``.
 
-Large tensors (at least ``LARGE_MIN`` elements) are done in slices of ``CHUNK``
-elements through a per-thread float64 scratch (1 MiB, one core's L2 here): cast
-the float32 slice into it (``np.copyto``, exact), multiply it in place by the
-weight, add it to the sum. Those are the very float64 multiply and add the
-expression does per element, so the bits are the same for any weight; only the
-update-sized float64 temporary of ``np.multiply(..., dtype=float64)`` is gone.
-Three NumPy calls per slice, each releasing the GIL while it runs. Small tensors
-take the expression itself.
+Tensors of at least ``COMPILED_MIN`` elements take one compiled pass
+(strategies/sum_kernels.py): widen, multiply, add, element by element — the
+expression's very float64 multiply and add, so the same bits for any weight,
+without its update-sized float64 temporary. Small tensors take the expression
+itself: there the call costs more than the arithmetic.
 
-NumPy rather than torch: the work is bound by memory traffic (≥ 20 bytes per
-parameter: read the float32 value, read and write the float64 sum), so what
-counts is per-call overhead and GIL hand-offs between threads, which the large
-slices keep low; torch's OpenMP pool slows down badly whenever other processes
+``add_scaled_two`` folds two updates in one pass over the sums, which halves
+what moves most: the float64 sums are read and written once for both (per
+parameter 24 bytes for two updates, against 40 in two passes). The result is
+that of two ``add_scaled`` calls, a then b, bit for bit.
+
+``add_scaled_all`` / ``add_scaled_all_two`` deal the large tensors of a large
+update to a few plain Python threads (the compiled loops release the GIL); a
+thread that is descheduled only delays its own share, nothing spins. Each tensor
+is still updated by exactly one thread, in the same order, so the bits do not
+change. Not torch: its OpenMP pool slows down badly whenever other processes
 hold the cores, and a coordinator in simulation shares its cores with training
 clients.
 
-``add_scaled_all`` deals the large tensors of a large update to a few plain
-Python threads (NumPy releases the GIL while it computes); a thread that is
-descheduled only delays its own share, nothing spins. Each tensor is still
-updated by exactly one thread, in the same order, so the bits do not change.
-
 Anything else (other dtypes, broadcasting shapes, non-contiguous arrays,
-non-integer weights) takes the NumPy expression itself.
+weights that are not positive integers below ``EXACT_WEIGHT``) takes the NumPy
+expression itself.
 """
 
 from __future__ import annotations
@@ -38,19 +37,18 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-#: elements per slice (float64 scratch: 1 MiB per thread)
-CHUNK = 1 << 17
-#: tensors smaller than this take the NumPy expression (slicing gains nothing there)
+#: tensors smaller than this take the NumPy expression (there the call costs more than the work)
+COMPILED_MIN = 1 << 10
+#: tensors at least this large are dealt to threads (``add_scaled_all``)
 LARGE_MIN = 1 << 16
-#: the sliced path takes integer weights below this (a conservative bound: the slices
-#: round exactly as the expression does for any weight)
+#: the compiled path takes integer weights below this (conservative: it rounds exactly
+#: as the expression does for any weight; below 2**29 the product itself is exact)
 EXACT_WEIGHT = 1 << 29
 #: add_scaled_all uses threads when an update has at least this many elements in large tensors
 PARALLEL_MIN = 1 << 21
 #: at most this many threads (the work is memory-bound: a few cores saturate memory)
 MAX_THREADS = 4
 
-_local = threading.local()  # per-thread float64 scratch of CHUNK elements
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0  # a forked child must not reuse its parent's (thread-less) pool
 _pool_lock = threading.Lock()
@@ -58,18 +56,18 @@ _pool_lock = threading.Lock()
 
 def describe() -> str:
     """Which implementation ``add_scaled`` uses here (for benchmark reports)."""
-    return (f"numpy: below {LARGE_MIN} elements np.add(total, np.multiply(u, n, dtype=float64), out=total); "
-            f"from there per slice of {CHUNK}: copyto a float64 scratch, multiply by n in place, add; large "
+    return (f"below {COMPILED_MIN} elements numpy's np.add(total, np.multiply(u, n, dtype=float64), out=total); "
+            f"from there one compiled pass per tensor (numba), two updates per pass in FedAvg; large "
             f"tensors dealt to {threads()} Python threads when an update has ≥ {PARALLEL_MIN} such elements")
 
 
-def _sliced_path(total: np.ndarray, values: Any, weight: Any) -> bool:
+def _compiled_path(total: np.ndarray, values: Any, weight: Any) -> bool:
     return (
         type(values) is np.ndarray
         and values.dtype == np.float32
         and total.dtype == np.float64
         and values.shape == total.shape
-        and values.size >= LARGE_MIN
+        and values.size >= COMPILED_MIN
         and values.flags.c_contiguous
         and total.flags.c_contiguous
         and total.flags.writeable
@@ -86,21 +84,25 @@ def add_scaled(total: np.ndarray, values: Any, weight: Any) -> None:
     ``np.add(total, np.multiply(values, weight, dtype=np.float64), out=total)``,
     and the same errors for mismatched operands.
     """
-    if getattr(values, "size", 0) < LARGE_MIN or not _sliced_path(total, values, weight):
+    if getattr(values, "size", 0) < COMPILED_MIN or not _compiled_path(total, values, weight):
         np.add(total, np.multiply(values, weight, dtype=np.float64), out=total)
         return
-    scratch = getattr(_local, "scratch", None)
-    if scratch is None:
-        scratch = _local.scratch = np.empty(CHUNK, dtype=np.float64)
-    flat_total, flat_values = total.reshape(-1), values.reshape(-1)
-    size = flat_total.size
-    for start in range(0, size, CHUNK):
-        stop = min(start + CHUNK, size)
-        buffer = scratch[: stop - start]
-        np.copyto(buffer, flat_values[start:stop])  # float32 → float64: exact
-        np.multiply(buffer, weight, out=buffer)  # the expression's multiply
-        part = flat_total[start:stop]
-        np.add(part, buffer, out=part)  # and its add
+    from strategies import sum_kernels  # numba, imported on first use
+
+    sum_kernels.add_one(total.reshape(-1), values.reshape(-1), float(weight))
+
+
+def add_scaled_two(total: np.ndarray, a: Any, weight_a: Any, b: Any, weight_b: Any) -> None:
+    """``add_scaled(total, a, weight_a)`` then ``add_scaled(total, b, weight_b)``, bit for
+    bit, in one pass over ``total`` when both take the compiled path."""
+    if not (getattr(a, "size", 0) >= COMPILED_MIN and _compiled_path(total, a, weight_a)
+            and _compiled_path(total, b, weight_b)):
+        add_scaled(total, a, weight_a)
+        add_scaled(total, b, weight_b)
+        return
+    from strategies import sum_kernels
+
+    sum_kernels.add_two(total.reshape(-1), a.reshape(-1), float(weight_a), b.reshape(-1), float(weight_b))
 
 
 def threads() -> int:
@@ -157,18 +159,32 @@ def add_scaled_all(totals: Mapping[str, np.ndarray], values: Mapping[str, Any], 
     When the update is large, its large tensors are shared among up to
     ``MAX_THREADS`` threads (the caller is one of them); same bits as one thread.
     """
+    _for_every_tensor(totals, values, lambda name: add_scaled(totals[name], values[name], weight))
+
+
+def add_scaled_all_two(totals: Mapping[str, np.ndarray], a: Mapping[str, Any], weight_a: Any,
+                       b: Mapping[str, Any], weight_b: Any) -> None:
+    """``add_scaled_all(totals, a, weight_a)`` then ``add_scaled_all(totals, b, weight_b)``,
+    bit for bit, each tensor's sums crossing memory once for both updates."""
+    _for_every_tensor(totals, a, lambda name: add_scaled_two(totals[name], a[name], weight_a, b[name], weight_b))
+
+
+def _for_every_tensor(totals: Mapping[str, np.ndarray], values: Mapping[str, Any],
+                      fold: Callable[[str], None]) -> None:
+    """``fold(name)`` for every tensor of ``totals``; the large ones of a large update
+    dealt to ``threads()`` threads, each tensor to exactly one."""
     large = [k for k, total in totals.items() if getattr(values[k], "size", 0) >= LARGE_MIN]
     workers = threads()
     if workers == 1 or sum(totals[k].size for k in large) < PARALLEL_MIN:
-        for name, total in totals.items():
-            add_scaled(total, values[name], weight)
+        for name in totals:
+            fold(name)
         return
     small = [k for k in totals if getattr(values[k], "size", 0) < LARGE_MIN]
 
     def share(names: list[str]) -> Callable[[], None]:
         def run() -> None:
             for name in names:
-                add_scaled(totals[name], values[name], weight)
+                fold(name)
         return run
 
     parts = [large[i::workers] for i in range(workers)]

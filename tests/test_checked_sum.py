@@ -70,7 +70,7 @@ def _fedavg_after(updates: list[dict[str, np.ndarray]], weights: list[int], refe
                 strategy.accumulate(update, weight)
         except UpdateRejected as rejection:
             outcomes.append(f"{rejection.reason.value}: {rejection.detail}")
-    return outcomes, {name: total.copy() for name, total in strategy._sum.items()}
+    return outcomes, {name: total.copy() for name, total in strategy.running_sums().items()}
 
 
 def test_accumulate_checked_is_check_values_then_accumulate_to_the_bit(threads: int) -> None:
