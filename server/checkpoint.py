@@ -334,6 +334,25 @@ def _owned_by_other_live_process(name: str) -> bool:
     return pid != os.getpid() and is_alive(pid)
 
 
+def last_valid_round(root: str | Path) -> int:
+    """The newest round under ``root`` whose checkpoint verifies, 0 if none — reading only
+    (CheckpointStore's constructor creates and recovers): a coordinator asks it to know
+    whether a restarted job still has rounds to run, hence organizations to wait for."""
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    for entry in sorted(root.iterdir(), key=lambda e: e.name, reverse=True):
+        m = _ROUND_RE.fullmatch(entry.name)
+        if not (m and entry.is_dir()):
+            continue
+        try:
+            verify_dir(entry, int(m.group(1)))
+        except (CheckpointCorrupt, FileNotFoundError):
+            continue
+        return int(m.group(1))
+    return 0
+
+
 class CheckpointStore:
     """Round checkpoints under one root; see the module docstring."""
 

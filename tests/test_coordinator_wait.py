@@ -24,12 +24,14 @@ from server.superlink import SuperLinkProcess
 from simulations.cli.main import main
 
 
-class FakeLink:
-    """What `coordinator` asks of a SuperLinkProcess; ``online`` answers one ask each, the last repeats."""
+class FakeSuperLink:
+    """``online_node_ids`` and ``submit_run``, recorded in ``calls``; ``online`` answers one ask
+    each, the last repeats."""
 
-    def __init__(self, online: list[list[int]], status: str = "finished:failed") -> None:
+    run_id = 5
+
+    def __init__(self, online: list[list[int]]) -> None:
         self.online = online
-        self.status = status
         self.calls: list[str] = []
 
     def online_node_ids(self) -> list[int]:
@@ -38,7 +40,15 @@ class FakeLink:
 
     def submit_run(self, app_dir: Path, run_config: dict) -> int:
         self.calls.append("submit")
-        return 5
+        return self.run_id
+
+
+class FakeLink(FakeSuperLink):
+    """What `coordinator` asks of a SuperLinkProcess."""
+
+    def __init__(self, online: list[list[int]], status: str = "finished:failed") -> None:
+        super().__init__(online)
+        self.status = status
 
     def follow_run_log(self, run_id: int, on_line: Any) -> Any:
         self.calls.append("follow")
@@ -80,6 +90,35 @@ def test_agents_that_never_come_end_the_job_with_its_quorum_error_and_no_run(mon
     assert "submit" not in link.calls and len(link.calls) >= 2   # asked again before giving up
 
 
+def _finished_checkpoints(run_dir: Path, rounds: int) -> None:
+    """A valid checkpoint of the job's last round, as a job that finished leaves it."""
+    import numpy as np
+
+    from protos.adapter import LoraSpec
+    from server.checkpoint import CheckpointStore, last_valid_round
+
+    CheckpointStore(run_dir / "checkpoints").save(rounds, {"w": np.ones((2, 2), np.float32)}, LoraSpec(),
+                                                  "tiny-llama", {"round": rounds})
+    assert last_valid_round(run_dir / "checkpoints") == rounds
+
+
+def test_a_restarted_coordinator_whose_job_has_finished_submits_at_once(monkeypatch, tmp_path):
+    """Its checkpoints hold the last round: exporting needs no organization, so no wait."""
+    _finished_checkpoints(tmp_path / "run", 2)
+    link = FakeLink([[]])
+    code = run_coordinator(monkeypatch, tmp_path, link, **{"min-nodes": 2, "node-wait-timeout": 1,
+                                                           "num-rounds": 2})
+    assert code == 2   # the fake run ends failed
+    assert link.calls == ["submit", "follow", "wait", "stop-follow"]
+
+
+def test_a_job_with_rounds_left_still_waits_for_its_agents(monkeypatch, tmp_path):
+    _finished_checkpoints(tmp_path / "run", 1)
+    link = FakeLink([[], [3, 4]])
+    run_coordinator(monkeypatch, tmp_path, link, **{"min-nodes": 2, "node-wait-timeout": 60, "num-rounds": 2})
+    assert link.calls[:3] == ["online", "online", "submit"]
+
+
 def test_a_superlink_that_died_is_named_not_a_refused_connection(tmp_path):
     link = SuperLinkProcess()
     link.log_path = tmp_path / "superlink.log"
@@ -91,20 +130,10 @@ def test_a_superlink_that_died_is_named_not_a_refused_connection(tmp_path):
 
 
 # ------------------------------------------------------------------ the service's job manager
-class FakeDriver:
+class FakeDriver(FakeSuperLink):
     """submit_run / run_status / stop_run / online_node_ids, as the job manager asks them."""
 
-    def __init__(self, online: list[list[int]]) -> None:
-        self.online = online
-        self.calls: list[str] = []
-
-    def online_node_ids(self) -> list[int]:
-        self.calls.append("online")
-        return self.online.pop(0) if len(self.online) > 1 else self.online[0]
-
-    def submit_run(self, app_dir: Path, run_config: dict) -> int:
-        self.calls.append("submit")
-        return 100
+    run_id = 100
 
     def run_status(self, run_id: int) -> str:
         return "finished:failed"

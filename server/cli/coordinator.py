@@ -44,6 +44,7 @@ from runtime.flower_processes import BIND_ALL, LOCALHOST
 from runtime.keys import load_org_public_key
 from server.cli.report_table import report_table
 from server.cli.round_table import render_event
+from server.checkpoint import last_valid_round
 from server.enrollment import enroll, parse_enroll_arg
 from server.events import EVENTS_FILE, Event, EventsFollower
 from server.exchange import NODE_POLL_SECONDS, wait_for_nodes
@@ -156,8 +157,10 @@ def coordinator(args: argparse.Namespace) -> int:
     check_app(app_dir, unsigned_ok=args.insecure or args.unsigned_app)  # what the agents will check
     with ExitStack() as stack:
         superlink = start_plane(stack, args, state_dir, plane)
-        console.print(f"job {cfg.job_id}: waiting for {cfg.min_nodes} organization(s) to come online "
-                      f"(min-nodes, up to node-wait-timeout={cfg.node_wait_timeout:g}s); then its run is submitted")
+        if last_valid_round(cfg.checkpoint_dir) < cfg.num_rounds:
+            console.print(f"job {cfg.job_id}: waiting for {cfg.min_nodes} organization(s) to come online "
+                          f"(min-nodes, up to node-wait-timeout={cfg.node_wait_timeout:g}s); then its run is "
+                          "submitted")
         wait_for_agents(superlink, cfg)
         # the rounds as they happen: the job's events file as tables, from now on (a resumed job's
         # earlier rounds are not repeated), and the ServerApp's log for everything else
@@ -199,7 +202,11 @@ def wait_for_agents(superlink: SuperLinkProcess, cfg: JobConfig) -> list[int]:
     the SuperLink who is online, and a `flwr log --stream` that has the SuperLink read its
     database every 0.5 s, for as long as the agents take to come (issue 14: under 2% of a core
     while waiting). One in-process Control API call every NODE_POLL_SECONDS costs nearly nothing.
-    The job still waits for its nodes itself, so agents that leave meanwhile are waited for again."""
+    The job still waits for its nodes itself, so agents that leave meanwhile are waited for again.
+    A job whose checkpoints hold its last round already (restarted after it finished, to export
+    again) needs no organization: no wait, an empty list."""
+    if last_valid_round(cfg.checkpoint_dir) >= cfg.num_rounds:
+        return []
     return wait_for_nodes(OnlineNodes(superlink), cfg.min_nodes, cfg.node_wait_timeout,
                           NODE_POLL_SECONDS)
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from server.checkpoint import last_valid_round
 from server.exchange import NODE_POLL_SECONDS, too_few_nodes
 from server.job_config import JobConfig
 from server.service.store import QUEUED, RUNNING, Job, JobStateError, JobStore, job_run_dir
@@ -232,9 +233,10 @@ class JobManager:
         the SuperLink's in-process Control API connection): True then; False if the coordinator stops
         (the job stays running and resumes at the next start) or the job is cancelled meanwhile; the
         job's own QuorumError after its node-wait-timeout. A driver that cannot list nodes: True at
-        once, and the submitted job waits for its nodes itself."""
+        once, and the submitted job waits for its nodes itself. A job whose checkpoints hold its
+        last round already needs none: True at once."""
         online = getattr(self.superlink, "online_node_ids", None)
-        if online is None:
+        if online is None or last_valid_round(cfg.checkpoint_dir) >= cfg.num_rounds:
             return True
         deadline = time.monotonic() + cfg.node_wait_timeout
         while True:
