@@ -28,6 +28,11 @@ secure-aggregation record still in the content, and its session in ``state``.
 Locally noised updates are charged to the agent's ε ledger
 (clients/privacy.py) before they leave, and only the metrics the policy lets
 out are sent.
+
+With the job setting ``global-delta`` the instruction's global may be a
+difference from one this process holds, or only its digest: it is rebuilt and
+checked in ``clients/global_cache.py``, and the reply names the global it
+started from (an evaluate reply in its organization record).
 """
 
 from __future__ import annotations
@@ -41,15 +46,16 @@ from typing import Callable
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from clients import attacks, local_baseline, privacy
+from clients import attacks, global_cache, local_baseline, privacy
 from clients import resident as resident_module
 from clients import train_workers
 from clients.evaluation import evaluate_examples
 from clients.local_data import LocalData, local_data, local_rank, org_name
+from clients.node_config import TRAINER_ACTOR_KEY
 from clients.policy import OrganizationPolicy, PolicyViolation, Request, policy_for
 from clients.resident import ResidentModel, get_resident
 from clients.trainer import TrainSettings, train_adapter
-from protos import codec
+from protos import codec, global_delta
 from protos.secagg import MaskingClient, wire
 from protos.adapter import Adapter, LoraSpec, layout_for_rank, parse_factors, select_factors, spec_for_rank
 from strategies.lora_rank import reduce_adapter
@@ -72,13 +78,15 @@ class Instruction:
     policy: OrganizationPolicy
     request: Request          # what the instruction asks, as the policy judged it
     ledger: privacy.EpsilonLedger | None
+    global_digest: str        # global-delta: the global's digest, proved back in the reply ("" otherwise)
 
 
 def _receive(kind: str, content: RecordDict, node_config: dict, state: RecordDict) -> Instruction:
     cfg = RoundConfig.from_record(content.config_records[CONFIG_RECORD])
     sim_record = content.config_records.get(SIMULATION_RECORD)
     sim = SimulationSettings.from_record(sim_record) if sim_record is not None else None
-    header, global_adapter = codec.decode(content)
+    # global-delta: the global rebuilt from one this process holds, digest checked (clients/global_cache.py)
+    header, global_adapter = global_cache.resolve(*codec.decode(content))
     # the policy first: nothing below (model, silo, training) happens for a refused instruction
     policy = policy_for(node_config)
     request = Request(kind=kind, job_id=cfg.job_id, server_round=cfg.server_round, model=cfg.model,
@@ -108,7 +116,11 @@ def _receive(kind: str, content: RecordDict, node_config: dict, state: RecordDic
     adapter.update(_local_factors(state))
     data = local_data(node_config, cfg, sim, resident.tokenizer)
     policy.check_data(request, train_examples=len(data.train), eval_examples=len(data.test[:cfg.eval_max_examples]))
-    return Instruction(cfg, sim, spec, resident, adapter, data, policy, request, ledger)
+    # global-delta: prove holding the global only where it outlives this message (a simulation actor, the
+    # resident trainer); a process per message proves nothing and is always sent the whole global
+    keeps = sim is not None or TRAINER_ACTOR_KEY in node_config
+    return Instruction(cfg, sim, spec, resident, adapter, data, policy, request, ledger,
+                       header.global_digest if keeps else "")
 
 
 def _secure_session(content: RecordDict, state: RecordDict) -> int | None:
@@ -206,6 +218,7 @@ def train(content: RecordDict, node_config: dict, state: RecordDict) -> RecordDi
         num_examples=1 if dp else len(ins.data.train),  # dp-fedavg weighs organizations equally anyway
         metrics=ins.policy.outgoing_metrics({**metrics, **_process_metrics()}, dp=dp),
         encoding=codec.encoding_from_name(cfg.update_encoding),
+        global_digest=ins.global_digest,
     )
     reply[ORG_RECORD] = ConfigRecord({"name": ins.data.org_name})
     return reply
@@ -264,7 +277,10 @@ def evaluate(content: RecordDict, node_config: dict, state: RecordDict) -> Recor
         if local is not None:  # none before its first training (round 0: the base model)
             metrics.update(local_baseline.local_metrics(_score(ins, local)))
     sent = ins.policy.outgoing_metrics({**metrics, **_process_metrics()}, dp=ins.policy.under_local_dp(ins.request))
-    return RecordDict({METRICS_RECORD: MetricRecord(sent), ORG_RECORD: ConfigRecord({"name": ins.data.org_name})})
+    org = {"name": ins.data.org_name}
+    if ins.global_digest:  # global-delta: the global this organization now holds
+        org[global_delta.EVAL_DIGEST_KEY] = ins.global_digest
+    return RecordDict({METRICS_RECORD: MetricRecord(sent), ORG_RECORD: ConfigRecord(org)})
 
 
 def _score(ins: Instruction, adapter: Adapter) -> dict[str, float]:

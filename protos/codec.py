@@ -73,8 +73,30 @@ def _encode_tensor(name: str, values: np.ndarray, encoding: type[UpdateEncoding]
     return spec, wire
 
 
+class EncodedTensors(NamedTuple):
+    """An adapter's tensors in one encoding: their specs (sorted by name) and Arrays. Encoded
+    once, they can go out under several headers (the global delta's bytes, kept for a round)."""
+
+    specs: tuple[pb.TensorSpec, ...]
+    arrays: Mapping[str, Array]
+
+
+def encode_tensors(adapter: Adapter, encoding: int = pb.FP32) -> EncodedTensors:
+    """``adapter``'s tensors in the encoding with wire id ``encoding``; ValueError if none has it."""
+    chosen = encodings.by_wire_id().get(encoding)
+    if chosen is None:
+        raise ValueError(f"unsupported encoding {encoding}; registered: {encoding_names()}")
+    specs: list[pb.TensorSpec] = []
+    arrays: dict[str, Array] = {}
+    for name in sorted(adapter):
+        spec, wire = _encode_tensor(name, adapter[name], chosen)
+        specs.append(spec)
+        arrays[name] = Array(wire)
+    return EncodedTensors(tuple(specs), arrays)
+
+
 def encode(
-    adapter: Adapter,
+    adapter: Adapter | None,
     *,
     kind: int,
     job_id: str,
@@ -84,15 +106,19 @@ def encode(
     num_examples: int = 0,
     metrics: Mapping[str, float] | None = None,
     encoding: int = pb.FP32,
+    tensors: EncodedTensors | None = None,
+    global_digest: str = "",
+    base_digest: str = "",
 ) -> RecordDict:
     """Pack an adapter and its header into a RecordDict ready for a Message.
 
     ``encoding`` is a wire id (``encoding_from_name("int8")``); ValueError if no
-    registered encoding has it.
+    registered encoding has it. ``tensors``: already encoded (``encode_tensors``),
+    instead of ``adapter``. ``global_digest``, ``base_digest``: the header fields of
+    the job setting global-delta (protos/global_delta.py).
     """
-    chosen = encodings.by_wire_id().get(encoding)
-    if chosen is None:
-        raise ValueError(f"unsupported encoding {encoding}; registered: {encoding_names()}")
+    if tensors is None:
+        tensors = encode_tensors(adapter or {}, encoding)
     header = pb.UpdateHeader(
         protocol_version=PROTOCOL_VERSION,
         kind=kind,
@@ -101,18 +127,16 @@ def encode(
         base_model_fingerprint=fingerprint,
         adapter=adapter_config_proto(lora),
         num_examples=num_examples,
+        global_digest=global_digest,
+        base_digest=base_digest,
     )
     for key, value in (metrics or {}).items():
         header.metrics[key] = float(value)
-    arrays: dict[str, Array] = {}
-    for name in sorted(adapter):
-        spec, wire = _encode_tensor(name, adapter[name], chosen)
-        header.tensors.append(spec)
-        arrays[name] = Array(wire)
+    header.tensors.extend(tensors.specs)
     return RecordDict(
         {
             HEADER_RECORD: ConfigRecord({"bytes": header.SerializeToString()}),
-            TENSORS_RECORD: ArrayRecord(array_dict=arrays, keep_input=True),
+            TENSORS_RECORD: ArrayRecord(array_dict=dict(tensors.arrays), keep_input=True),
         }
     )
 

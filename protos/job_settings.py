@@ -91,6 +91,9 @@ class JobSettings:
     global_encoding: str = setting("fp32", "how the global adapter travels down each round (the same encodings); "
                                    "a lossy one keeps the coordinator's global on its grid, so organizations "
                                    "train and evaluate exactly the adapter it holds and exports")
+    global_delta: bool = setting(False, "send the global as its difference from the global an organization proved "
+                                 "it holds, in global-encoding (the same global again: no tensors); the global "
+                                 "then moves by the quantized difference instead of sitting on the grid")
     local_baseline: bool = setting(False, "each organization also trains a local-only adapter with the same local "
                                    "budget and reports its held-out score next to the federated one", ROUND)
     # ---- the task (protos/task_spec.py; every organization renders the same prompts from it) ----

@@ -54,8 +54,9 @@ def run_job(grid: Grid, cfg: JobConfig, observer: RoundObserver | None = None) -
         **task_provenance(cfg),
         **init_adapter_provenance(cfg.init_adapter),  # continued training: the specialist it started from
         "bytes_moved": bytes_moved(history),   # instructions down + replies up, every round (server/traffic.py)
-        # a lossy global encoding means the specialist sits on that encoding's grid (server/downlink.py)
-        "encodings": {"update": cfg.update_encoding, "global": cfg.global_encoding},
+        # a lossy global encoding: the specialist sits on its grid, or with global-delta moved by quantized
+        # differences (server/downlink.py)
+        "encodings": {"update": cfg.update_encoding, "global": cfg.global_encoding, "global_delta": cfg.global_delta},
     }
     if job.privacy is not None:  # the (ε, δ) spent, for whoever receives the adapter
         provenance["differential_privacy"] = job.privacy.provenance()

@@ -30,14 +30,14 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
 
-from protos import codec
+from protos import codec, global_delta
 from protos.adapter import Adapter, adapter_layout, init_adapter, layout_for_rank, select_factors, spec_for_rank
 from protos.errors import RejectReason, UpdateRejected
 from strategies.lora_rank import reduce_adapter
-from protos.records import CONFIG_RECORD, LOCAL_METRIC_PREFIX, SIMULATION_RECORD
+from protos.records import CONFIG_RECORD, LOCAL_METRIC_PREFIX, ORG_RECORD, SIMULATION_RECORD
 from runtime import base_model
 from server.checkpoint import Checkpoint, CheckpointStore
-from server.downlink import on_grid
+from server.downlink import Downlink, on_grid
 from server.exchange import ExchangeResult, LateReplies, QuorumError, exchange, wait_for_nodes
 from server.fault_points import fault_point
 from server.job_config import JobConfig
@@ -133,13 +133,15 @@ class Job:
         # Flower's Simulation Engine (run_simulation, `flwr run` on a simulation federation) drives
         # the ServerApp through an InMemoryGrid; a deployment through a SuperLink never does
         self.simulated = isinstance(grid, InMemoryGrid)  # the Grid Flower gave, not our counting wrapper
+        # the global each node is sent (in full, as a delta, or the same again): server/downlink.py
+        self.downlink = Downlink(cfg.global_encoding, cfg.global_delta)
 
     # ---- state -------------------------------------------------------------
     def _resume_or_init(self) -> JobState:
         checkpoint = self.store.latest()
         if checkpoint is None:
             rng = np.random.default_rng(self.cfg.seed)
-            state = JobState(0, self._initial_adapter(), rng)
+            state = JobState(0, self.downlink.hold(self._initial_adapter()), rng)
             # round 0 scores the base model (continuing: the specialist it starts from); in a deployment the
             # agents may still be joining, and an evaluation of nobody would leave the report without its base column
             wait_for_nodes(self.grid, self.cfg.min_nodes, self.cfg.node_wait_timeout, self.cfg.poll_interval)
@@ -175,8 +177,11 @@ class Job:
         if self.privacy is not None:
             self.privacy.load_state_dict(saved.get("privacy"))
         log.info("resuming job %s after round %d from %s", self.cfg.job_id, checkpoint.round, checkpoint.path)
-        # a no-op unless the job resumes under another global-encoding: the next push must decode to what is held
-        adapter = on_grid(checkpoint.adapter, self.cfg.global_encoding)
+        # a no-op unless the job resumes under another global-encoding: the next push must decode to what is held.
+        # global-delta: the checkpoint is the global exactly as held; no node has proved it yet, full sends
+        adapter = checkpoint.adapter if self.cfg.global_delta else on_grid(checkpoint.adapter,
+                                                                           self.cfg.global_encoding)
+        self.downlink.hold(adapter)
         return JobState(checkpoint.round, adapter, rng, list(saved["history"]), dict(saved["org_names"]))
 
     def _checkpoint(self, state: JobState) -> Checkpoint:
@@ -194,23 +199,34 @@ class Job:
         )
 
     # ---- messages ----------------------------------------------------------
-    def _instructions(self, state: JobState, server_round: int, nodes: list[int], message_type: str) -> list[Message]:
-        """One message per node, all sharing ONE encoded copy of the global adapter:
-        the coordinator's memory stays O(P), not O(P × sampled organizations)."""
-        content = codec.encode(
-            state.adapter,
-            kind=codec.Kind.Value("GLOBAL"),
-            job_id=self.cfg.job_id,
-            server_round=server_round,
-            fingerprint=self.fingerprint,
-            lora=self.cfg.lora,
-            encoding=codec.encoding_from_name(self.cfg.global_encoding),  # state.adapter is on its grid
-        )
-        content[CONFIG_RECORD] = self._round_config(server_round).to_record()
-        if self.simulated:  # virtual organizations build their silos from these; deployed agents never get them
-            content[SIMULATION_RECORD] = self.cfg.simulation_settings().to_record()
-        return [Message(content=content, dst_node_id=node, message_type=message_type,
-                        ttl=self.cfg.round_timeout + 60) for node in nodes]
+    def _instructions(self, state: JobState, server_round: int, nodes: list[int], message_type: str,
+                      delta: bool = True) -> list[Message]:
+        """One message per node, sharing at most three encoded copies of the global adapter
+        (server/downlink.py: in full, as a delta, the same again; one without global-delta):
+        the coordinator's memory stays O(P), not O(P × sampled organizations). ``delta=False``:
+        in full to all (one content serves every node)."""
+        if state.adapter is not self.downlink.current:   # set from outside the downlink: held afresh, sent in full
+            self.downlink.hold(state.adapter)
+        messages = []
+        round_config = self._round_config(server_round)   # once: the strategy is asked once per instruction
+        for push, group in self.downlink.pushes(nodes, delta):
+            content = codec.encode(
+                None,
+                kind=codec.Kind.Value("GLOBAL"),
+                job_id=self.cfg.job_id,
+                server_round=server_round,
+                fingerprint=self.fingerprint,
+                lora=self.cfg.lora,
+                tensors=push.tensors,
+                global_digest=push.global_digest,
+                base_digest=push.base_digest,
+            )
+            content[CONFIG_RECORD] = round_config.to_record()
+            if self.simulated:  # virtual organizations build their silos from these; deployed agents never get them
+                content[SIMULATION_RECORD] = self.cfg.simulation_settings().to_record()
+            messages += [Message(content=content, dst_node_id=node, message_type=message_type,
+                                 ttl=self.cfg.round_timeout + 60) for node in group]
+        return messages
 
     def _round_config(self, server_round: int) -> Any:
         """The job's round config plus what the strategy asks of the organizations."""
@@ -279,7 +295,7 @@ class Job:
             log.warning("%s: retrying the round with a fresh sample (retry %d of %d)",
                         problem, attempt, self.cfg.round_retries)
         fault_point("before-aggregate", server_round)
-        state.adapter = on_grid(self.strategy.finish_round(), self.cfg.global_encoding)
+        state.adapter = self.downlink.advance(self.strategy.finish_round())  # as organizations will decode it
         if self.privacy is not None:
             self.privacy.released()
         fault_point("after-aggregate", server_round)
@@ -325,8 +341,10 @@ class Job:
                 self.validator.admit(node_id, reply)  # sender, one reply per node, size: before decoding
                 org = self._org(state, node_id, reply)   # a name claim counts only once admitted
                 if reply.has_error():
+                    self.downlink.prove(node_id, "")   # e.g. GlobalBaseMissing: the whole global next time
                     raise UpdateRejected(RejectReason.CLIENT_ERROR, network_text(reply.error.reason, 500))
                 header, update = codec.decode(reply.content)
+                self.downlink.prove(node_id, header.global_digest)   # the global it trained from
                 expectation = self._update_expectation(server_round, header.adapter.rank)
                 codec.check_header(header, expectation)
                 metrics = check_metrics(header.metrics)   # finite scalars, losses >= 0
@@ -386,7 +404,8 @@ class Job:
 
         outcome = secure.run(
             job_id=self.cfg.job_id, server_round=server_round, sampled=sampled,
-            train_content=self._instructions(state, server_round, sampled[:1], MessageType.TRAIN)[0].content,
+            train_content=self._instructions(state, server_round, sampled[:1], MessageType.TRAIN,
+                                             delta=False)[0].content,   # one content for all: in full
             reference=select_factors(state.adapter, self.shared_factors), strategy=self.strategy,
             expectation=self._update_expectation(server_round, self.cfg.lora_r), on_reply=on_reply)
         rejected = [{"org": self._org(state, node), "reason": reason, "detail": detail}
@@ -418,8 +437,11 @@ class Job:
                 self.eval_validator.admit(node_id, reply)  # sender, one reply per node, size
                 org = self._org(state, node_id, reply)   # a name claim counts only once admitted
                 if reply.has_error():
+                    self.downlink.prove(node_id, "")
                     raise UpdateRejected(RejectReason.CLIENT_ERROR, network_text(reply.error.reason, 500))
                 metrics = check_evaluate_reply(reply.content, max(1, self.cfg.eval_max_examples))
+                self.downlink.prove(node_id, str(reply.content.config_records[ORG_RECORD].get(
+                    global_delta.EVAL_DIGEST_KEY, "")) if ORG_RECORD in reply.content.config_records else "")
                 if org in per_org:   # names are bound one node each: cannot happen, never overwrite
                     raise UpdateRejected(RejectReason.DUPLICATE, f"{org} already evaluated")
             except UpdateRejected as rejection:

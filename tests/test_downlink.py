@@ -151,6 +151,6 @@ def test_the_report_and_provenance_say_how_the_adapter_travelled(tmp_path: Path)
 
     grid = ScriptedGrid({node: _recording_org(node, []) for node in (1, 2)})
     out = run_job(grid, config(tmp_path, update_encoding="q4", global_encoding="int8"))
-    expected = {"update": "q4", "global": "int8"}
+    expected = {"update": "q4", "global": "int8", "global_delta": False}
     assert json.loads((out / "provenance.json").read_text())["encodings"] == expected
     assert json.loads((tmp_path / "report.json").read_text())["encodings"] == expected

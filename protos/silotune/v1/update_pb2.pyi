@@ -58,7 +58,7 @@ class AdapterConfig(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., dropout: _Optional[float] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("protocol_version", "kind", "job_id", "round", "base_model_fingerprint", "adapter", "tensors", "num_examples", "metrics")
+    __slots__ = ("protocol_version", "kind", "job_id", "round", "base_model_fingerprint", "adapter", "tensors", "num_examples", "metrics", "global_digest", "base_digest")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,8 @@ class UpdateHeader(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     kind: Kind
     job_id: str
@@ -84,4 +86,6 @@ class UpdateHeader(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     num_examples: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, protocol_version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., base_model_fingerprint: _Optional[str] = ..., adapter: _Optional[_Union[AdapterConfig, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    global_digest: str
+    base_digest: str
+    def __init__(self, protocol_version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., base_model_fingerprint: _Optional[str] = ..., adapter: _Optional[_Union[AdapterConfig, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., global_digest: _Optional[str] = ..., base_digest: _Optional[str] = ...) -> None: ...
