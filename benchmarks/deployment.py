@@ -24,6 +24,14 @@ Per organization-round (a train reply the coordinator accepted):
 
 The agents run the code on their PYTHONPATH first: `PYTHONPATH=/path/to/other/checkout`
 measures another version of silotune with this benchmark (e.g. before and after a change).
+
+`--trace` puts the probe in the coordinator's processes too (its SuperLink, gateway and
+ServerApp) and splits each organization-round's message path at every hop (TRACE_LEGS):
+the ServerApp's Grid push (message, then its objects), the SuperNode's pull and its object
+pulls, the warm runner, the reply's way back through the SuperNode's push and its objects,
+the Grid's pull. Two experiments, benchmark only, through the same probe in every process:
+`--pack-tensors` (all tensors of a message in one Flower Array, so one object and one chunk
+instead of one of each per tensor) and `--object-workers N` (threads per object transfer).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ SETTINGS = {"model": "tiny-llama", "num-rounds": 3, "local-steps": 2, "max-lengt
             "eval-max-examples": 8, "min-nodes": 3, "round-timeout": 300, "node-wait-timeout": 300}
 ORGS = ("org-0", "org-1", "org-2")
 PROBE_ENV = "SILOTUNE_BENCH_PROBE"
+PACK_ENV, WORKERS_ENV = "SILOTUNE_BENCH_PACK", "SILOTUNE_BENCH_OBJECT_WORKERS"  # the experiments (main's options)
 
 # The probe: imported by every Python process of an agent (SuperNode, app launcher, ClientApp
 # tasks, Ray workers); active only where PROBE_ENV is set. It wraps functions as their modules
@@ -74,11 +83,17 @@ def _created():
     return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _timed(what, fn, extra=None):
+def _timed(what, fn, extra=None, keep=None):
     def wrapper(*args, **kwargs):
         t0 = time.time()
         result = fn(*args, **kwargs)
-        _write(what=what, t0=t0, t1=time.time(), **(extra(args, result) if extra else {}))
+        t1 = time.time()
+        given = args + tuple(kwargs.values())  # Flower's routers call some handlers by keyword
+        try:
+            if keep is None or keep(given, result):  # keep: leave out idle polls that found nothing
+                _write(what=what, t0=t0, t1=t1, **(extra(given, result) if extra else {}))
+        except Exception as err:  # the probe never changes what the code under test does
+            _write(what="probe_error", at=what, error=repr(err), t0=t0, t1=t1)
         return result
     wrapper.__wrapped__ = fn
     return wrapper
@@ -100,6 +115,37 @@ def _patch_run_clientapp(m):
 
 def _patch_supernode_loop(m):
     m.pull_objects = _timed("sn_objects", m.pull_objects)
+    # the trace's legs (--trace): a pull that found a message, the reply wait + push to the SuperLink
+    m._pull_and_store_message = _timed("sn_pulled", m._pull_and_store_message, keep=lambda a, r: r is not None)
+    m._push_messages = _timed("sn_push", m._push_messages)
+    m.push_object_contents_from_iterable = _timed("sn_push_objects", m.push_object_contents_from_iterable)
+
+
+def _node(a, r):  # a: the handler's (request, ...), its request from a SuperNode
+    return {"node": a[0].node.node_id}
+
+
+def _patch_fleet_handlers(m):  # the SuperLink's Fleet API (--trace: the coordinator's processes)
+    m.pull_messages = _timed("fleet_pull", m.pull_messages, _node, keep=lambda a, r: len(r.messages_list) > 0)
+    m.push_messages = _timed("fleet_push", m.push_messages, _node)
+    m.pull_object = _timed("fleet_pull_object", m.pull_object, _node)
+    m.push_object = _timed("fleet_push_object", m.push_object, _node)
+
+
+def _patch_serverappio_handlers(m):  # the SuperLink's side of the ServerApp's Grid
+    m.push_messages = _timed("link_push", m.push_messages)
+    m.pull_messages = _timed("link_pull", m.pull_messages, keep=lambda a, r: len(r.messages_list) > 0)
+    m.push_object = _timed("link_push_object", m.push_object)
+    m.pull_object = _timed("link_pull_object", m.pull_object)
+
+
+def _patch_http_grid(m):  # the ServerApp's Grid
+    m.HttpGrid.push_messages = _timed("grid_push", m.HttpGrid.push_messages)
+    m.HttpGrid.pull_messages = _timed("grid_pull", m.HttpGrid.pull_messages,
+                                      lambda a, r: {"nodes": [msg.metadata.src_node_id for msg in r]},
+                                      keep=lambda a, r: len(r) > 0)
+    m.push_objects = _timed("grid_push_objects", m.push_objects)
+    m.pull_objects = _timed("grid_pull_objects", m.pull_objects)
 
 
 def _patch_round_work(m):
@@ -116,7 +162,42 @@ def _patch_resident(m):
     m.get_resident = _timed("get_resident", m.get_resident)
 
 
+def _pack(m, encode):
+    """Experiment (SILOTUNE_BENCH_PACK=1): every tensor of a message in ONE Flower Array (one object
+    and one chunk instead of one of each per tensor), unpacked before decode; the index rides in
+    the header record."""
+    def packed(*args, **kwargs):
+        from flwr.app import Array, ArrayRecord
+        content = encode(*args, **kwargs)
+        record = content.array_records[m.TENSORS_RECORD]
+        index = [(name, a.dtype, list(a.shape), a.stype, len(a.data)) for name, a in record.items()]
+        blob = b"".join(a.data for _, a in record.items())
+        content.config_records[m.HEADER_RECORD]["pack_index"] = json.dumps(index)
+        content.array_records[m.TENSORS_RECORD] = ArrayRecord(
+            array_dict={"packed": Array(dtype="uint8", shape=(len(blob),), stype="packed", data=blob)},
+            keep_input=True)
+        return content
+    return packed
+
+
+def _unpack(m, decode):
+    def unpacked(content):
+        from flwr.app import Array, ArrayRecord
+        header = content.config_records.get(m.HEADER_RECORD)
+        if header is not None and "pack_index" in header:
+            blob, at, arrays = content.array_records[m.TENSORS_RECORD]["packed"].data, 0, {}
+            for name, dtype, shape, stype, size in json.loads(header["pack_index"]):
+                arrays[name] = Array(dtype=dtype, shape=tuple(shape), stype=stype, data=blob[at:at + size])
+                at += size
+            content.array_records[m.TENSORS_RECORD] = ArrayRecord(array_dict=arrays, keep_input=True)
+            del header["pack_index"]
+        return decode(content)
+    return unpacked
+
+
 def _patch_codec(m):
+    if os.environ.get("SILOTUNE_BENCH_PACK"):  # PACK_ENV
+        m.encode, m.decode = _pack(m, m.encode), _unpack(m, m.decode)
     m.encode = _timed("encode", m.encode)
     m.decode = _timed("decode", m.decode)
 
@@ -125,10 +206,20 @@ def _patch_resident_trainer(m):
     m.run_on_resident_trainer = _timed("resident_call", m.run_on_resident_trainer)
 
 
+def _patch_inflatable_utils(m):  # experiment: object transfers with more threads than cores
+    workers = int(os.environ.get("SILOTUNE_BENCH_OBJECT_WORKERS") or 0)  # WORKERS_ENV
+    if workers:
+        m.get_num_workers = lambda max_concurrent: workers
+
+
 PATCHES = {"flwr.supernode.runtime.run_clientapp": _patch_run_clientapp, "clients.round_work": _patch_round_work,
            "clients.trainer": _patch_trainer, "clients.resident": _patch_resident, "protos.codec": _patch_codec,
            "clients.resident_trainer": _patch_resident_trainer,
-           "flwr.supernode.start_client_internal": _patch_supernode_loop}
+           "flwr.supernode.start_client_internal": _patch_supernode_loop,
+           "flwr.superlink.servicer.fleet.fleet_handlers": _patch_fleet_handlers,
+           "flwr.superlink.servicer.runtime.runtime_handlers": _patch_serverappio_handlers,
+           "flwr.superlink.grid.http_grid": _patch_http_grid,
+           "flwr.supercore.inflatable.inflatable_utils": _patch_inflatable_utils}
 
 
 class _Loader(importlib.abc.Loader):
@@ -250,6 +341,90 @@ def _parts(probe: list[dict[str, Any]], server_round: int, push: float, reply: f
                     and pulled["t1"] - 1e-3 <= r["t0"] <= handler["t0"]), key=lambda r: r["t0"])
         parts["ray_call"] = (call["t1"] - call["t0"]) - (handler["t1"] - handler["t0"])
     return parts
+
+
+TRACE_LEGS = [
+    ("build", "round started → the ServerApp's Grid pushes (instructions built, global encoded)"),
+    ("link_stored", "Grid PushMessages → stored in the SuperLink"),
+    ("grid_objects", "…then the Grid pushes the messages' objects (all organizations)"),
+    ("sn_pull", "stored → the SuperNode's pull returns it (its idle pull interval)"),
+    ("sn_objects", "SuperNode pulls the message's objects from the SuperLink"),
+    ("runner_task", "SuperNode has the message → runner has the task and its objects"),
+    ("handler", "runner has the task → handler done (training and its codec)"),
+    ("reply_push", "handler done → reply pushed to the SuperNode's Runtime API"),
+    ("sn_reply", "reply at the SuperNode → the SuperNode's PushMessages stored in the SuperLink"),
+    ("sn_reply_objects", "…then the SuperNode pushes the reply's objects"),
+    ("grid_wait", "reply's objects in the SuperLink → the Grid's pull that returns it starts"),
+    ("grid_pull", "the Grid's pull returning the reply (PullMessages + objects + confirm)"),
+    ("grid_pull_objects", "…of which pulling the reply's objects"),
+    ("on_reply", "pulled → the coordinator's reply event (decode, checks, accumulate)"),
+]
+
+
+def _node_ids(root: Path) -> dict[int, str]:
+    """Flower node id → organization, from each SuperNode's log."""
+    nodes = {}
+    for org in ORGS:
+        for log_file in (root / org).rglob("supernode.log"):
+            for line in log_file.read_text(errors="replace").splitlines():
+                if "SuperNode ID:" in line:
+                    nodes[int(line.rsplit(":", 1)[1])] = org
+    return nodes
+
+
+def trace_legs(root: Path, run_dir: Path) -> list[dict[str, float]]:
+    """--trace: per accepted train reply, the message path split at every hop (TRACE_LEGS, seconds)
+    from the probes of the coordinator's processes (SuperLink, ServerApp) and of the agent's."""
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
+    started = {e["round"]: _epoch(e["time"]) for e in events if e["event"] == "round_started"}
+    coord = [json.loads(line) for line in (root / "probe-coordinator.jsonl").read_text().splitlines()]
+    org_node = {org: node for node, org in _node_ids(root).items()}
+
+    def first(records: list[dict[str, Any]], what: str, after: float, **match: Any) -> dict[str, Any]:
+        return min((r for r in records if r["what"] == what and r["t0"] >= after - 1e-3
+                    and all(r.get(k) == v for k, v in match.items())), key=lambda r: r["t0"])
+
+    rows = []
+    for e in events:
+        if e["event"] != "reply" or not e["accepted"]:
+            continue
+        push, reply, node = started[e["round"]], _epoch(e["time"]), org_node[e["org"]]
+        probe = [json.loads(line) for line in (root / f"probe-{e['org']}.jsonl").read_text().splitlines()]
+        grid = first(coord, "grid_push", push)
+        stored = first(coord, "link_push", grid["t0"])
+        fleet = first(coord, "fleet_pull", stored["t0"], node=node)
+        sn = first(probe, "sn_pulled", fleet["t0"] - 0.5)   # its pull began before the message was stored
+        sn_objects = first(probe, "sn_objects", sn["t0"])
+        pulled = first(probe, "pulled", fleet["t0"])
+        handler = first(probe, "handler", pulled["t0"])
+        pushed = first(probe, "push", handler["t1"])
+        reply_in = first(coord, "fleet_push", pushed["t0"], node=node)
+        sn_push = max((r for r in probe if r["what"] == "sn_push" and r["t0"] <= reply_in["t0"]),
+                      key=lambda r: r["t0"])
+        sn_objects_up = first(probe, "sn_push_objects", reply_in["t0"])
+        pull = min((r for r in coord if r["what"] == "grid_pull" and node in r["nodes"] and r["t0"] >= reply_in["t0"]),
+                   key=lambda r: r["t0"])
+        pull_objects = [r for r in coord if r["what"] == "grid_pull_objects" and pull["t0"] <= r["t0"] <= pull["t1"]]
+        rows.append({
+            "round": e["round"], "org": e["org"], "push_reply": reply - push,
+            "build": grid["t0"] - push, "link_stored": stored["t1"] - grid["t0"],
+            "grid_objects": grid["t1"] - stored["t1"], "sn_pull": fleet["t1"] - stored["t1"],
+            "sn_objects": sn_objects["t1"] - sn_objects["t0"], "runner_task": pulled["t1"] - fleet["t1"],
+            "handler": handler["t1"] - pulled["t1"], "reply_push": pushed["t1"] - handler["t1"],
+            "sn_reply": reply_in["t1"] - pushed["t1"], "sn_reply_objects": sn_objects_up["t1"] - reply_in["t1"],
+            "grid_wait": pull["t0"] - sn_objects_up["t1"], "grid_pull": pull["t1"] - pull["t0"],
+            "grid_pull_objects": sum(r["t1"] - r["t0"] for r in pull_objects), "on_reply": reply - pull["t1"],
+            "sn_push_total": sn_push["t1"] - sn_push["t0"],
+        })
+    return rows
+
+
+def trace_table(rows: list[dict[str, float]]) -> str:
+    lines = ["| leg | median (s) | min | max |", "|---|---|---|---|"]
+    for key, label in TRACE_LEGS + [("push_reply", "push → reply, whole")]:
+        values = [r[key] for r in rows]
+        lines.append(f"| {label} | {statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} |")
+    return "\n".join(lines)
 
 
 def bare_training(silos: list[Path], repeats: int = 5) -> tuple[float, float, list[float]]:
@@ -381,9 +556,20 @@ def main() -> None:
     parser.add_argument("--reuse", default="", help="modes whose deployment in --work-dir is read, not run again")
     parser.add_argument("--results", default="", help="append the section to this file (e.g. benchmarks/RESULTS.md)")
     parser.add_argument("--date", default=dt.date.today().isoformat())
+    parser.add_argument("--trace", action="store_true",
+                        help="probe the coordinator's processes too and split the message path at every hop")
+    parser.add_argument("--pack-tensors", action="store_true",
+                        help="experiment: every message's tensors in one Flower Array (fewer objects to move)")
+    parser.add_argument("--object-workers", type=int, default=0,
+                        help="experiment: threads per object transfer (Flower: min(2, cores))")
     args = parser.parse_args()
     args.command = "python " + " ".join(["benchmarks/deployment.py", *sys.argv[1:]])
     args.load_start = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    # the experiments reach every process of the deployment through the probe (PACK_ENV, WORKERS_ENV)
+    if args.pack_tensors:
+        os.environ[PACK_ENV] = "1"
+    if args.object_workers:
+        os.environ[WORKERS_ENV] = str(args.object_workers)
 
     from clients.silo.corpora import load_bbc_news
 
@@ -401,6 +587,10 @@ def main() -> None:
     modes, wall = {}, {}
     for mode in args.modes.split(","):
         root = work / mode
+        saved = dict(os.environ)
+        if args.trace:  # the coordinator and its SuperLink and ServerApp inherit this process's environment
+            os.environ[PROBE_ENV] = str(root / "probe-coordinator.jsonl")
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(probe_dir), os.environ.get("PYTHONPATH")]))
         if mode in args.reuse.split(","):
             run_dir = root / "run"
         else:
@@ -410,6 +600,14 @@ def main() -> None:
         modes[mode] = org_rounds(root, run_dir, mode == "resident")
         for row in modes[mode]:
             print(mode, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        if args.trace:
+            os.environ.clear()
+            os.environ.update(saved)
+            legs = trace_legs(root, run_dir)
+            for row in legs:
+                print(mode, "trace", json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                                                 for k, v in row.items()}), flush=True)
+            print(f"{mode}: the message path, per organization-round\n" + trace_table(legs), flush=True)
     text = report(modes, bare, load, cold, args, wall)
     print(text)
     if args.results:
