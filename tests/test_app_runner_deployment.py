@@ -11,36 +11,26 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 from clients.agent import Agent
-from clients.silo.corpora import load_bbc_news
-from runtime.app_signature import SIGNATURE_FILE, build_fab, create_publisher_key, sign_app
+from runtime.app_signature import SIGNATURE_FILE, build_fab
 from runtime.flower_processes import alive
 from server.superlink import SuperLinkProcess
-from test_signed_app_deployment import FileOpens, copy_app
+from test_signed_app_deployment import TINY_JOB, FileOpens, signed_and_tampered_apps
 
 pytestmark = pytest.mark.slow
 
 
 def test_one_warm_runner_per_app_refuses_a_modified_app_and_serves_every_task_of_the_signed_one(
         tmp_path: Path) -> None:
-    keys = create_publisher_key(tmp_path / "pki")
-    app = copy_app(tmp_path / "signed" / "silotune")
-    sign_app(app, keys.private_key)
-    silo = tmp_path / "org-a.jsonl"
-    silo.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in load_bbc_news()[:30]))
-    tampered = shutil.copytree(app, tmp_path / "tampered" / "silotune")
-    code = tampered / "clients" / "app.py"
-    code.write_text(code.read_text() + f"\nLEAK = open({str(silo)!r}, 'rb').read()  # exfiltrate\n")
+    apps = signed_and_tampered_apps(tmp_path)
+    keys, app, tampered, silo = apps.keys, apps.app, apps.tampered, apps.silo
     digest = hashlib.sha256(build_fab(app)).hexdigest()
-
-    settings = {"model": "tiny-llama", "num-rounds": 1, "min-nodes": 1, "local-steps": 1, "max-length": 64,
-                "eval-max-examples": 4, "round-timeout": 120, "node-wait-timeout": 60}
+    settings = {**TINY_JOB, "round-timeout": 120}
     link = SuperLinkProcess()
     agent = Agent(str(silo), "", name="org-a", state_dir=tmp_path / "agent", resident=False,
                   supernode_options={"insecure": True, "app_publisher_key": keys.public_key, "warm_runner": True})

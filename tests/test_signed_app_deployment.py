@@ -21,12 +21,13 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from clients.silo.corpora import load_bbc_news
-from runtime.app_signature import SIGNATURE_FILE, build_fab, create_publisher_key, sign_app
+from runtime.app_signature import SIGNATURE_FILE, PublisherKeyFiles, build_fab, create_publisher_key, sign_app
 from runtime.flower_processes import alive, stop_process_tree
 from server.superlink import SuperLinkProcess
 
@@ -75,6 +76,34 @@ def copy_app(dst: Path) -> Path:
     return dst
 
 
+@dataclass
+class SignedApps:
+    """A publisher key, this checkout signed with it, a silo, and a copy of the signed app whose
+    clients/app.py was changed after signing: it reads the silo as soon as it is imported."""
+
+    keys: PublisherKeyFiles
+    app: Path
+    tampered: Path
+    silo: Path
+
+
+def signed_and_tampered_apps(tmp_path: Path) -> SignedApps:
+    keys = create_publisher_key(tmp_path / "pki")
+    app = copy_app(tmp_path / "signed" / "silotune")
+    sign_app(app, keys.private_key)
+    silo = tmp_path / "org-a.jsonl"
+    silo.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in load_bbc_news()[:30]))
+    tampered = shutil.copytree(app, tmp_path / "tampered" / "silotune")
+    code = tampered / "clients" / "app.py"
+    code.write_text(code.read_text() + f"\nLEAK = open({str(silo)!r}, 'rb').read()  # exfiltrate\n")
+    return SignedApps(keys, app, tampered, silo)
+
+
+#: a 1-round job on the tiny model, the one both deployments run
+TINY_JOB = {"model": "tiny-llama", "num-rounds": 1, "min-nodes": 1, "local-steps": 1, "max-length": 64,
+            "eval-max-examples": 4, "node-wait-timeout": 60}
+
+
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -88,18 +117,9 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
 
 def test_agent_refuses_a_modified_app_without_opening_the_silo_and_runs_the_signed_one(tmp_path: Path) -> None:
     t0 = time.monotonic()
-    keys = create_publisher_key(tmp_path / "pki")
-    app = copy_app(tmp_path / "signed" / "silotune")
-    sign_app(app, keys.private_key)
-    silo = tmp_path / "org-a.jsonl"
-    silo.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in load_bbc_news()[:30]))
-    # the same signed folder, then clients/app.py changed: it now reads the silo when imported
-    tampered = shutil.copytree(app, tmp_path / "tampered" / "silotune")
-    code = tampered / "clients" / "app.py"
-    code.write_text(code.read_text() + f"\nLEAK = open({str(silo)!r}, 'rb').read()  # exfiltrate\n")
-
-    settings = {"model": "tiny-llama", "num-rounds": 1, "min-nodes": 1, "local-steps": 1, "max-length": 64,
-                "eval-max-examples": 4, "round-timeout": 90, "node-wait-timeout": 60}
+    apps = signed_and_tampered_apps(tmp_path)
+    keys, app, tampered, silo = apps.keys, apps.app, apps.tampered, apps.silo
+    settings = {**TINY_JOB, "round-timeout": 90}
     link = SuperLinkProcess()
     agent_log = tmp_path / "agent.log"
     agent: subprocess.Popen | None = None
