@@ -159,8 +159,14 @@ def exchange(
     what: str = "instruction",
     on_pushed: Callable[[], None] | None = None,
     node_name: Callable[[int], str] = lambda node_id: f"node {node_id}",
+    resend: Callable[[int, Message], Message | None] | None = None,
 ) -> ExchangeResult:
     """Push ``messages``, feed replies to ``on_reply`` until all are in or ``timeout`` passes.
+
+    ``resend(node_id, reply)`` sees each reply first: a message it returns goes to that
+    node in place of handling the reply, and the node's answer to it is awaited under the
+    same deadline (the whole global to an organization that no longer holds the base of a
+    delta). The caller bounds how often it does so per node.
 
     With ``late``: replies given up on earlier are pulled and discarded along
     the way, and this exchange's own given-up ids are added to it
@@ -187,7 +193,11 @@ def exchange(
             replies = grid.pull_messages(asked[start : start + pull_batch])
             for reply in replies:
                 node_id = pending.pop(reply.metadata.reply_to_message_id, None)
-                if node_id is not None:  # else a duplicate delivery of a reply already handled
+                again = resend(node_id, reply) if resend is not None and node_id is not None else None
+                if again is not None:
+                    messages.append(again)   # its ttl counts if it is given up on
+                    pending.update({mid: node_id for mid in grid.push_messages([again]) if mid})
+                elif node_id is not None:  # else a duplicate delivery of a reply already handled
                     result.replied.append(node_id)
                     on_reply(node_id, reply)
                 _COLLECTOR.release(reply)  # handled or a duplicate: its arrays go now

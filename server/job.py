@@ -228,6 +228,27 @@ class Job:
                                  ttl=self.cfg.round_timeout + 60) for node in group]
         return messages
 
+    def _whole_global_on_missing_base(self, state: JobState, server_round: int,
+                                      message_type: str) -> Callable[[int, Message], Message | None]:
+        """For ``exchange``'s ``resend``: an organization that answers a delta (or a digest) with
+        GlobalBaseMissing gets the whole global at once, within the same deadline, instead of
+        losing its round — once per exchange, so a peer that keeps saying so cannot loop. It
+        happens where the process that takes a node's message is not the one that proved its
+        global: a simulation's actors serve any virtual organization, a restarted runner."""
+        resent: set[int] = set()
+
+        def resend(node_id: int, reply: Message) -> Message | None:
+            if (node_id in resent or not self.cfg.global_delta or not reply.has_error()
+                    or global_delta.GlobalBaseMissing.__name__ not in reply.error.reason):
+                return None
+            resent.add(node_id)
+            self.downlink.prove(node_id, "")
+            log.info("round %d: %s lacks the base of its %s delta; sending it the whole global", server_round,
+                     self._org(state, node_id), message_type)
+            return self._instructions(state, server_round, [node_id], message_type)[0]
+
+        return resend
+
     def _round_config(self, server_round: int) -> Any:
         """The job's round config plus what the strategy asks of the organizations."""
         plan = self.strategy.factor_plan
@@ -385,6 +406,7 @@ class Job:
             what=f"the round {server_round} train instruction",
             on_pushed=lambda: fault_point("after-push", server_round),
             node_name=lambda node_id: self._org(state, node_id),
+            resend=self._whole_global_on_missing_base(state, server_round, MessageType.TRAIN),
         )
         return sampled, result, accepted, rejected, losses
 
@@ -462,6 +484,7 @@ class Job:
             what=f"the round {state.server_round} evaluate instruction",
             on_pushed=lambda: fault_point("mid-evaluate", state.server_round),
             node_name=lambda node_id: self._org(state, node_id),
+            resend=self._whole_global_on_missing_base(state, state.server_round, MessageType.EVALUATE),
         )
         summary["eval"] = dict(sorted(per_org.items()))
         summary["eval_overall"] = overall_metrics(per_org)

@@ -199,18 +199,37 @@ def test_a_job_sends_deltas_and_digests_and_ends_with_the_global_every_organizat
     assert down * 1.6 < down_plain, (down, down_plain)
 
 
-def test_an_organization_that_lost_its_base_fails_by_name_and_then_gets_the_whole_global(tmp_path: Path) -> None:
+def test_an_organization_that_lost_its_base_fails_by_name_and_gets_the_whole_global_in_the_same_round(
+        tmp_path: Path) -> None:
     seen: dict[int, list[dict]] = {1: [], 2: [], 3: []}
     handlers = {node: _org(node, GlobalCache(), seen[node], forget_at=("train", 2) if node == 3 else None)
                 for node in seen}
     final = Job(ScriptedGrid(handlers), config(tmp_path, num_rounds=2, global_encoding="q4", global_delta=True,
                                                min_nodes=2)).run()
     round2 = final.run_state["history"][2]
-    assert [r["reason"] for r in round2["rejected"]] == ["client_error"]
-    assert "GlobalBaseMissing" in round2["rejected"][0]["detail"]
+    assert round2["rejected"] == [] and len(round2["accepted"]) == 3   # its update was not lost
+    trains = [r for r in seen[3] if (r["kind"], r["round"]) == ("train", 2)]
+    assert [r.get("error") for r in trains] == ["GlobalBaseMissing", None]
+    assert trains[0]["base"] and trains[1]["base"] == ""   # then the whole global, in fp32, rebuilt exactly
     after = [r for r in seen[3] if (r["kind"], r["round"]) == ("evaluate", 2)][0]
-    assert after["base"] == "" and "error" not in after   # the whole global, in fp32, rebuilt exactly
+    assert after["base"] and "error" not in after   # it proved the whole global: a delta again
     assert _same_bits(after["global"], final.adapter)
+
+
+def test_a_peer_that_keeps_claiming_a_missing_base_gets_one_whole_global_per_exchange(tmp_path: Path) -> None:
+    seen: dict[int, list[dict]] = {1: [], 2: []}
+    honest = _org(1, GlobalCache(), seen[1])
+
+    def liar(message: Message) -> Message:
+        seen[2].append({"kind": message.metadata.message_type})
+        return Message(Error(code=1, reason="GlobalBaseMissing: (claimed)"), reply_to=message)
+
+    final = Job(ScriptedGrid({1: honest, 2: liar}), config(tmp_path, num_rounds=1, global_encoding="q8",
+                                                          global_delta=True, min_nodes=1)).run()
+    assert [r["kind"] for r in seen[2]] == ["evaluate", "evaluate", "train", "train", "evaluate", "evaluate"]
+    round1 = final.run_state["history"][1]
+    assert [r["reason"] for r in round1["rejected"]] == ["client_error"]
+    assert "GlobalBaseMissing" in round1["rejected"][0]["detail"]
 
 
 def test_a_resumed_job_sends_in_full_and_continues_from_its_checkpoint_exactly(tmp_path: Path) -> None:
