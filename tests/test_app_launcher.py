@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from clients import app_launcher
+from clients import app_launcher, app_task
 from runtime import app_signature as sig
 from runtime.app_signature import build_fab, create_publisher_key, sign_app
 from test_app_signature import rezip, write_app
@@ -43,15 +43,15 @@ def executor(keys: sig.PublisherKeyFiles, tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(run_clientapp, pull, getattr(run_clientapp, pull))  # an executor shortens its backoff
     made = []
 
-    def make(only_sha256: str | None = None, key: Path | None = keys.public_key) -> app_launcher.TaskExecutor:
-        made.append(app_launcher.TaskExecutor("127.0.0.1:9", key, only_sha256))
+    def make(only_sha256: str | None = None, key: Path | None = keys.public_key) -> app_task.TaskExecutor:
+        made.append(app_task.TaskExecutor("127.0.0.1:9", key, only_sha256))
         checks = made[-1].checks = []  # type: ignore[attr-defined]
         verify = made[-1].verify_fab
         made[-1].verify_fab = lambda fab, key: checks.append(hashlib.sha256(fab).hexdigest()) or verify(fab, key)
         return made[-1]
 
     yield make
-    app_launcher.forget_modules({"sigprobe"})
+    app_task.forget_modules({"sigprobe"})
     sys.path[:] = [p for p in sys.path if str(tmp_path) not in p]
 
 
@@ -67,7 +67,7 @@ def with_comment(fab: bytes) -> bytes:
 
 
 def installed(tmp_path: Path) -> list[str]:
-    folder = tmp_path / "flwr-home" / app_launcher.INSTALL_DIR
+    folder = tmp_path / "flwr-home" / app_task.INSTALL_DIR
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
@@ -96,7 +96,7 @@ def test_a_runner_verifies_installs_and_loads_its_app_once_and_reverifies_other_
     # a signed bundle other than the loaded one never replaces it in this process
     other = with_comment(signed_fab)  # same files, other zip bytes: another hash, and still validly signed
     assert hashlib.sha256(other).hexdigest() != digest
-    with pytest.raises(app_launcher.WrongApp, match="is loaded here"):
+    with pytest.raises(app_task.WrongApp, match="is loaded here"):
         runner._app(other, RUN, log)
     assert len(installs) == 1 and installed(tmp_path) == [digest]
 
@@ -104,7 +104,7 @@ def test_a_runner_verifies_installs_and_loads_its_app_once_and_reverifies_other_
 def test_a_runner_refuses_a_bundle_that_is_not_its_own_before_checking_or_installing_it(
         executor, signed_fab: bytes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     runner = executor(only_sha256="0" * 64)
-    with pytest.raises(app_launcher.WrongApp, match="this runner serves app 0000000000000000"):
+    with pytest.raises(app_task.WrongApp, match="this runner serves app 0000000000000000"):
         runner._app(signed_fab, RUN, log)
     assert runner.checks == [] and runner.loaded is None and installed(tmp_path) == []
     assert "sigprobe" not in sys.modules

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from clients import app_launcher
+from clients import app_launcher, app_task
 from runtime import app_signature as sig
 from runtime.app_signature import (
     SIGNATURE_FILE,
@@ -302,17 +302,17 @@ def test_check_app_dir_names_what_to_do(signed_app: Path, tmp_path: Path) -> Non
 # ------------------------------------------------------------------ the task process's module hygiene
 def test_the_task_process_forgets_the_apps_packages_before_loading_it(fab_and_key) -> None:  # type: ignore[no-untyped-def]
     fab, _ = fab_and_key
-    assert app_launcher.app_packages(fab) == {"sigprobe"}
+    assert app_task.app_packages(fab) == {"sigprobe"}
     sys.modules["sigprobe"] = sys  # type: ignore[assignment]
     sys.modules["sigprobe.client_app"] = sys  # type: ignore[assignment]
     sys.modules["sigprobe_other"] = sys  # type: ignore[assignment]
     try:
-        assert sorted(app_launcher.forget_modules({"sigprobe"})) == ["sigprobe", "sigprobe.client_app"]
+        assert sorted(app_task.forget_modules({"sigprobe"})) == ["sigprobe", "sigprobe.client_app"]
         assert "sigprobe_other" in sys.modules
     finally:
         sys.modules.pop("sigprobe_other", None)
     # the silotune app: its own packages, so the agent's installed copies give way to the bundle's
-    assert {"clients", "runtime", "server", "protos", "strategies", "simulations"} <= app_launcher.app_packages(
+    assert {"clients", "runtime", "server", "protos", "strategies", "simulations"} <= app_task.app_packages(
         build_fab(Path(__file__).resolve().parent.parent))
 
 
@@ -324,12 +324,12 @@ def test_the_task_process_refuses_app_modules_from_outside_the_verified_folder(t
     outside.__file__ = str(tmp_path / "site-packages" / "sigprobe" / "x.py")
     sys.modules.update({"sigprobe": inside})
     try:
-        assert app_launcher.check_loaded_from(tmp_path / "app", {"sigprobe"}) == 1
+        assert app_task.check_loaded_from(tmp_path / "app", {"sigprobe"}) == 1
         sys.modules["sigprobe.x"] = outside
         with pytest.raises(RuntimeError, match="imported from outside .*: sigprobe.x"):
-            app_launcher.check_loaded_from(tmp_path / "app", {"sigprobe"})
+            app_task.check_loaded_from(tmp_path / "app", {"sigprobe"})
     finally:
-        app_launcher.forget_modules({"sigprobe"})
+        app_task.forget_modules({"sigprobe"})
 
 
 def test_launcher_command_lines() -> None:
