@@ -3,16 +3,23 @@
 Layout inside a Flower ``RecordDict``:
 
 * ``HEADER_RECORD`` (ConfigRecord) — ``{"bytes": UpdateHeader serialized}``
-* ``TENSORS_RECORD`` (ArrayRecord) — one Array per TensorSpec, keyed by name
+* ``TENSORS_RECORD`` (ArrayRecord) — ONE uint8 Array, ``PACKED_ARRAY``, holding
+  every tensor's encoded bytes; no Array at all when the header announces no
+  tensor (global-delta's "the same global")
 
-Flower's ArrayRecord rejects bfloat16 and knows nothing of our quantization,
-so each Array holds the *encoded* values and the header's TensorSpec says how
-to decode them. The encodings themselves (fp32, fp16, int8, ...) live one per
+Flower moves every Array of a message as objects of their own, one request
+each, so one Array per tensor cost a deployed round seconds
+(benchmarks/RESULTS.md, "Deployment overhead, message path"). Each TensorSpec
+says where its segment is (``offset``, ``nbytes``) and how to decode it; the
+segments follow in name order, each at the next multiple of ``SEGMENT_ALIGN``
+bytes (so float32/float16 views are aligned), zero bytes between them, none
+after the last. The encodings themselves (fp32, fp16, int8, ...) live one per
 module in protos/encodings/; this module only dispatches on the TensorSpec's
 wire id, so a new encoding does not edit it. ``decode`` trusts nothing: it
-parses the header, matches every spec to exactly one Array of the announced
-dtype and shape, and decodes to float32. ``check_header`` and
-``check_values`` then compare against what the receiver expects.
+parses the header, checks the Array and the whole layout against what each
+spec's encoding needs for its shape before viewing any segment, and decodes to
+float32 (fp32: read-only views into the one buffer, no copy). ``check_header``
+and ``check_values`` then compare against what the receiver expects.
 """
 
 from __future__ import annotations
@@ -34,7 +41,14 @@ from protos.errors import RejectReason, UpdateRejected
 from protos.records import HEADER_RECORD, TENSORS_RECORD
 from protos.silotune.v1 import update_pb2 as pb
 
-PROTOCOL_VERSION = 1
+#: 2: all tensors in one Array (1: one Array per tensor, refused)
+PROTOCOL_VERSION = 2
+#: the one Array of TENSORS_RECORD
+PACKED_ARRAY = "packed"
+#: every segment starts at a multiple of this many bytes of the packed Array
+SEGMENT_ALIGN = 64
+#: a tensor of more values than this is refused before its size is computed (int64 products)
+_MAX_VALUES = 2**62
 
 Encoding = pb.Encoding
 Kind = pb.Kind
@@ -74,11 +88,16 @@ def _encode_tensor(name: str, values: np.ndarray, encoding: type[UpdateEncoding]
 
 
 class EncodedTensors(NamedTuple):
-    """An adapter's tensors in one encoding: their specs (sorted by name) and Arrays. Encoded
+    """An adapter's tensors in one encoding: their specs (sorted by name, each with its segment)
+    and the TENSORS_RECORD's Arrays (``{PACKED_ARRAY: Array}``, or none without tensors). Encoded
     once, they can go out under several headers (the global delta's bytes, kept for a round)."""
 
     specs: tuple[pb.TensorSpec, ...]
     arrays: Mapping[str, Array]
+
+
+def _aligned(at: int) -> int:
+    return -(-at // SEGMENT_ALIGN) * SEGMENT_ALIGN
 
 
 def encode_tensors(adapter: Adapter, encoding: int = pb.FP32) -> EncodedTensors:
@@ -86,13 +105,35 @@ def encode_tensors(adapter: Adapter, encoding: int = pb.FP32) -> EncodedTensors:
     chosen = encodings.by_wire_id().get(encoding)
     if chosen is None:
         raise ValueError(f"unsupported encoding {encoding}; registered: {encoding_names()}")
-    specs: list[pb.TensorSpec] = []
-    arrays: dict[str, Array] = {}
-    for name in sorted(adapter):
-        spec, wire = _encode_tensor(name, adapter[name], chosen)
-        specs.append(spec)
-        arrays[name] = Array(wire)
-    return EncodedTensors(tuple(specs), arrays)
+    return pack_tensors(_encode_tensor(name, adapter[name], chosen) for name in sorted(adapter))
+
+
+def pack_tensors(parts: Iterable[tuple[pb.TensorSpec, np.ndarray]]) -> EncodedTensors:
+    """Encoded tensors (spec, wire values) laid out in one Array: sorted by name, each spec given
+    its segment. ValueError if a name repeats or a wire is not what its encoding's decode checks
+    for (an encoding module's bug, caught where it is sent rather than where it is refused)."""
+    table = _decoders()
+    laid: list[tuple[pb.TensorSpec, np.ndarray]] = []
+    at = 0
+    for spec, wire in sorted(parts, key=lambda part: part[0].name):
+        decoder = table.get(spec.encoding)
+        if decoder is None:
+            raise ValueError(f"{spec.name}: unsupported encoding {spec.encoding}; registered: {encoding_names()}")
+        wire = np.asarray(wire)
+        if wire.dtype != decoder.wire_dtype or wire.shape != _wire_shape(decoder, tuple(spec.shape)):
+            raise ValueError(f"{spec.name}: {decoder.encoding.name} gave {wire.dtype} {wire.shape}, "
+                             f"its wire is {decoder.wire_dtype} {_wire_shape(decoder, tuple(spec.shape))}")
+        if laid and laid[-1][0].name == spec.name:
+            raise ValueError(f"tensor {spec.name!r} given twice")
+        spec.offset, spec.nbytes = _aligned(at), wire.nbytes
+        at = spec.offset + spec.nbytes
+        laid.append((spec, wire))
+    if not laid:
+        return EncodedTensors((), {})
+    blob = np.zeros(at, dtype=np.uint8)  # zeros: the padding the receiver checks
+    for spec, wire in laid:
+        blob[spec.offset : spec.offset + spec.nbytes] = np.ascontiguousarray(wire).reshape(-1).view(np.uint8)
+    return EncodedTensors(tuple(spec for spec, _ in laid), {PACKED_ARRAY: Array(blob)})
 
 
 def encode(
@@ -157,41 +198,38 @@ def parse_header(raw: object) -> pb.UpdateHeader:
     if header.protocol_version != PROTOCOL_VERSION:
         raise _reject(
             RejectReason.PROTOCOL_VERSION,
-            f"protocol {header.protocol_version}, this side speaks {PROTOCOL_VERSION}",
+            f"protocol {header.protocol_version}, this side speaks {PROTOCOL_VERSION} (version 2 packs all "
+            "tensors in one Array): run the same silotune release on the coordinator and every agent",
         )
     return header
 
 
 def decode(content: RecordDict) -> tuple[pb.UpdateHeader, Adapter]:
     """Parse header and tensors; raise UpdateRejected on any inconsistency."""
-    try:
-        header_record = content.config_records[HEADER_RECORD]
-        arrays = content.array_records[TENSORS_RECORD]
-    except KeyError as missing:
-        raise _reject(RejectReason.MALFORMED, f"record {missing} absent") from None
-    header = parse_header(header_record.get("bytes"))
-    spec_names = [t.name for t in header.tensors]
-    if len(set(spec_names)) != len(spec_names):
-        raise _reject(RejectReason.TENSOR_NAMES, "a tensor is announced twice")
-    if set(spec_names) != set(arrays.keys()):
-        extra = sorted(set(arrays.keys()) - set(spec_names))[:3]
-        missing = sorted(set(spec_names) - set(arrays.keys()))[:3]
-        raise _reject(RejectReason.TENSOR_NAMES, f"header/arrays differ: extra {extra}, missing {missing}")
-    present = dict(arrays.items())  # plain dict: ArrayRecord's __getitem__ is far slower per tensor
-    table = _decoders()  # once per reply; per tensor, one dict lookup
+    header, segments = _segments(content)
     adapter: Adapter = {}
-    for spec in header.tensors:
-        adapter[spec.name] = _decode_tensor(spec, present[spec.name], table)
+    for spec, decoder, wire in segments:
+        adapter[spec.name] = decoder.decode(wire, spec)
     return header, adapter
 
 
+def wire_views(content: RecordDict) -> dict[str, np.ndarray]:
+    """Each tensor's wire values (its encoding's dtype and wire shape), read-only views into the
+    packed Array, after the checks ``decode`` makes of the layout; UpdateRejected otherwise."""
+    return {spec.name: wire for spec, _, wire in _segments(content)[1]}
+
+
 class _Decoder(NamedTuple):
-    """What _decode_tensor needs of an encoding, taken out of its class once."""
+    """What decoding a tensor needs of an encoding, taken out of its class once."""
 
     encoding: type[UpdateEncoding]
     wire_dtype: np.dtype
     decode: Callable[[np.ndarray, pb.TensorSpec], np.ndarray]
     wire_shape: Callable[[tuple[int, ...]], tuple[int, ...]] | None  # None: the logical shape
+
+
+def _wire_shape(decoder: _Decoder, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape if decoder.wire_shape is None else tuple(int(d) for d in decoder.wire_shape(shape))
 
 
 _decoder_table: tuple[Mapping[int, type[UpdateEncoding]], dict[int, _Decoder]] = ({}, {})
@@ -216,29 +254,93 @@ def _decoders() -> dict[int, _Decoder]:
     return decoders
 
 
-def _decode_tensor(spec: pb.TensorSpec, array: Array, table: Mapping[int, _Decoder]) -> np.ndarray:
-    decoder = table.get(spec.encoding)
-    if decoder is None:
-        raise _reject(RejectReason.TENSOR_DTYPE, f"{spec.name}: unknown encoding {spec.encoding}")
-    encoding, wire_dtype, decode_values, packed_shape = decoder
-    if spec.dtype != "float32":
-        raise _reject(RejectReason.TENSOR_DTYPE, f"{spec.name}: logical dtype {spec.dtype!r}")
-    shape = tuple(spec.shape)  # repeated int64: Python ints
-    if min(shape, default=0) < 0:
-        raise _reject(RejectReason.TENSOR_SHAPE, f"{spec.name}: array {tuple(array.shape)} vs spec {shape}")
-    wire_shape = shape if packed_shape is None else packed_shape(shape)
-    if tuple(array.shape) != wire_shape:
-        raise _reject(RejectReason.TENSOR_SHAPE, f"{spec.name}: array {tuple(array.shape)} vs spec {shape}")
+def _segments(content: RecordDict) -> tuple[pb.UpdateHeader, list[tuple[pb.TensorSpec, _Decoder, np.ndarray]]]:
+    """The header, and per tensor in name order its spec, decoder and wire view.
+
+    Everything the network chose is checked before a segment is viewed: the
+    records, the header, the one Array's dtype and shape, and the layout
+    (``_layout``)."""
     try:
-        wire = wire_view(array)
+        header_record = content.config_records[HEADER_RECORD]
+        arrays = content.array_records[TENSORS_RECORD]
+    except KeyError as missing:
+        raise _reject(RejectReason.MALFORMED, f"record {missing} absent") from None
+    header = parse_header(header_record.get("bytes"))
+    specs = sorted(header.tensors, key=lambda spec: spec.name)
+    for before, after in zip(specs, specs[1:]):
+        if before.name == after.name:
+            raise _reject(RejectReason.TENSOR_NAMES, f"{before.name}: announced twice")
+    present = dict(arrays.items())  # plain dict: ArrayRecord's __getitem__ is slow
+    if not specs:
+        if present:
+            raise _reject(RejectReason.MALFORMED, f"no tensor announced, yet arrays {sorted(present)[:3]} sent")
+        return header, []
+    if list(present) != [PACKED_ARRAY]:
+        raise _reject(RejectReason.MALFORMED,
+                      f"tensors travel in the one Array {PACKED_ARRAY!r}; got {sorted(present)[:3]}")
+    array = present[PACKED_ARRAY]
+    if array.dtype != "uint8":
+        raise _reject(RejectReason.TENSOR_DTYPE, f"packed Array is {array.dtype}, expected uint8")
+    if len(array.shape) != 1:
+        raise _reject(RejectReason.TENSOR_SHAPE, f"packed Array has shape {tuple(array.shape)}, expected 1-D")
+    try:
+        blob = wire_view(array)
     except Exception as err:  # a corrupt Array buffer must not crash the round
-        raise _reject(RejectReason.MALFORMED, f"{spec.name}: array does not deserialize: {err}") from None
-    if wire.dtype != wire_dtype:
-        raise _reject(RejectReason.TENSOR_DTYPE,
-                      f"{spec.name}: array {wire.dtype} vs encoding {encoding.name} ({wire_dtype})")
-    if tuple(wire.shape) != wire_shape:
-        raise _reject(RejectReason.TENSOR_SHAPE, f"{spec.name}: data {tuple(wire.shape)} vs spec {shape}")
-    return decode_values(wire, spec)
+        raise _reject(RejectReason.MALFORMED, f"packed Array does not deserialize: {err}") from None
+    if blob.dtype != np.uint8:
+        raise _reject(RejectReason.TENSOR_DTYPE, f"packed Array's data is {blob.dtype}, announced uint8")
+    if blob.shape != tuple(array.shape):
+        raise _reject(RejectReason.TENSOR_SHAPE,
+                      f"packed Array's data has shape {blob.shape}, announced {tuple(array.shape)}")
+    laid = _layout(specs, blob)
+    return header, [(spec, decoder, blob[spec.offset : spec.offset + spec.nbytes].view(decoder.wire_dtype)
+                     .reshape(shape)) for spec, decoder, shape in laid]
+
+
+def _layout(specs: list[pb.TensorSpec], blob: np.ndarray) -> list[tuple[pb.TensorSpec, _Decoder, tuple[int, ...]]]:
+    """Each spec (in name order) with its decoder and wire shape, once the whole layout holds:
+    a known encoding and logical dtype, a shape whose wire size is exactly ``nbytes``, each
+    segment at the next multiple of SEGMENT_ALIGN after the one before (no overlap, no gap),
+    zero padding, and no byte after the last. UpdateRejected naming the tensor otherwise."""
+    table = _decoders()
+    size = blob.size
+    laid = []
+    at, previous = 0, "the start"
+    for spec in specs:
+        name = spec.name
+        decoder = table.get(spec.encoding)
+        if decoder is None:
+            raise _reject(RejectReason.TENSOR_DTYPE, f"{name}: unknown encoding {spec.encoding}")
+        if spec.dtype != "float32":
+            raise _reject(RejectReason.TENSOR_DTYPE, f"{name}: logical dtype {spec.dtype!r}")
+        shape = tuple(spec.shape)  # repeated int64: Python ints
+        if min(shape, default=0) < 0 or math.prod(shape) > _MAX_VALUES:
+            raise _reject(RejectReason.TENSOR_SHAPE, f"{name}: shape {shape}")
+        wire_shape = _wire_shape(decoder, shape)
+        needed = math.prod(wire_shape) * decoder.wire_dtype.itemsize
+        if spec.nbytes != needed:
+            raise _reject(RejectReason.TENSOR_SHAPE, f"{name}: {spec.nbytes} bytes, {decoder.encoding.name} "
+                          f"of shape {shape} takes {needed}")
+        start = _aligned(at)
+        if spec.offset != start:
+            if spec.offset < at:
+                problem = f"overlaps {previous} (which ends at {at})"
+            elif spec.offset % SEGMENT_ALIGN:
+                problem = f"is not at a multiple of {SEGMENT_ALIGN}"
+            else:
+                problem = f"leaves a gap after {previous}"
+            raise _reject(RejectReason.MALFORMED, f"{name}: segment at byte {spec.offset} {problem}; "
+                          f"expected {start} (segments in name order, each at the next multiple of {SEGMENT_ALIGN})")
+        if start + needed > size:
+            raise _reject(RejectReason.MALFORMED, f"{name}: segment {start}..{start + needed} past the end of "
+                          f"the packed Array ({size} bytes)")
+        if blob[at:start].any():
+            raise _reject(RejectReason.MALFORMED, f"{name}: non-zero padding before its segment")
+        laid.append((spec, decoder, wire_shape))
+        at, previous = start + needed, name
+    if at != size:
+        raise _reject(RejectReason.MALFORMED, f"{size - at} bytes after the last segment ({previous})")
+    return laid
 
 
 def wire_view(array: Array) -> np.ndarray:

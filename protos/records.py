@@ -9,7 +9,7 @@ protos/secagg/wire.py.
 """
 
 HEADER_RECORD = "silotune.header"          # ConfigRecord {"bytes": UpdateHeader}
-TENSORS_RECORD = "silotune.tensors"        # ArrayRecord, one Array per TensorSpec
+TENSORS_RECORD = "silotune.tensors"        # ArrayRecord: one packed uint8 Array, a segment per TensorSpec
 CONFIG_RECORD = "silotune.config"          # ConfigRecord: RoundConfig
 SIMULATION_RECORD = "silotune.simulation"  # ConfigRecord: SimulationSettings (virtual organizations only)
 METRICS_RECORD = "metrics"                 # MetricRecord of an evaluate reply

@@ -40,6 +40,8 @@ from flwr.proto.message_pb2 import Message as ProtoMessage  # type: ignore[attr-
 
 from clients.formatting import encode_example
 from clients.silo import load_silo
+from protos import codec
+from protos.records import TENSORS_RECORD
 
 TEXT_WINDOW = 20       # bytes of record text that count as a leak
 ID_WINDOW = 8          # consecutive token ids that count as a leak
@@ -135,6 +137,18 @@ def array_sequence(array: Any) -> list[float] | None:
     return values.astype(np.float64).tolist() if values.dtype.kind in "iuf" else None
 
 
+def packed_tensor_sequences(content: RecordDict) -> list[tuple[str, list[float]]] | None:
+    """Each tensor of the codec's one packed Array as its wire values (protos/codec.py
+    ``wire_views``: float32 values for fp32, codes for the quantized encodings), or None
+    when the content is not a codec message."""
+    try:
+        views = codec.wire_views(content)
+    except Exception:
+        return None
+    return [(key, values.astype(np.float64).ravel().tolist()) for key, values in views.items()
+            if values.dtype.kind in "iuf"]
+
+
 def content_record_leaks(content: RecordDict, secrets: Secrets) -> list[str]:
     """Token-id windows among the numbers of decoded records (config/metric lists, arrays)."""
     sequences: list[tuple[str, list[float]]] = []
@@ -143,6 +157,10 @@ def content_record_leaks(content: RecordDict, secrets: Secrets) -> list[str]:
     for name, record in content.metric_records.items():
         sequences += record_sequences(name, record)
     for name, record in content.array_records.items():
+        tensors = packed_tensor_sequences(content) if name == TENSORS_RECORD else None
+        if tensors is not None:   # the adapter's tensors, each as its values, not as the packed bytes
+            sequences += [(f"{name}.{key}", values) for key, values in tensors]
+            continue
         for key, array in record.items():
             values = array_sequence(array)
             if values is not None:

@@ -20,6 +20,8 @@ from protos.adapter import LoraSpec
 from protos.encodings import ENCODINGS, UpdateEncoding
 from protos.errors import RejectReason, UpdateRejected
 
+from codec_wire import header_of, repacked, set_header, wires
+
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 LAYOUT = {"m.q_proj.lora_A.weight": (4, 16), "m.q_proj.lora_B.weight": (16, 4)}
@@ -65,8 +67,7 @@ def test_compressed_encodings_within_tolerance(encoding: str, tolerance: float) 
     for name, original in adapter().items():
         relative = np.abs(values[name] - original).max() / np.abs(original).max()
         assert relative < tolerance
-    wire = content.array_records[codec.TENSORS_RECORD]
-    assert wire["m.q_proj.lora_A.weight"].dtype == {"fp16": "float16", "int8": "int8"}[encoding]
+    assert wires(content)["m.q_proj.lora_A.weight"].dtype == {"fp16": "float16", "int8": "int8"}[encoding]
 
 
 # ---- encodings: one module each (protos/encodings/), the codec dispatches ------------------
@@ -85,20 +86,26 @@ def _golden_adapter() -> dict[str, np.ndarray]:
             "m.z.zero": np.zeros((2, 2), np.float32)}
 
 
-#: sha256 (first 32 hex digits) of the header bytes, each wire array (dtype, shape, values) and each
-#: decoded tensor, as the codec produced them before the encodings moved to protos/encodings/
+#: sha256 (first 32 hex digits) of the header bytes, each tensor's wire values (dtype, shape, values)
+#: and each decoded tensor, as the codec produced them before the encodings moved to
+#: protos/encodings/ (fp32, fp16, int8) and in protocol version 1, one Array per tensor (q4, q8)
 GOLDEN = {"fp32": "d0776b18c4c461773327a7f6979a2460", "fp16": "5544111d15e72c34c724edcef4f107e1",
-          "int8": "13fe240f4b59e3722a018bf47810db80"}
+          "int8": "13fe240f4b59e3722a018bf47810db80", "q4": "dea613218d946e2a602fe6e0e9aca18a",
+          "q8": "3b31615a965a62aa4c6742901b29a9ed"}
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_built_in_encodings_put_the_same_bytes_on_the_wire_as_before(name: str) -> None:
-    """Peers, checkpoints and recorded updates from before stay valid: same bytes, same values."""
+    """Each tensor's bytes and values are those of version 1; packing changed only where they sit
+    (the header's version and segments, which are set back to version 1's here)."""
     content = encoded(_golden_adapter(), encoding=codec.encoding_from_name(name))
-    digest = hashlib.sha256(content.config_records[codec.HEADER_RECORD]["bytes"])
-    arrays = content.array_records[codec.TENSORS_RECORD]
-    for key in sorted(arrays.keys()):
-        wire = codec.wire_view(arrays[key])
+    header = header_of(content)
+    header.protocol_version = 1
+    for spec in header.tensors:
+        spec.ClearField("offset")
+        spec.ClearField("nbytes")
+    digest = hashlib.sha256(header.SerializeToString())
+    for key, wire in sorted(wires(content).items()):
         digest.update(key.encode() + wire.dtype.str.encode() + repr(wire.shape).encode() + wire.tobytes())
     _, decoded = codec.decode(content)
     for key in sorted(decoded):
@@ -152,7 +159,8 @@ def test_each_encoding_keeps_within_its_documented_error_bound(name: str) -> Non
 def test_fp32_decodes_to_a_read_only_view_over_the_received_bytes() -> None:
     content = encoded()
     _, values = codec.decode(content)
-    for name, array in content.array_records[codec.TENSORS_RECORD].items():
+    (array,) = content.array_records[codec.TENSORS_RECORD].values()
+    for name in LAYOUT:
         assert not values[name].flags.writeable
         assert np.shares_memory(values[name], np.frombuffer(array.data, np.uint8))
 
@@ -253,13 +261,12 @@ def test_an_encoding_may_pack_values_into_another_wire_shape() -> None:
     with _registered("int4-packed", _Int4Packed):
         values = {"a": np.linspace(-1, 1, 15, dtype=np.float32).reshape(3, 5), "b": np.zeros((0, 2), np.float32)}
         content = encoded(values, encoding=_Int4Packed.wire_id)
-        arrays = content.array_records[codec.TENSORS_RECORD]
-        assert codec.wire_view(arrays["a"]).shape == (8,) and codec.wire_view(arrays["a"]).dtype == np.uint8
+        assert wires(content)["a"].shape == (8,) and wires(content)["a"].dtype == np.uint8
         header, decoded = codec.decode(content)
         assert [tuple(t.shape) for t in header.tensors] == [(3, 5), (0, 2)]  # the logical shapes
         assert decoded["a"].shape == (3, 5) and decoded["b"].shape == (0, 2)
         assert np.max(np.abs(decoded["a"] - values["a"])) <= _Int4Packed.max_abs_error(values["a"])
-        arrays["a"] = Array(np.zeros(15, np.uint8))  # unpacked: the tensor's count, not the packed one
+        repacked(content, {"a": np.zeros(15, np.uint8)})  # unpacked: the tensor's count, not the packed one
         assert reason_of(content) is RejectReason.TENSOR_SHAPE
 
 
@@ -311,13 +318,10 @@ def test_wrong_shape() -> None:
     assert reason_of(encoded(values)) is RejectReason.TENSOR_SHAPE
 
 
-def test_array_not_matching_its_spec() -> None:
-    content = encoded()
-    arrays = content.array_records[codec.TENSORS_RECORD]
-    arrays["m.q_proj.lora_A.weight"] = Array(np.zeros((4, 16), dtype=np.int8))  # spec says fp32
-    assert reason_of(content) is RejectReason.TENSOR_DTYPE
-    content = encoded()
-    content.array_records[codec.TENSORS_RECORD]["m.q_proj.lora_A.weight"] = Array(np.zeros((2, 16), np.float32))
+def test_segment_not_matching_its_spec() -> None:
+    content = repacked(encoded(), {"m.q_proj.lora_A.weight": np.zeros((4, 16), dtype=np.int8)})  # fp32's size: 256
+    assert reason_of(content) is RejectReason.TENSOR_SHAPE
+    content = repacked(encoded(), {"m.q_proj.lora_A.weight": np.zeros((2, 16), np.float32)})
     assert reason_of(content) is RejectReason.TENSOR_SHAPE
 
 
@@ -341,10 +345,9 @@ def test_malformed_records() -> None:
 
 def test_protocol_version_is_checked() -> None:
     content = encoded()
-    header = codec.UpdateHeader()
-    header.ParseFromString(content.config_records[codec.HEADER_RECORD]["bytes"])
+    header = header_of(content)
     header.protocol_version = 99
-    content[codec.HEADER_RECORD] = ConfigRecord({"bytes": header.SerializeToString()})
+    set_header(content, header)
     assert reason_of(content) is RejectReason.PROTOCOL_VERSION
 
 
@@ -451,11 +454,11 @@ def test_a_cached_header_still_checks_each_buffer_and_gives_read_only_views() ->
         codec.wire_view(SimpleNamespace(data=data[:-4]))
     with pytest.raises(ValueError):  # same header, a value too many
         codec.wire_view(SimpleNamespace(data=data + bytes(4)))
-    content = encoded()  # through decode: a truncated tensor is MALFORMED, cached header or not
+    content = encoded()  # through decode: a truncated Array is MALFORMED, cached header or not
     codec.decode(content)
     arrays = content.array_records[codec.TENSORS_RECORD]
-    a = arrays["m.q_proj.lora_A.weight"]
-    arrays["m.q_proj.lora_A.weight"] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data[:-4])
+    a = arrays[codec.PACKED_ARRAY]
+    arrays[codec.PACKED_ARRAY] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data[:-4])
     assert reason_of(content) is RejectReason.MALFORMED
 
 

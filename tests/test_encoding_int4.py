@@ -25,6 +25,7 @@ from protos.silotune.v1 import update_pb2 as pb
 from server.job import Job
 from server.job_config import JobConfig
 from test_round_loop import ScriptedGrid, config
+from codec_wire import blob_of, packed_bytes, repacked, set_blob, wires
 
 Q4 = ENCODINGS.get("q4")
 UPDATE = codec.Kind.Value("UPDATE")
@@ -42,7 +43,7 @@ def _send(values: dict[str, np.ndarray], encoding: int = pb.Q4):  # type: ignore
 def _round_trip(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(decoded, each value's block scale) for one tensor sent as q4 through the codec."""
     content = _send({"t": values})
-    wire = codec.wire_view(content.array_records[codec.TENSORS_RECORD]["t"])
+    wire = wires(content)["t"]
     blocks = -(-values.size // BLOCK)
     scales = wire[: 2 * blocks].view("<f2").astype(np.float64)
     _, decoded = codec.decode(content)
@@ -115,16 +116,15 @@ def test_the_same_values_give_the_same_bytes() -> None:
 def test_a_lora_tensor_takes_at_least_seven_times_fewer_bytes_than_fp32() -> None:
     rng = np.random.default_rng(3)
     adapter = {name: (rng.normal(size=shape) * 0.01).astype(np.float32) for name, shape in LORA_LAYOUT.items()}
-    q4 = _send(adapter).array_records[codec.TENSORS_RECORD]
-    fp32 = _send(adapter, encoding=pb.FP32).array_records[codec.TENSORS_RECORD]
+    q4_content, fp32_content = _send(adapter), _send(adapter, encoding=pb.FP32)
+    q4, fp32 = wires(q4_content), wires(fp32_content)
     for name, values in adapter.items():
-        wire = codec.wire_view(q4[name])
+        wire = q4[name]
         assert wire.dtype == np.uint8 and wire.shape == Q4.wire_shape(values.shape)
         # 0.5 byte a value + 2 bytes a block of 64: 7.53x fewer than 4 bytes a value
         assert wire.nbytes == values.size // 2 + 2 * (values.size // BLOCK)
-        assert codec.wire_view(fp32[name]).nbytes >= 7 * wire.nbytes, name
-    whole_q4, whole_fp32 = sum(len(q4[n].data) for n in adapter), sum(len(fp32[n].data) for n in adapter)
-    assert whole_fp32 >= 7 * whole_q4  # .npy headers included
+        assert fp32[name].nbytes >= 7 * wire.nbytes, name
+    assert packed_bytes(fp32_content) >= 7 * packed_bytes(q4_content)  # .npy header and padding included
 
 
 # ---- what a sender can put in the bytes ------------------------------------------------------
@@ -133,10 +133,7 @@ def _tampered(change) -> object:  # type: ignore[no-untyped-def]
     """A q4 reply of one (3, 43)-tensor (129 values: 3 blocks, an odd count) with its wire bytes changed."""
     values = np.random.default_rng(9).normal(size=(3, 43)).astype(np.float32)
     content = _send({"t": values})
-    arrays = content.array_records[codec.TENSORS_RECORD]
-    wire = np.array(codec.wire_view(arrays["t"]))
-    arrays["t"] = Array(np.ascontiguousarray(change(wire)))
-    return content
+    return repacked(content, {"t": change(np.array(wires(content)["t"]))})
 
 
 def _reason(content) -> RejectReason:  # type: ignore[no-untyped-def]
@@ -180,12 +177,13 @@ def test_truncated_unpacked_or_retyped_payloads_are_refused_by_the_codec() -> No
     assert _reason(_tampered(lambda w: w[:-1])) is RejectReason.TENSOR_SHAPE          # one byte short
     assert _reason(_tampered(lambda w: np.append(w, np.uint8(8)))) is RejectReason.TENSOR_SHAPE
     assert _reason(_tampered(lambda w: np.zeros((3, 43), np.uint8))) is RejectReason.TENSOR_SHAPE  # not packed
-    assert _reason(_tampered(lambda w: w.view(np.int8))) is RejectReason.TENSOR_DTYPE
+    content = _send({"t": np.ones((3, 43), np.float32)})  # the packed Array retyped
+    assert _reason(set_blob(content, blob_of(content).view(np.int8))) is RejectReason.TENSOR_DTYPE
 
     content = _send({"t": np.ones((3, 43), np.float32)})
     arrays = content.array_records[codec.TENSORS_RECORD]
-    a = arrays["t"]
-    arrays["t"] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data[:-7])  # buffer cut short
+    a = arrays[codec.PACKED_ARRAY]
+    arrays[codec.PACKED_ARRAY] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data[:-7])  # cut short
     assert _reason(content) is RejectReason.MALFORMED
 
 

@@ -17,6 +17,8 @@ from protos.encodings import ENCODINGS
 from protos.errors import RejectReason, UpdateRejected
 from protos.silotune.v1 import update_pb2 as pb
 
+from codec_wire import repacked, wires
+
 Q8 = ENCODINGS.get("q8")
 
 
@@ -52,12 +54,9 @@ def test_q8_keeps_the_small_rows_of_a_trained_b_that_int8_loses() -> None:
 
 def _tampered(position: int, byte: int):  # type: ignore[no-untyped-def]
     content = _content({"t": np.linspace(-1, 1, 100, dtype=np.float32).reshape(10, 10)}, pb.Q8)
-    wire = np.array(codec.wire_view(content.array_records[codec.TENSORS_RECORD]["t"]))
+    wire = np.array(wires(content)["t"])
     wire[position] = byte
-    from flwr.app import Array, ArrayRecord
-
-    content[codec.TENSORS_RECORD] = ArrayRecord(array_dict={"t": Array(wire)}, keep_input=True)
-    return content
+    return repacked(content, {"t": wire})
 
 
 @pytest.mark.parametrize(("position", "byte", "reason", "says"), [

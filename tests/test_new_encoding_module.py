@@ -21,7 +21,6 @@ from typing import Iterator
 
 import numpy as np
 import pytest
-from flwr.app import Array
 
 import protos.encodings
 from protos import codec
@@ -30,6 +29,8 @@ from protos.encodings import ENCODINGS
 from protos.errors import RejectReason, UpdateRejected
 from protos.silotune.v1 import update_pb2 as pb
 from server.job_config import JobConfig
+
+from codec_wire import repacked, wires
 
 NAME = MODULE = "bf16trunc"
 WIRE_ID = 100  # not in the Encoding enum
@@ -129,10 +130,10 @@ def test_a_new_encoding_module_is_selected_by_name_from_a_run_config(plugin: Pat
     codec.check_values(decoded, norm_bound=1e3)
     assert {t.encoding for t in header.tensors} == {WIRE_ID}  # the id went through the header's bytes
 
-    arrays = content.array_records[codec.TENSORS_RECORD]
+    on_wire = wires(content)
     for name, values in original.items():
         # on the wire: uint16, half of fp32's bytes, each the top half of a float32
-        wire = codec.wire_view(arrays[name])
+        wire = on_wire[name]
         assert wire.dtype == np.dtype("<u2") and wire.shape == values.shape
         assert wire.nbytes == values.nbytes // 2
         # decoded: float32 whose low 16 bits are all zero, which fp32, fp16 and int8 do not give
@@ -147,16 +148,15 @@ def test_a_new_encoding_module_is_selected_by_name_from_a_run_config(plugin: Pat
 
 
 def test_a_new_encoding_checks_like_the_built_in_ones(plugin: Path) -> None:
-    """The codec's checks apply to it unchanged: its dtype is enforced, and once it is
+    """The codec's checks apply to it unchanged: its wire size is enforced, and once it is
     removed its wire id is refused again."""
     wire_id = codec.encoding_from_name(NAME)
     content = codec.encode(adapter(), kind=UPDATE, job_id="job", server_round=1, fingerprint="fp", lora=SPEC,
                            num_examples=3, encoding=wire_id)
-    arrays = content.array_records[codec.TENSORS_RECORD]
-    arrays["m.q_proj.lora_A.weight"] = Array(np.zeros((4, 16), np.int16))  # spec says bf16trunc (uint16)
+    repacked(content, {"m.q_proj.lora_A.weight": np.zeros((4, 16), np.int8)})  # bf16trunc takes 2 bytes a value
     with pytest.raises(UpdateRejected) as info:
         codec.decode(content)
-    assert info.value.reason is RejectReason.TENSOR_DTYPE
+    assert info.value.reason is RejectReason.TENSOR_SHAPE
     assert "bf16trunc" in str(info.value)
 
     good = codec.encode(adapter(), kind=UPDATE, job_id="job", server_round=1, fingerprint="fp", lora=SPEC,

@@ -48,6 +48,8 @@ from test_round_loop import ScriptedGrid, config
 from clients.app import app as client_app
 from clients.silo.corpora import load_bbc_news, load_construction_faq
 from runtime.base_model import load_tokenizer
+from protos import codec
+from protos.records import HEADER_RECORD, TENSORS_RECORD
 from server.job import Job
 
 ROWS = 24              # records per silo
@@ -157,11 +159,23 @@ def test_the_checker_catches_a_deliberate_leak(audited_run: Any) -> None:
         "token ids as float32 tensor values": leaky(extra=ArrayRecord(array_dict={"t": Array(ids[:9].astype("<f4"))},
                                                                       keep_input=True)),
     }
+    # the update's own tensors, which travel packed in one uint8 Array: read as their values
+    header, update = codec.decode(base.content)
+    planted = {name: np.array(values) for name, values in update.items()}
+    target = max(planted, key=lambda name: planted[name].size)
+    planted[target].reshape(-1)[:9] = ids[:9]
+    repacked = codec.encode(planted, kind=header.kind, job_id=header.job_id, server_round=header.round,
+                            fingerprint=header.base_model_fingerprint, lora=codec.lora_spec_from_proto(header.adapter),
+                            num_examples=header.num_examples, global_digest=header.global_digest)
+    cases["token ids among the update's own tensor values"] = leaky(
+        **{HEADER_RECORD: repacked[HEADER_RECORD], TENSORS_RECORD: repacked[TENSORS_RECORD]})
     for what, raw in cases.items():
         assert leaks(raw, secrets), f"the checker missed: {what}"
     assert any("record text" in f for f in leaks(cases["text in a ConfigRecord"], secrets))
     assert any("token ids in stats.seen" in f for f in record_leaks(
         message_from_proto(ProtoMessage.FromString(cases["token ids in a MetricRecord list"])), secrets))
+    assert any(f"token ids in {TENSORS_RECORD}.{target}" in f for f in record_leaks(message_from_proto(
+        ProtoMessage.FromString(cases["token ids among the update's own tensor values"])), secrets))
 
 
 def _instruction_for(reply: Message) -> Message:

@@ -89,7 +89,7 @@ def _copy_of_2(reply: Message, seen: dict) -> None:
     (_header_change(round=7), "wrong_round", "round 7, expected 1"),
     (_header_change(job_id="other"), "wrong_job", "job 'other'"),
     (_header_change(base_model_fingerprint="x"), "base_model_mismatch", "base model 'x'"),
-    (_header_change(protocol_version=2), "protocol_version", "protocol 2"),
+    (_header_change(protocol_version=1), "protocol_version", "protocol 1"),
     (_header_change(shape=True), "tensor_shape", "m.lora_A.weight: (5, 12)"),
     (_header_change(dtype="bfloat16"), "tensor_dtype", "logical dtype 'bfloat16'"),
     (_drop_header, "malformed", "masked input without its header"),

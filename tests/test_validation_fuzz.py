@@ -48,11 +48,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_round_loop import ScriptedGrid, config, honest
 
-from protos import codec
+from protos import codec, encodings
 from protos.errors import RejectReason
 from protos.records import METRICS_RECORD, ORG_RECORD
 from protos.round_config import CONFIG_RECORD, RoundConfig
-from protos.silotune.v1 import update_pb2 as pb
 from server.job import Job
 from server.validation import EVALUATE_MAX_BYTES, MAX_METRIC_KEY, MAX_METRICS
 
@@ -75,14 +74,17 @@ class Draft:
     src: int | None = None
     error: bool = False
     original: dict[str, tuple[int, ...]] = field(default_factory=dict)   # the valid shapes
+    # the packed Array (protocol 2: every tensor's bytes in one Array), as the sender lies about it
+    packed_dtype: str | None = None     # its data in this dtype
+    packed_shape: tuple[int, ...] | None = None   # its shape label, whatever its data
+    cut: int = 0                        # its data this many bytes short
 
     @classmethod
     def of(cls, content: RecordDict) -> "Draft":
         header = codec.UpdateHeader()
         header.ParseFromString(content.config_records[codec.HEADER_RECORD]["bytes"])
-        arrays = {name: content.array_records[codec.TENSORS_RECORD][name] for name in
-                  content.array_records[codec.TENSORS_RECORD]}
-        return cls(header, dict(arrays), original={t.name: tuple(t.shape) for t in header.tensors})
+        arrays = {name: Array(np.ascontiguousarray(wire)) for name, wire in codec.wire_views(content).items()}
+        return cls(header, arrays, original={t.name: tuple(t.shape) for t in header.tensors})
 
     def spec(self, index: int) -> Any:
         return self.header.tensors[index % len(self.header.tensors)] if self.header.tensors else None
@@ -91,10 +93,11 @@ class Draft:
         if self.error:
             reply = Message(Error(code=1, reason="fuzz: the ClientApp failed"), reply_to=instruction)
         else:
-            value = self.header.SerializeToString() if self.header_value is None else self.header_value
+            header, packed = self.packed()
+            value = header.SerializeToString() if self.header_value is None else self.header_value
             records: dict[str, Any] = {
                 codec.HEADER_RECORD: ConfigRecord({} if value is _ABSENT else {"bytes": value}),
-                codec.TENSORS_RECORD: ArrayRecord(array_dict=self.arrays, keep_input=True),
+                codec.TENSORS_RECORD: ArrayRecord(array_dict=packed, keep_input=True),
             }
             if self.org is not None:
                 records["organization"] = self.org
@@ -105,6 +108,44 @@ class Draft:
         if self.src is not None:
             reply.metadata.__dict__["_src_node_id"] = self.src
         return reply
+
+
+    def packed(self) -> tuple[codec.UpdateHeader, dict[str, Array]]:
+        """The tensors as a sender packs them: the announced ones' bytes in name order, each at the
+        next multiple of 64 (an announced tensor without bytes: an empty segment), then the bytes
+        of arrays no spec announces; the header's segments set to match; then the packed Array's lies."""
+        header = codec.UpdateHeader()
+        header.CopyFrom(self.header)
+        raw = {name: np.ascontiguousarray(array.numpy()).reshape(-1).view(np.uint8)
+               for name, array in self.arrays.items()}
+        announced = sorted(header.tensors, key=lambda spec: spec.name)
+        parts, at = [], 0
+        for spec in announced:
+            spec.offset = -(-at // 64) * 64
+            spec.nbytes = raw[spec.name].size if spec.name in raw else 0
+            at = spec.offset + spec.nbytes
+            parts.append((spec.offset, raw.get(spec.name, np.zeros(0, np.uint8))))
+        for name in sorted(set(raw) - {spec.name for spec in announced}):
+            offset = -(-at // 64) * 64
+            parts.append((offset, raw[name]))
+            at = offset + raw[name].size
+        if not parts:
+            return header, {}
+        blob = np.zeros(at, np.uint8)
+        for offset, data in parts:
+            blob[offset : offset + data.size] = data
+        array = Array(blob)
+        if self.packed_dtype is not None:
+            dtype = np.dtype(self.packed_dtype)
+            array = (Array(np.ascontiguousarray(blob.view(dtype))) if blob.size % dtype.itemsize == 0 else
+                     Array(dtype=str(dtype), shape=array.shape, stype=array.stype, data=array.data))
+        if self.packed_shape is not None:
+            shape = self.packed_shape if tuple(self.packed_shape) != tuple(array.shape) else (array.shape[0] + 1,)
+            array = Array(dtype=array.dtype, shape=shape, stype=array.stype, data=array.data)
+        if self.cut:
+            array = Array(dtype=array.dtype, shape=array.shape, stype=array.stype,
+                          data=array.data[: max(0, len(array.data) - self.cut)])
+        return header, {codec.PACKED_ARRAY: array}
 
 
 _ABSENT = object()
@@ -190,7 +231,9 @@ def m_drop(d: Draft, index: int, where: str) -> set[R]:
         name = spec.name
         for announced in [t for t in d.header.tensors if t.name == name]:
             d.header.tensors.remove(announced)
-    return {R.TENSOR_NAMES}
+    # packed: a spec without bytes is a segment of the wrong length; bytes without a spec, bytes left over;
+    # both (in one draw or two): the names differ
+    return {"array": {R.TENSOR_SHAPE}, "spec": {R.MALFORMED}, "both": set()}[where] | {R.TENSOR_NAMES}
 
 
 def m_add(d: Draft, name: str, where: str) -> set[R]:
@@ -199,7 +242,7 @@ def m_add(d: Draft, name: str, where: str) -> set[R]:
         d.arrays[name] = Array(np.zeros((4, 64), "<f4"))
     if where in ("spec", "both"):
         d.header.tensors.add(name=name, shape=[4, 64], dtype="float32", encoding=codec.Encoding.Value("FP32"))
-    return {R.TENSOR_NAMES}
+    return {"array": {R.MALFORMED}, "spec": {R.TENSOR_SHAPE}, "both": set()}[where] | {R.TENSOR_NAMES}
 
 
 def m_rename(d: Draft, index: int, name: str) -> set[R]:
@@ -249,13 +292,8 @@ def m_spec_shape(d: Draft, index: int, shape: list[int]) -> set[R]:
 
 
 def m_array_shape_label(d: Draft, index: int, shape: tuple[int, ...]) -> set[R]:
-    """The Array's own shape metadata lies about its bytes."""
-    spec = d.spec(index)
-    if (spec is None or spec.name not in d.arrays or tuple(d.arrays[spec.name].shape) == shape
-            or shape == d.original.get(spec.name)):
-        return set()
-    a = d.arrays[spec.name]
-    d.arrays[spec.name] = Array(dtype=a.dtype, shape=shape, stype=a.stype, data=a.data)
+    """The packed Array's own shape metadata lies about its bytes."""
+    d.packed_shape = shape
     return {R.TENSOR_SHAPE}
 
 
@@ -268,26 +306,26 @@ def m_logical_dtype(d: Draft, index: int, dtype: str) -> set[R]:
 
 
 def m_encoding(d: Draft, index: int, encoding: int) -> set[R]:
-    """Announce another encoding than the data has (FP16/INT8/Q4 over float32, or unknown): the
-    data's dtype does not match, or — Q4 packs two values a byte — first its length."""
+    """Announce another encoding than the data has (FP16/INT8/Q4/Q8 over float32, or unknown): an
+    unknown one is refused as such, a known one by its segment's length, not what it takes."""
     spec = d.spec(index)
     if spec is None:
         return set()
     spec.encoding = encoding
-    return {R.TENSOR_SHAPE} if encoding == pb.Q4 else {R.TENSOR_DTYPE}
+    return {R.TENSOR_DTYPE} if encoding not in encodings.by_wire_id() else {R.TENSOR_SHAPE}
 
 
 def m_wire_dtype(d: Draft, index: int, dtype: str) -> set[R]:
-    """Data in a dtype that no encoding uses."""
-    return {R.TENSOR_DTYPE} if _replace_values(d, index, lambda v: v.astype(dtype), keep_dtype=False) else set()
+    """The packed Array's data in another dtype than uint8."""
+    if np.dtype(dtype) == np.uint8:
+        return set()
+    d.packed_dtype = dtype
+    return {R.TENSOR_DTYPE}
 
 
 def m_truncate(d: Draft, index: int, cut: int) -> set[R]:
-    spec = d.spec(index)
-    if spec is None or spec.name not in d.arrays:
-        return set()
-    a = d.arrays[spec.name]
-    d.arrays[spec.name] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data[: max(0, len(a.data) - cut)])
+    """The packed Array's data cut short of what its .npy header announces."""
+    d.cut = cut
     return {R.MALFORMED}
 
 
@@ -857,7 +895,7 @@ def test_whole_jobs_with_attackers_end_on_the_honest_adapter(tmp_path: Path) -> 
         assert all(r["reason"] in {x.value for x in RejectReason} for r in summary["rejected"])
     reasons = sorted(r["reason"] for r in history[1]["rejected"])
     assert reasons == sorted(["wrong_round", "base_model_mismatch", "adapter_config_mismatch", "non_finite",
-                              "norm_bound", "malformed", "malformed", "oversized", "tensor_dtype",
+                              "norm_bound", "malformed", "malformed", "oversized", "tensor_shape",
                               "duplicate", "client_error", "non_finite"])
     for summary in history:                          # round 0 and both rounds: only the honest rows
         assert sorted(summary["eval"]) == ["org-0.1", "org-0.3"], summary["eval"]

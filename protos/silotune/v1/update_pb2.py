@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18silotune/v1/update.proto\x12\x0bsilotune.v1\"p\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\'\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x15.silotune.v1.Encoding\x12\r\n\x05scale\x18\x05 \x01(\x01\"U\n\rAdapterConfig\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x0f\n\x07\x64ropout\x18\x04 \x01(\x01\"\x8a\x03\n\x0cUpdateHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1f\n\x04kind\x18\x02 \x01(\x0e\x32\x11.silotune.v1.Kind\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x1e\n\x16\x62\x61se_model_fingerprint\x18\x05 \x01(\t\x12+\n\x07\x61\x64\x61pter\x18\x06 \x01(\x0b\x32\x1a.silotune.v1.AdapterConfig\x12(\n\x07tensors\x18\x07 \x03(\x0b\x32\x17.silotune.v1.TensorSpec\x12\x14\n\x0cnum_examples\x18\x08 \x01(\x04\x12\x37\n\x07metrics\x18\t \x03(\x0b\x32&.silotune.v1.UpdateHeader.MetricsEntry\x12\x15\n\rglobal_digest\x18\n \x01(\t\x12\x13\n\x0b\x62\x61se_digest\x18\x0b \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*R\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x46P16\x10\x02\x12\x08\n\x04INT8\x10\x03\x12\x06\n\x02Q4\x10\x04\x12\x06\n\x02Q8\x10\x05*4\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06GLOBAL\x10\x01\x12\n\n\x06UPDATE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18silotune/v1/update.proto\x12\x0bsilotune.v1\"\x90\x01\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\'\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x15.silotune.v1.Encoding\x12\r\n\x05scale\x18\x05 \x01(\x01\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0e\n\x06nbytes\x18\x07 \x01(\x04\"U\n\rAdapterConfig\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x0f\n\x07\x64ropout\x18\x04 \x01(\x01\"\x8a\x03\n\x0cUpdateHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1f\n\x04kind\x18\x02 \x01(\x0e\x32\x11.silotune.v1.Kind\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x1e\n\x16\x62\x61se_model_fingerprint\x18\x05 \x01(\t\x12+\n\x07\x61\x64\x61pter\x18\x06 \x01(\x0b\x32\x1a.silotune.v1.AdapterConfig\x12(\n\x07tensors\x18\x07 \x03(\x0b\x32\x17.silotune.v1.TensorSpec\x12\x14\n\x0cnum_examples\x18\x08 \x01(\x04\x12\x37\n\x07metrics\x18\t \x03(\x0b\x32&.silotune.v1.UpdateHeader.MetricsEntry\x12\x15\n\rglobal_digest\x18\n \x01(\t\x12\x13\n\x0b\x62\x61se_digest\x18\x0b \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*R\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x46P16\x10\x02\x12\x08\n\x04INT8\x10\x03\x12\x06\n\x02Q4\x10\x04\x12\x06\n\x02Q8\x10\x05*4\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06GLOBAL\x10\x01\x12\n\n\x06UPDATE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_ENCODING']._serialized_start=639
-  _globals['_ENCODING']._serialized_end=721
-  _globals['_KIND']._serialized_start=723
-  _globals['_KIND']._serialized_end=775
-  _globals['_TENSORSPEC']._serialized_start=41
-  _globals['_TENSORSPEC']._serialized_end=153
-  _globals['_ADAPTERCONFIG']._serialized_start=155
-  _globals['_ADAPTERCONFIG']._serialized_end=240
-  _globals['_UPDATEHEADER']._serialized_start=243
-  _globals['_UPDATEHEADER']._serialized_end=637
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=591
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=637
+  _globals['_ENCODING']._serialized_start=672
+  _globals['_ENCODING']._serialized_end=754
+  _globals['_KIND']._serialized_start=756
+  _globals['_KIND']._serialized_end=808
+  _globals['_TENSORSPEC']._serialized_start=42
+  _globals['_TENSORSPEC']._serialized_end=186
+  _globals['_ADAPTERCONFIG']._serialized_start=188
+  _globals['_ADAPTERCONFIG']._serialized_end=273
+  _globals['_UPDATEHEADER']._serialized_start=276
+  _globals['_UPDATEHEADER']._serialized_end=670
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=624
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=670
 # @@protoc_insertion_point(module_scope)

@@ -32,18 +32,22 @@ GLOBAL: Kind
 UPDATE: Kind
 
 class TensorSpec(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "encoding", "scale")
+    __slots__ = ("name", "shape", "dtype", "encoding", "scale", "offset", "nbytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
     encoding: Encoding
     scale: float
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., scale: _Optional[float] = ...) -> None: ...
+    offset: int
+    nbytes: int
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., scale: _Optional[float] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class AdapterConfig(_message.Message):
     __slots__ = ("rank", "alpha", "target_modules", "dropout")
