@@ -29,9 +29,9 @@ measures another version of silotune with this benchmark (e.g. before and after 
 ServerApp) and splits each organization-round's message path at every hop (TRACE_LEGS):
 the ServerApp's Grid push (message, then its objects), the SuperNode's pull and its object
 pulls, the warm runner, the reply's way back through the SuperNode's push and its objects,
-the Grid's pull. Two experiments, benchmark only, through the same probe in every process:
-`--pack-tensors` (all tensors of a message in one Flower Array, so one object and one chunk
-instead of one of each per tensor) and `--object-workers N` (threads per object transfer).
+the Grid's pull, and counts the object requests the SuperLink served (OBJECT_REQUESTS). One
+experiment, benchmark only, through the same probe in every process: `--object-workers N`
+(threads per object transfer).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ SETTINGS = {"model": "tiny-llama", "num-rounds": 3, "local-steps": 2, "max-lengt
             "eval-max-examples": 8, "min-nodes": 3, "round-timeout": 300, "node-wait-timeout": 300}
 ORGS = ("org-0", "org-1", "org-2")
 PROBE_ENV = "SILOTUNE_BENCH_PROBE"
-PACK_ENV, WORKERS_ENV = "SILOTUNE_BENCH_PACK", "SILOTUNE_BENCH_OBJECT_WORKERS"  # the experiments (main's options)
+WORKERS_ENV = "SILOTUNE_BENCH_OBJECT_WORKERS"  # the experiment (main's --object-workers)
 
 # The probe: imported by every Python process of an agent (SuperNode, app launcher, ClientApp
 # tasks, Ray workers); active only where PROBE_ENV is set. It wraps functions as their modules
@@ -162,42 +162,7 @@ def _patch_resident(m):
     m.get_resident = _timed("get_resident", m.get_resident)
 
 
-def _pack(m, encode):
-    """Experiment (SILOTUNE_BENCH_PACK=1): every tensor of a message in ONE Flower Array (one object
-    and one chunk instead of one of each per tensor), unpacked before decode; the index rides in
-    the header record."""
-    def packed(*args, **kwargs):
-        from flwr.app import Array, ArrayRecord
-        content = encode(*args, **kwargs)
-        record = content.array_records[m.TENSORS_RECORD]
-        index = [(name, a.dtype, list(a.shape), a.stype, len(a.data)) for name, a in record.items()]
-        blob = b"".join(a.data for _, a in record.items())
-        content.config_records[m.HEADER_RECORD]["pack_index"] = json.dumps(index)
-        content.array_records[m.TENSORS_RECORD] = ArrayRecord(
-            array_dict={"packed": Array(dtype="uint8", shape=(len(blob),), stype="packed", data=blob)},
-            keep_input=True)
-        return content
-    return packed
-
-
-def _unpack(m, decode):
-    def unpacked(content):
-        from flwr.app import Array, ArrayRecord
-        header = content.config_records.get(m.HEADER_RECORD)
-        if header is not None and "pack_index" in header:
-            blob, at, arrays = content.array_records[m.TENSORS_RECORD]["packed"].data, 0, {}
-            for name, dtype, shape, stype, size in json.loads(header["pack_index"]):
-                arrays[name] = Array(dtype=dtype, shape=tuple(shape), stype=stype, data=blob[at:at + size])
-                at += size
-            content.array_records[m.TENSORS_RECORD] = ArrayRecord(array_dict=arrays, keep_input=True)
-            del header["pack_index"]
-        return decode(content)
-    return unpacked
-
-
 def _patch_codec(m):
-    if os.environ.get("SILOTUNE_BENCH_PACK"):  # PACK_ENV
-        m.encode, m.decode = _pack(m, m.encode), _unpack(m, m.decode)
     m.encode = _timed("encode", m.encode)
     m.decode = _timed("decode", m.decode)
 
@@ -419,6 +384,22 @@ def trace_legs(root: Path, run_dir: Path) -> list[dict[str, float]]:
     return rows
 
 
+#: the SuperLink's object handlers (probe stamps) and what they serve
+OBJECT_REQUESTS = {"fleet_pull_object": "Fleet PullObject", "fleet_push_object": "Fleet PushObject",
+                   "link_push_object": "ServerAppIo PushObject", "link_pull_object": "ServerAppIo PullObject"}
+
+
+def object_requests(root: Path) -> dict[str, int]:
+    """--trace: the object requests the coordinator's SuperLink handled over the whole job, by kind."""
+    counts = dict.fromkeys(OBJECT_REQUESTS.values(), 0)
+    for line in (root / "probe-coordinator.jsonl").read_text().splitlines():
+        what = json.loads(line).get("what")
+        if what in OBJECT_REQUESTS:
+            counts[OBJECT_REQUESTS[what]] += 1
+    counts["total"] = sum(counts.values())
+    return counts
+
+
 def trace_table(rows: list[dict[str, float]]) -> str:
     lines = ["| leg | median (s) | min | max |", "|---|---|---|---|"]
     for key, label in TRACE_LEGS + [("push_reply", "push → reply, whole")]:
@@ -558,16 +539,12 @@ def main() -> None:
     parser.add_argument("--date", default=dt.date.today().isoformat())
     parser.add_argument("--trace", action="store_true",
                         help="probe the coordinator's processes too and split the message path at every hop")
-    parser.add_argument("--pack-tensors", action="store_true",
-                        help="experiment: every message's tensors in one Flower Array (fewer objects to move)")
     parser.add_argument("--object-workers", type=int, default=0,
                         help="experiment: threads per object transfer (Flower: min(2, cores))")
     args = parser.parse_args()
     args.command = "python " + " ".join(["benchmarks/deployment.py", *sys.argv[1:]])
     args.load_start = "/".join(f"{x:.1f}" for x in os.getloadavg())
-    # the experiments reach every process of the deployment through the probe (PACK_ENV, WORKERS_ENV)
-    if args.pack_tensors:
-        os.environ[PACK_ENV] = "1"
+    # the experiment reaches every process of the deployment through the probe (WORKERS_ENV)
     if args.object_workers:
         os.environ[WORKERS_ENV] = str(args.object_workers)
 
@@ -608,6 +585,8 @@ def main() -> None:
                 print(mode, "trace", json.dumps({k: round(v, 3) if isinstance(v, float) else v
                                                  for k, v in row.items()}), flush=True)
             print(f"{mode}: the message path, per organization-round\n" + trace_table(legs), flush=True)
+            print(f"{mode}: object requests served by the SuperLink, whole job: "
+                  + json.dumps(object_requests(root)), flush=True)
     text = report(modes, bare, load, cold, args, wall)
     print(text)
     if args.results:

@@ -1,5 +1,5 @@
-"""benchmarks/deployment.py's `--trace` and `--pack-tensors`: the message path split at each hop from
-the probes' stamps, and the packing experiment moving the same tensors in fewer Flower objects."""
+"""benchmarks/deployment.py's `--trace`: the message path split at each hop from the probes' stamps and
+the SuperLink's object requests counted; and a message moving as few Flower objects as its tensors allow."""
 
 from __future__ import annotations
 
@@ -32,24 +32,34 @@ def probe_functions(bench) -> dict:  # type: ignore[no-untyped-def]
     return namespace
 
 
-def test_packing_moves_the_same_tensors_in_one_array(bench) -> None:  # type: ignore[no-untyped-def]
-    probe = probe_functions(bench)
+def test_a_message_moves_as_five_flower_objects_whatever_its_tensor_count() -> None:
+    """The codec packs every tensor in one Array (protocol 2): one Array and one chunk for the
+    message, not one of each per tensor, as the --pack-tensors experiment measured."""
     rng = np.random.default_rng(0)
     names = [f"m.layers.{i}.{p}_proj.lora_{ab}.weight" for i in range(2) for p in "qv" for ab in "AB"]
     adapter = {name: rng.normal(size=(4, 16) if name.endswith("A.weight") else (16, 4)).astype(np.float32)
                for name in names}
     kwargs = dict(kind=codec.Kind.Value("UPDATE"), job_id="job", server_round=2, fingerprint="fp",
                   lora=LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")), num_examples=7)
-    plain = codec.encode(adapter, **kwargs)
-    packed = probe["_pack"](codec, codec.encode)(adapter, **kwargs)
-    # one Array and one chunk per tensor, against one of each for the whole message
-    assert len(get_all_nested_objects(plain)) == 3 + 2 * len(names)
-    assert len(get_all_nested_objects(packed)) == 5
-    header, back = probe["_unpack"](codec, codec.decode)(packed)
-    assert header.num_examples == 7 and sorted(back) == sorted(adapter)
-    assert all(np.array_equal(back[name], adapter[name]) for name in names)
-    # an unpacked message decodes as before
-    assert sorted(probe["_unpack"](codec, codec.decode)(codec.encode(adapter, **kwargs))[1]) == sorted(adapter)
+    for some in (names[:1], names):
+        content = codec.encode({name: adapter[name] for name in some}, **kwargs)
+        # RecordDict, header ConfigRecord, tensors ArrayRecord, the packed Array, its one chunk
+        assert len(get_all_nested_objects(content)) == 5
+        header, back = codec.decode(content)
+        assert header.num_examples == 7 and sorted(back) == sorted(some)
+        assert all(np.array_equal(back[name], adapter[name]) for name in some)
+
+
+def test_the_pack_experiment_is_gone(bench) -> None:  # type: ignore[no-untyped-def]
+    assert "_pack" not in probe_functions(bench) and "SILOTUNE_BENCH_PACK" not in bench.PROBE
+
+
+def test_object_requests_are_counted_by_kind(bench, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _write(tmp_path / "probe-coordinator.jsonl", [
+        {"what": "fleet_pull_object"}, {"what": "fleet_pull_object"}, {"what": "fleet_push_object"},
+        {"what": "link_push_object"}, {"what": "grid_push"}, {"what": "process"}])
+    assert bench.object_requests(tmp_path) == {"Fleet PullObject": 2, "Fleet PushObject": 1,
+                                               "ServerAppIo PushObject": 1, "ServerAppIo PullObject": 0, "total": 4}
 
 
 def _write(path: Path, records: list[dict]) -> None:
