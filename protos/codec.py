@@ -512,6 +512,19 @@ def _compiled_input(part: np.ndarray) -> bool:
     return part.dtype == np.float32 and part.flags.c_contiguous
 
 
+def tensor_squares(values: np.ndarray, base: np.ndarray | None, scratch: NormScratch) -> list[float]:
+    """``slice_squares`` of each slice of one flat tensor, in order: for float32 values and
+    references in one compiled call (``norm_kernels.slice_sums``), the same bits."""
+    from protos.norm_kernels import slice_sums
+
+    count = -(-values.size // CHECK_CHUNK)
+    if _compiled_input(values) and (base is None or _compiled_input(base)):
+        out = np.empty(count, dtype=np.float64)
+        slice_sums(values, base, CHECK_CHUNK, out)
+        return out.tolist()
+    return [slice_squares(values, base, start * CHECK_CHUNK, scratch) for start in range(count)]
+
+
 def norm_slices(adapter: Adapter, reference: Adapter | None) -> list[tuple[str, np.ndarray, np.ndarray | None, int]]:
     """The slices the norm is summed over, in order: (name, flat values, flat reference, start)."""
     slices = []
@@ -520,6 +533,12 @@ def norm_slices(adapter: Adapter, reference: Adapter | None) -> list[tuple[str, 
         base = None if reference is None else np.asarray(reference[name]).reshape(-1)
         slices += [(name, flat, base, start) for start in range(0, flat.size, CHECK_CHUNK)]
     return slices
+
+
+def norm_tensors(slices: list[tuple[str, np.ndarray, np.ndarray | None, int]]) -> list[
+        tuple[int, np.ndarray, np.ndarray | None]]:
+    """The tensors of ``norm_slices``: (index of its first slice, flat values, flat reference)."""
+    return [(i, flat, base) for i, (_, flat, base, start) in enumerate(slices) if start == 0]
 
 
 def judge_values(
@@ -566,5 +585,5 @@ def check_values(
     """
     slices = norm_slices(adapter, reference)
     scratch = NormScratch()
-    partials = (slice_squares(flat, base, start, scratch) for _, flat, base, start in slices)
+    partials = (total for _, flat, base in norm_tensors(slices) for total in tensor_squares(flat, base, scratch))
     return judge_values(slices, partials, norm_bound)

@@ -71,3 +71,18 @@ def sum_of_squares(values: Any, base: Any = None) -> float:  # pragma: no cover 
         d = _value(values, base, i)
         s0 += d * d
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def slice_sums(values: Any, base: Any, chunk: int, out: Any) -> None:  # pragma: no cover - compiled
+    """``out[j] = sum_of_squares(values[j·chunk : (j+1)·chunk], base[…])`` for every slice j of
+    ``chunk`` values (the last may be shorter; ``out`` has one place per slice): a whole
+    tensor's slice sums in one call, the same bits as one call per slice."""
+    n = values.size
+    for j in range(out.size):
+        lo = j * chunk
+        hi = min(lo + chunk, n)
+        if base is None:
+            out[j] = sum_of_squares(values[lo:hi], None)
+        else:
+            out[j] = sum_of_squares(values[lo:hi], base[lo:hi])

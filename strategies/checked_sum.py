@@ -3,10 +3,11 @@ the bound) on all of the kernels' threads, for ``Strategy.accumulate_checked``.
 
 Same bits as ``codec.check_values``: the norm is a sum of per-slice sums
 (``codec.slice_squares``) added in the slices' order (``codec.judge_values``).
-Here the caller and the kernels' pool threads take the slices one at a time
-from a shared counter, each slice's sum goes to its own place, and the verdict
-adds them in order on the caller's thread: which thread summed a slice changes
-nothing, so the result depends neither on the thread count nor on scheduling,
+Here the caller and the kernels' pool threads take the tensors one at a time
+from a shared counter (a tensor's slice sums in one compiled call,
+``codec.tensor_squares``), each slice's sum goes to its own place, and the
+verdict adds them in order on the caller's thread: which thread summed a slice
+changes nothing, so the result depends neither on the thread count nor on scheduling,
 and a refused update is refused with check_values' reason and message.
 
 Why a pass of its own, before the accumulate, and not one pass that checks and
@@ -54,14 +55,16 @@ def checked_norm(update: Adapter, reference: Adapter | None, norm_bound: float |
     """``codec.check_values(update, reference=reference, norm_bound=norm_bound)``,
     bit for bit and with the same rejections, on ``kernels.threads()`` threads."""
     slices = codec.norm_slices(update, reference)
+    tensors = codec.norm_tensors(slices)
     partials = [0.0] * len(slices)
-    order = itertools.count()  # next() on it is atomic under the GIL: each slice is taken once
+    order = itertools.count()  # next() on it is atomic under the GIL: each tensor is taken once
 
     def work() -> None:
         scratch = _scratch()
-        while (i := next(order)) < len(slices):
-            _, flat, base, start = slices[i]
-            partials[i] = codec.slice_squares(flat, base, start, scratch)
+        while (i := next(order)) < len(tensors):
+            first, flat, base = tensors[i]
+            sums = codec.tensor_squares(flat, base, scratch)
+            partials[first : first + len(sums)] = sums
 
     if kernels.threads() == 1 or sum(np.size(values) for values in update.values()) < PARALLEL_MIN:
         work()

@@ -162,3 +162,36 @@ def test_a_busy_pool_never_stalls_the_check(monkeypatch: pytest.MonkeyPatch) -> 
         for future in held:
             future.result()
     assert checked_norm(update, reference, None) == expected
+
+
+def _lanes_reference(values: np.ndarray, base: np.ndarray | None) -> float:
+    """protos/norm_kernels.py's order of operations, written with numpy: value i into lane i mod 8
+    (np.cumsum adds one element after another), the tail into lane 0, then the fixed tree."""
+    diff = values if base is None else values - base   # the difference in the inputs' dtype
+    squares = diff.astype(np.float64) ** 2
+    full = squares.size - squares.size % 8
+    lanes = [0.0] * 8
+    if full:
+        lanes = [float(v) for v in np.cumsum(squares[:full].reshape(-1, 8), axis=0)[-1]]
+    for value in squares[full:]:
+        lanes[0] += float(value)
+    s = lanes
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 1000, CHUNK, 3 * CHUNK + 5])
+def test_the_compiled_sum_of_squares_keeps_its_stated_order_to_the_bit(size: int) -> None:
+    """Against an independent numpy rendering of the order: a compiler that reordered or fused
+    the adds (fast-math, a vectorizer that reassociates) would change the bits."""
+    from protos.norm_kernels import slice_sums, sum_of_squares
+
+    rng = np.random.default_rng(size)
+    values = (rng.standard_normal(size) * 10.0 ** rng.integers(-20, 20, size)).astype(np.float32)
+    base = (rng.standard_normal(size) * 0.3).astype(np.float32)
+    assert sum_of_squares(values, base) == _lanes_reference(values, base)
+    assert sum_of_squares(values) == _lanes_reference(values, None)
+    assert sum_of_squares(values.astype(np.float64)) == _lanes_reference(values.astype(np.float64), None)
+    count = -(-size // CHUNK)
+    out = np.empty(count)
+    slice_sums(values, base, CHUNK, out)
+    assert out.tolist() == [_lanes_reference(values[i:i + CHUNK], base[i:i + CHUNK]) for i in range(0, size, CHUNK)]
