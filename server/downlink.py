@@ -44,9 +44,19 @@ class DownlinkError(RuntimeError):
 
 def _round_trip(adapter: Adapter, encoding: int) -> Adapter:
     """The adapter as an organization decodes it from a GLOBAL message in ``encoding``."""
-    content = codec.encode(adapter, kind=codec.Kind.Value("GLOBAL"), job_id="downlink", server_round=0,
-                           fingerprint="", lora=LoraSpec(), encoding=encoding)
+    return _decode_tensors(codec.encode_tensors(adapter, encoding))
+
+
+def _decode_tensors(encoded: codec.EncodedTensors) -> Adapter:
+    """Encoded tensors as an organization decodes them from a GLOBAL message."""
+    content = codec.encode(None, kind=codec.Kind.Value("GLOBAL"), job_id="downlink", server_round=0,
+                           fingerprint="", lora=LoraSpec(), tensors=encoded)
     return codec.decode(content)[1]
+
+
+def _same_values(decoded: Adapter, adapter: Adapter) -> bool:
+    """Every tensor of ``adapter`` equal, as float32, to ``decoded``'s."""
+    return all(np.array_equal(decoded[name], np.asarray(adapter[name], dtype=np.float32)) for name in adapter)
 
 
 def on_grid(adapter: Adapter, name: str) -> Adapter:
@@ -59,7 +69,7 @@ def on_grid(adapter: Adapter, name: str) -> Adapter:
     held = _round_trip(adapter, encoding)
     for _ in range(MAX_ROUND_TRIPS):
         again = _round_trip(held, encoding)
-        if all(np.array_equal(again[name], held[name]) for name in held):
+        if _same_values(again, held):
             return held
         held = again
     raise DownlinkError(f"the global adapter did not settle on encoding {name}'s grid "
@@ -152,17 +162,7 @@ class Downlink:
         self.current = adapter
         self.digest = global_delta.digest(adapter) if self.delta else ""
         encoded = codec.encode_tensors(adapter, self.encoding)
-        if self.delta and self.encoding != pb.FP32 and not _decodes_to(encoded, adapter):
+        if self.delta and self.encoding != pb.FP32 and not _same_values(_decode_tensors(encoded), adapter):
             encoded = codec.encode_tensors(adapter, pb.FP32)   # off the grid: only fp32 sends it exactly
         self._full = encoded
 
-
-def _decode_tensors(encoded: codec.EncodedTensors) -> Adapter:
-    content = codec.encode(None, kind=codec.Kind.Value("GLOBAL"), job_id="downlink", server_round=0,
-                           fingerprint="", lora=LoraSpec(), tensors=encoded)
-    return codec.decode(content)[1]
-
-
-def _decodes_to(encoded: codec.EncodedTensors, adapter: Adapter) -> bool:
-    decoded = _decode_tensors(encoded)
-    return all(np.array_equal(decoded[name], np.asarray(adapter[name], dtype=np.float32)) for name in adapter)

@@ -95,8 +95,7 @@ def add_scaled(total: np.ndarray, values: Any, weight: Any) -> None:
 def add_scaled_two(total: np.ndarray, a: Any, weight_a: Any, b: Any, weight_b: Any) -> None:
     """``add_scaled(total, a, weight_a)`` then ``add_scaled(total, b, weight_b)``, bit for
     bit, in one pass over ``total`` when both take the compiled path."""
-    if not (getattr(a, "size", 0) >= COMPILED_MIN and _compiled_path(total, a, weight_a)
-            and _compiled_path(total, b, weight_b)):
+    if not (_compiled_path(total, a, weight_a) and _compiled_path(total, b, weight_b)):
         add_scaled(total, a, weight_a)
         add_scaled(total, b, weight_b)
         return
