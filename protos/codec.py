@@ -483,18 +483,17 @@ def slice_squares(values: np.ndarray, base: np.ndarray | None, start: int, scrat
 
     The difference is taken in the dtype ``values - base`` has (float32 for
     updates), cast to float64 (exact), squared (exact: a float32 squared fits a
-    float64) and summed in the fixed lane order of ``protos/norm_kernels.py``,
-    in one compiled pass for float32 values and references. Other dtypes are
-    first cast into the scratch by numpy, then summed the same way. Non-finite
-    when a value is, or when a float32 difference overflows.
+    float64) and summed in the fixed lane order of ``protos/norm_kernels.py``.
+    For the inputs the compiled pass does not take as they are (``tensor_squares``
+    takes float32 ones whole): the values, or their difference, are first cast
+    into the scratch by numpy, then summed the same way. Non-finite when a value
+    is, or when a float32 difference overflows.
     """
     from protos.norm_kernels import sum_of_squares  # numba: imported by the processes that check
 
     part = values[start : start + CHECK_CHUNK]
     size = part.size
     other = None if base is None else base[start : start + size]
-    if _compiled_input(part) and (other is None or _compiled_input(other)):
-        return float(sum_of_squares(part, other))
     out = scratch.wide[:size]
     if other is None:
         np.copyto(out, part, casting="unsafe")
