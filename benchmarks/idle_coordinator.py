@@ -39,7 +39,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtime.flower_processes import free_port, stop_process_tree  # noqa: E402
+from runtime.flower_processes import SUPERLINK_COMMANDS, free_port, stop_process_tree  # noqa: E402
 
 #: a process's role in the tree, from the first of these its command line names
 ROLES = ("flower-superlink", "flower-superexec", "flwr-serverapp", "server.gateway", "flwr")
@@ -50,6 +50,8 @@ def role(proc: psutil.Process, root: psutil.Process) -> str:
     if proc.pid == root.pid:
         return "coordinator"
     words = " ".join(proc.cmdline())
+    if any(command in words for command in SUPERLINK_COMMANDS):
+        return "flower-superlink"  # Flower's script, or the paced entry point in front of it
     return next((name for name in ROLES if name in words), words[:40])
 
 

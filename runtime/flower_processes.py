@@ -330,8 +330,13 @@ def render_flwr_config(config: Mapping[str, object]) -> str:
 
 
 # ---------------------------------------------------------- local simulation
+#: what a SuperLink's command line contains: Flower's script, or the paced entry point in front of it
+#: (server/linkstate_pacing.py) that the coordinator starts
+SUPERLINK_COMMANDS = ("flower-superlink", "server.linkstate_pacing")
+
+
 def find_local_superlink_pid(http_port: int) -> int | None:
-    """PID of the `flower-superlink` listening on 127.0.0.1:`http_port`, if any.
+    """PID of the SuperLink (`SUPERLINK_COMMANDS`) listening on 127.0.0.1:`http_port`, if any.
 
     `flwr run` with a `:local:` connection starts a detached SuperLink
     (`flower-superlink --simulation ... --port $FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`)
@@ -348,12 +353,12 @@ def find_local_superlink_pid(http_port: int) -> int | None:
                 cmdline = " ".join(psutil.Process(conn.pid).cmdline())
             except psutil.NoSuchProcess:
                 continue
-            if "flower-superlink" in cmdline:
+            if any(command in cmdline for command in SUPERLINK_COMMANDS):
                 return conn.pid
     # net_connections may not report PIDs without privileges: scan processes.
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info.get("cmdline") or []
-        if any("flower-superlink" in part for part in cmd) and _has_port_arg(cmd, http_port):
+        if any(command in part for part in cmd for command in SUPERLINK_COMMANDS) and _has_port_arg(cmd, http_port):
             return proc.pid
     return None
 

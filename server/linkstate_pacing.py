@@ -1,0 +1,151 @@
+"""The SuperLink's database, paced for many small requests at once (its process only).
+
+Why: every Fleet object request (a SuperNode pushing or pulling one of a
+message's objects) costs Flower 1.41's SuperLink three to five SQL
+transactions on `state.db`: `check_abort` reads the run's status, and that
+read first runs `_cleanup_expired_task_tokens`, two UPDATEs, so a write; then
+the object's read or insert; then `store_traffic`, another UPDATE. Each
+request runs on its own thread with its own pooled connection, and SQLite
+takes one writer at a time: a writer that finds the lock taken sleeps in
+SQLite's busy handler, 1, 2, 5, 10, 15, 20, 25 ... 100 ms, however soon the
+lock frees. Measured on a localhost deployment (benchmarks/deployment.py
+--trace, three agents): Fleet object requests took 37 ms (pull) and 55 ms
+(push) at the median, p90 140–200 ms, against ~2 ms each alone; a message's
+few objects cost the SuperNode 0.3–0.7 s each way.
+
+Two changes, applied by this module's entry point (`python -m
+server.linkstate_pacing -- <flower-superlink arguments>`, what
+server/superlink.py starts) before Flower's own `flower-superlink` main runs:
+
+- `serialize_sessions`: one lock for the process around each outermost
+  database session (Flower's `SqlMixin.session`; nested sessions in the same
+  thread re-enter it). SQLite already runs one writer at a time; now the next
+  one starts when the lock is handed over instead of after a busy-handler
+  sleep, and the pool reuses one connection instead of opening overflow
+  connections (each with its pragmas). Reads in WAL mode could have run
+  beside a writer; they take 0.2 ms, less than the sleeps they now avoid.
+  Only the SuperLink's process uses `state.db` (the ServerApp, SuperExec and
+  `flwr` CLI go through its APIs), so no other writer is slowed.
+- `throttle_status_cleanup`: Flower cleans up expired task tokens (a write)
+  before every read of a run's status or info, so every object request
+  writes twice. Here a status or info read runs that cleanup at most once per
+  `min_interval` (1 s); every call that changes a task (acquire, activate,
+  finish, heartbeat, store a task message) still runs it first, as Flower
+  does. The cost: a run whose ServerApp stopped sending heartbeats (Flower's
+  30 s interval, patience 2) may read as running up to 1 s longer.
+
+Both check first that the installed Flower has what they replace and refuse
+to start otherwise (`FlowerPacingUnsupported`, naming it), as the SuperNode's
+pacing does (clients/supernode.py). Figures: benchmarks/RESULTS.md,
+"Deployment overhead, the SuperLink's database paced".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+from runtime.flower_backoff import FlowerPacingUnsupported
+
+STATUS_CLEANUP_INTERVAL = 1.0  # seconds between two token cleanups that a status read triggers
+
+
+def _require(owner: type, name: str) -> None:
+    if not callable(vars(owner).get(name)):  # its own, not an abstract base's
+        raise FlowerPacingUnsupported(
+            f"{owner.__module__}.{owner.__qualname__}.{name} is missing: the installed Flower is not "
+            "the 1.41 this SuperLink pacing was written for (server/linkstate_pacing.py)")
+
+
+def serialize_sessions() -> threading.RLock:
+    """Every outermost `SqlMixin.session` in this process holds one re-entrant lock; returns it."""
+    from flwr.supercore.sql_mixin import SqlMixin  # pylint: disable=import-outside-toplevel
+
+    _require(SqlMixin, "session")
+    original = getattr(SqlMixin.session, "__wrapped_session__", SqlMixin.session)
+    lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[object]:
+        with lock, original(self) as sql_session:
+            yield sql_session
+
+    session.__wrapped_session__ = original  # type: ignore[attr-defined]
+    session.__doc__ = original.__doc__
+    SqlMixin.session = session  # type: ignore[method-assign]
+    return lock
+
+
+def throttle_status_cleanup(min_interval: float = STATUS_CLEANUP_INTERVAL) -> None:
+    """`get_run_status`/`get_run_info` run the expired-token cleanup at most once per
+    `min_interval` seconds; every other caller of the cleanup runs it each time."""
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState  # pylint: disable=import-outside-toplevel
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState  # pylint: disable=import-outside-toplevel
+
+    if min_interval <= 0:
+        raise ValueError(f"min_interval must be > 0 seconds, got {min_interval}")
+    for owner, name in ((SqlCoreState, "_cleanup_expired_task_tokens"), (SqlLinkState, "get_run_status"),
+                        (SqlLinkState, "get_run_info")):
+        _require(owner, name)
+    originals = {name: getattr(getattr(owner, name), "__throttled__", getattr(owner, name))
+                 for owner, name in ((SqlCoreState, "_cleanup_expired_task_tokens"),
+                                     (SqlLinkState, "get_run_status"), (SqlLinkState, "get_run_info"))}
+    reading = threading.local()  # set while this thread reads a run's status or info
+    last = {"at": float("-inf")}
+    last_lock = threading.Lock()
+
+    def cleanup(self) -> None:
+        if getattr(reading, "active", False):
+            with last_lock:
+                now = time.monotonic()
+                if now - last["at"] < min_interval:
+                    return
+                last["at"] = now
+        originals["_cleanup_expired_task_tokens"](self)
+
+    def read(name: str):
+        original = originals[name]
+
+        def wrapper(self, *args, **kwargs):
+            outer = getattr(reading, "active", False)
+            reading.active = True
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                reading.active = outer
+
+        wrapper.__throttled__ = original  # type: ignore[attr-defined]
+        wrapper.__doc__ = original.__doc__
+        wrapper.__name__ = name
+        return wrapper
+
+    cleanup.__throttled__ = originals["_cleanup_expired_task_tokens"]  # type: ignore[attr-defined]
+    SqlCoreState._cleanup_expired_task_tokens = cleanup  # type: ignore[method-assign]
+    SqlLinkState.get_run_status = read("get_run_status")  # type: ignore[method-assign]
+    SqlLinkState.get_run_info = read("get_run_info")  # type: ignore[method-assign]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`flower-superlink` with its database paced (module doc): our options, `--`, then Flower's."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    ours, flower_args = (args[:args.index("--")], args[args.index("--") + 1:]) if "--" in args else ([], args)
+    parser = argparse.ArgumentParser(prog="python -m server.linkstate_pacing",
+                                     description="flower-superlink, its database sessions serialized and "
+                                                 "its status reads' token cleanup throttled")
+    parser.add_argument("--status-cleanup-interval", type=float, default=STATUS_CLEANUP_INTERVAL,
+                        help="seconds between two expired-token cleanups run by status reads")
+    options = parser.parse_args(ours)
+    serialize_sessions()
+    throttle_status_cleanup(options.status_cleanup_interval)
+    from flwr.superlink.cli.flower_superlink import flower_superlink  # pylint: disable=import-outside-toplevel
+
+    sys.argv = ["flower-superlink", *flower_args]  # Flower parses sys.argv and names itself by argv[0]
+    flower_superlink()
+
+
+if __name__ == "__main__":
+    main()
