@@ -1,25 +1,36 @@
 """Adapter tensors ⇄ Flower records, and the checks applied to what arrives.
 
-Layout inside a Flower ``RecordDict``:
+Every tensor's encoded bytes travel in ONE packed blob, in one of two places of
+a Flower ``RecordDict``, chosen by the blob's size:
 
-* ``HEADER_RECORD`` (ConfigRecord) — ``{"bytes": UpdateHeader serialized}``
-* ``TENSORS_RECORD`` (ArrayRecord) — ONE uint8 Array, ``PACKED_ARRAY``, holding
-  every tensor's encoded bytes; no Array at all when the header announces no
-  tensor (global-delta's "the same global")
+* **inline** (``len(blob) <= INLINE_LIMIT``): ``HEADER_RECORD`` (ConfigRecord)
+  ``{"bytes": UpdateHeader serialized, INLINE_KEY: the blob}``, and no
+  ``TENSORS_RECORD``;
+* **array** (``len(blob) > INLINE_LIMIT``): ``HEADER_RECORD`` ``{"bytes": ...}``
+  and ``TENSORS_RECORD`` (ArrayRecord) holding ONE uint8 Array, ``PACKED_ARRAY``;
+* no tensor announced (global-delta's "the same global"): the header record
+  alone.
 
-Flower moves every Array of a message as objects of their own, one request
-each, so one Array per tensor cost a deployed round seconds
-(benchmarks/RESULTS.md, "Deployment overhead, message path"). Each TensorSpec
-says where its segment is (``offset``, ``nbytes``) and how to decode it; the
-segments follow in name order, each at the next multiple of ``SEGMENT_ALIGN``
-bytes (so float32/float16 views are aligned), zero bytes between them, none
-after the last. The encodings themselves (fp32, fp16, int8, ...) live one per
-module in protos/encodings/; this module only dispatches on the TensorSpec's
-wire id, so a new encoding does not edit it. ``decode`` trusts nothing: it
-parses the header, checks the Array and the whole layout against what each
-spec's encoding needs for its shape before viewing any segment, and decodes to
-float32 (fp32: read-only views into the one buffer, no copy). ``check_header``
-and ``check_values`` then compare against what the receiver expects.
+Flower moves every record and Array of a message as objects of their own, one
+request each at the SuperLink (benchmarks/RESULTS.md, "Deployment overhead,
+message path"): one Array per tensor cost a deployed round seconds, and even the
+one packed Array is three objects (ArrayRecord, Array, its chunk) where a
+ConfigRecord, which has no children, is one. Inline is capped at INLINE_LIMIT so
+that an inline record is never a bigger object than one of Flower's Array chunks
+already is; above it the Array keeps Flower's chunking. Each form is the only one
+accepted for its size: anything else is refused (``_segments``).
+
+Each TensorSpec says where its segment is (``offset``, ``nbytes``) and how to
+decode it; the segments follow in name order, each at the next multiple of
+``SEGMENT_ALIGN`` bytes (so float32/float16 views are aligned), zero bytes
+between them, none after the last. The encodings themselves (fp32, fp16, int8,
+...) live one per module in protos/encodings/; this module only dispatches on the
+TensorSpec's wire id, so a new encoding does not edit it. ``decode`` trusts
+nothing: it parses the header, checks the placement and the whole layout against
+what each spec's encoding needs for its shape before viewing any segment, and
+decodes to float32 (fp32: read-only views into the one buffer, no copy).
+``check_header`` and ``check_values`` then compare against what the receiver
+expects.
 """
 
 from __future__ import annotations
@@ -41,11 +52,24 @@ from protos.errors import RejectReason, UpdateRejected
 from protos.records import HEADER_RECORD, TENSORS_RECORD
 from protos.silotune.v1 import update_pb2 as pb
 
-#: 2: all tensors in one Array (1: one Array per tensor, refused)
-PROTOCOL_VERSION = 2
+#: 3: small messages' tensors inline in the header record (2: always in one Array; 1: one Array
+#: per tensor; both refused)
+PROTOCOL_VERSION = 3
 #: the one Array of TENSORS_RECORD
 PACKED_ARRAY = "packed"
-#: every segment starts at a multiple of this many bytes of the packed Array
+#: the header record's key of the serialized UpdateHeader
+HEADER_KEY = "bytes"
+#: the header record's key of an inline blob
+INLINE_KEY = "packed"
+#: the largest blob that travels inline, in bytes. Flower 1.41 cuts an Array into objects of at
+#: most 5 MiB (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE), so an inline header record is never a bigger
+#: object than one chunk already is; larger blobs keep Flower's chunking (one huge HTTP body
+#: would have to be held, hashed and sent whole)
+INLINE_LIMIT = 4 * 1024 * 1024
+#: numpy views of the blob start at a multiple of this many bytes (CPython's bytes data is
+#: 16-byte aligned; ``_aligned_blob`` copies rather than view a float misaligned)
+_BUFFER_ALIGN = 16
+#: every segment starts at a multiple of this many bytes of the packed blob
 SEGMENT_ALIGN = 64
 #: a tensor of more values than this is refused before its size is computed (int64 products)
 _MAX_VALUES = 2**62
@@ -89,11 +113,14 @@ def _encode_tensor(name: str, values: np.ndarray, encoding: type[UpdateEncoding]
 
 class EncodedTensors(NamedTuple):
     """An adapter's tensors in one encoding: their specs (sorted by name, each with its segment)
-    and the TENSORS_RECORD's Arrays (``{PACKED_ARRAY: Array}``, or none without tensors). Encoded
-    once, they can go out under several headers (the global delta's bytes, kept for a round)."""
+    and the packed blob in the placement its size calls for: ``arrays`` the TENSORS_RECORD's
+    (``{PACKED_ARRAY: Array}`` above INLINE_LIMIT, else none), ``inline`` the header record's
+    blob (None when it travels in ``arrays`` or no tensor is announced). Encoded once, they can
+    go out under several headers (the global delta's bytes, kept for a round)."""
 
     specs: tuple[pb.TensorSpec, ...]
     arrays: Mapping[str, Array]
+    inline: bytes | None = None
 
 
 def _aligned(at: int) -> int:
@@ -133,7 +160,11 @@ def pack_tensors(parts: Iterable[tuple[pb.TensorSpec, np.ndarray]]) -> EncodedTe
     blob = np.zeros(at, dtype=np.uint8)  # zeros: the padding the receiver checks
     for spec, wire in laid:
         blob[spec.offset : spec.offset + spec.nbytes] = np.ascontiguousarray(wire).reshape(-1).view(np.uint8)
-    return EncodedTensors(tuple(spec for spec, _ in laid), {PACKED_ARRAY: Array(blob)})
+    specs = tuple(spec for spec, _ in laid)
+    if at > INLINE_LIMIT:
+        return EncodedTensors(specs, {PACKED_ARRAY: Array(blob)})
+    # inline, even when every tensor is empty (0 bytes): tensors announced always come with a blob
+    return EncodedTensors(specs, {}, blob.tobytes())
 
 
 def encode(
@@ -174,12 +205,15 @@ def encode(
     for key, value in (metrics or {}).items():
         header.metrics[key] = float(value)
     header.tensors.extend(tensors.specs)
-    return RecordDict(
-        {
-            HEADER_RECORD: ConfigRecord({"bytes": header.SerializeToString()}),
-            TENSORS_RECORD: ArrayRecord(array_dict=dict(tensors.arrays), keep_input=True),
-        }
-    )
+    if tensors.inline is not None and tensors.arrays:
+        raise ValueError("encoded tensors carry a blob both inline and in Arrays; pack_tensors gives one placement")
+    fields: dict[str, bytes] = {HEADER_KEY: header.SerializeToString()}
+    if tensors.inline is not None:
+        fields[INLINE_KEY] = tensors.inline
+    records: dict[str, ConfigRecord | ArrayRecord] = {HEADER_RECORD: ConfigRecord(fields)}
+    if tensors.arrays:
+        records[TENSORS_RECORD] = ArrayRecord(array_dict=dict(tensors.arrays), keep_input=True)
+    return RecordDict(records)
 
 
 def _reject(reason: RejectReason, detail: str) -> UpdateRejected:
@@ -198,8 +232,9 @@ def parse_header(raw: object) -> pb.UpdateHeader:
     if header.protocol_version != PROTOCOL_VERSION:
         raise _reject(
             RejectReason.PROTOCOL_VERSION,
-            f"protocol {header.protocol_version}, this side speaks {PROTOCOL_VERSION} (version 2 packs all "
-            "tensors in one Array): run the same silotune release on the coordinator and every agent",
+            f"protocol {header.protocol_version}, this side speaks {PROTOCOL_VERSION} (version 3 sends small "
+            "messages' tensors inline in the header record): run the same silotune release on the "
+            "coordinator and every agent",
         )
     return header
 
@@ -215,7 +250,8 @@ def decode(content: RecordDict) -> tuple[pb.UpdateHeader, Adapter]:
 
 def wire_views(content: RecordDict) -> dict[str, np.ndarray]:
     """Each tensor's wire values (its encoding's dtype and wire shape), read-only views into the
-    packed Array, after the checks ``decode`` makes of the layout; UpdateRejected otherwise."""
+    packed blob (inline or in the Array), after the checks ``decode`` makes of the layout;
+    UpdateRejected otherwise."""
     return {spec.name: wire for spec, _, wire in _segments(content)[1]}
 
 
@@ -258,23 +294,53 @@ def _segments(content: RecordDict) -> tuple[pb.UpdateHeader, list[tuple[pb.Tenso
     """The header, and per tensor in name order its spec, decoder and wire view.
 
     Everything the network chose is checked before a segment is viewed: the
-    records, the header, the one Array's dtype and shape, and the layout
+    records, the header, the blob's placement (``_blob``) and the layout
     (``_layout``)."""
-    try:
-        header_record = content.config_records[HEADER_RECORD]
-        arrays = content.array_records[TENSORS_RECORD]
-    except KeyError as missing:
-        raise _reject(RejectReason.MALFORMED, f"record {missing} absent") from None
-    header = parse_header(header_record.get("bytes"))
+    header_record = content.config_records.get(HEADER_RECORD)
+    if header_record is None:
+        raise _reject(RejectReason.MALFORMED, f"record {HEADER_RECORD!r} absent")
+    fields = dict(header_record.items())  # plain dict: a record's __getitem__ is slow
+    header = parse_header(fields.get(HEADER_KEY))  # first: another version may lay its records out otherwise
+    extra = sorted(set(fields) - {HEADER_KEY, INLINE_KEY})
+    if extra:
+        raise _reject(RejectReason.MALFORMED,
+                      f"unexpected key(s) {[repr(key)[:40] for key in extra[:3]]} in the header record")
     specs = sorted(header.tensors, key=lambda spec: spec.name)
     for before, after in zip(specs, specs[1:]):
         if before.name == after.name:
             raise _reject(RejectReason.TENSOR_NAMES, f"{before.name}: announced twice")
-    present = dict(arrays.items())  # plain dict: ArrayRecord's __getitem__ is slow
-    if not specs:
-        if present:
-            raise _reject(RejectReason.MALFORMED, f"no tensor announced, yet arrays {sorted(present)[:3]} sent")
+    blob = _blob(fields.get(INLINE_KEY), content.array_records.get(TENSORS_RECORD), announced=bool(specs))
+    if blob is None:
         return header, []
+    laid = _layout(specs, blob)
+    return header, [(spec, decoder, blob[spec.offset : spec.offset + spec.nbytes].view(decoder.wire_dtype)
+                     .reshape(shape)) for spec, decoder, shape in laid]
+
+
+def _blob(inline: object, arrays: ArrayRecord | None, *, announced: bool) -> np.ndarray | None:
+    """The packed blob as a read-only uint8 view, from the one placement its size calls for
+    (module docstring); None when no tensor is announced and none is sent. UpdateRejected
+    MALFORMED (or TENSOR_DTYPE / TENSOR_SHAPE for a mislabelled Array) otherwise."""
+    if inline is not None and arrays is not None:
+        raise _reject(RejectReason.MALFORMED, f"tensors both inline ({HEADER_RECORD!r}) and in {TENSORS_RECORD!r}; "
+                      "one placement only")
+    if not announced:
+        if inline is not None or arrays is not None:
+            where = f"inline bytes ({INLINE_KEY!r})" if inline is not None else f"the record {TENSORS_RECORD!r}"
+            raise _reject(RejectReason.MALFORMED, f"no tensor announced, yet {where} sent")
+        return None
+    if inline is not None:
+        if not isinstance(inline, bytes):
+            raise _reject(RejectReason.MALFORMED,
+                          f"inline tensors ({INLINE_KEY!r}) are {type(inline).__name__}, expected bytes")
+        if len(inline) > INLINE_LIMIT:
+            raise _reject(RejectReason.MALFORMED, f"inline blob of {len(inline)} bytes: a blob above INLINE_LIMIT "
+                          f"({INLINE_LIMIT}) travels in the ArrayRecord {TENSORS_RECORD!r}")
+        return _aligned_blob(np.frombuffer(inline, dtype=np.uint8))
+    if arrays is None:
+        raise _reject(RejectReason.MALFORMED, f"tensors announced but no blob: neither inline ({INLINE_KEY!r} "
+                      f"in {HEADER_RECORD!r}) nor in {TENSORS_RECORD!r}")
+    present = dict(arrays.items())  # plain dict: ArrayRecord's __getitem__ is slow
     if list(present) != [PACKED_ARRAY]:
         raise _reject(RejectReason.MALFORMED,
                       f"tensors travel in the one Array {PACKED_ARRAY!r}; got {sorted(present)[:3]}")
@@ -283,6 +349,9 @@ def _segments(content: RecordDict) -> tuple[pb.UpdateHeader, list[tuple[pb.Tenso
         raise _reject(RejectReason.TENSOR_DTYPE, f"packed Array is {array.dtype}, expected uint8")
     if len(array.shape) != 1:
         raise _reject(RejectReason.TENSOR_SHAPE, f"packed Array has shape {tuple(array.shape)}, expected 1-D")
+    if array.shape[0] <= INLINE_LIMIT:  # before the bytes are looked at: the label is enough
+        raise _reject(RejectReason.MALFORMED, f"packed Array of {array.shape[0]} bytes: a blob of up to "
+                      f"INLINE_LIMIT ({INLINE_LIMIT}) travels inline in {HEADER_RECORD!r}")
     try:
         blob = wire_view(array)
     except Exception as err:  # a corrupt Array buffer must not crash the round
@@ -292,9 +361,23 @@ def _segments(content: RecordDict) -> tuple[pb.UpdateHeader, list[tuple[pb.Tenso
     if blob.shape != tuple(array.shape):
         raise _reject(RejectReason.TENSOR_SHAPE,
                       f"packed Array's data has shape {blob.shape}, announced {tuple(array.shape)}")
-    laid = _layout(specs, blob)
-    return header, [(spec, decoder, blob[spec.offset : spec.offset + spec.nbytes].view(decoder.wire_dtype)
-                     .reshape(shape)) for spec, decoder, shape in laid]
+    return _aligned_blob(blob)
+
+
+def _aligned_blob(blob: np.ndarray) -> np.ndarray:
+    """``blob`` itself when it starts at a multiple of _BUFFER_ALIGN (then every segment, at a
+    multiple of SEGMENT_ALIGN, is aligned for any wire dtype), else a read-only aligned copy.
+
+    CPython's bytes objects keep their data 16-byte aligned, and .npy headers pad the data to a
+    multiple of 64: the copy is for a runtime where that does not hold, not a path taken here."""
+    if blob.ctypes.data % _BUFFER_ALIGN == 0:
+        return blob
+    room = np.empty(blob.size + _BUFFER_ALIGN, dtype=np.uint8)
+    start = -room.ctypes.data % _BUFFER_ALIGN
+    copy = room[start : start + blob.size]
+    copy[...] = blob
+    copy.flags.writeable = False
+    return copy
 
 
 def _layout(specs: list[pb.TensorSpec], blob: np.ndarray) -> list[tuple[pb.TensorSpec, _Decoder, tuple[int, ...]]]:
@@ -333,7 +416,7 @@ def _layout(specs: list[pb.TensorSpec], blob: np.ndarray) -> list[tuple[pb.Tenso
                           f"expected {start} (segments in name order, each at the next multiple of {SEGMENT_ALIGN})")
         if start + needed > size:
             raise _reject(RejectReason.MALFORMED, f"{name}: segment {start}..{start + needed} past the end of "
-                          f"the packed Array ({size} bytes)")
+                          f"the packed blob ({size} bytes)")
         if blob[at:start].any():
             raise _reject(RejectReason.MALFORMED, f"{name}: non-zero padding before its segment")
         laid.append((spec, decoder, wire_shape))

@@ -8,8 +8,8 @@ reply its metrics and its name. Secure aggregation's records are named in
 protos/secagg/wire.py.
 """
 
-HEADER_RECORD = "silotune.header"          # ConfigRecord {"bytes": UpdateHeader}
-TENSORS_RECORD = "silotune.tensors"        # ArrayRecord: one packed uint8 Array, a segment per TensorSpec
+HEADER_RECORD = "silotune.header"          # ConfigRecord {"bytes": UpdateHeader, "packed": tensors up to 4 MiB}
+TENSORS_RECORD = "silotune.tensors"        # ArrayRecord: one packed uint8 Array, tensors above 4 MiB
 CONFIG_RECORD = "silotune.config"          # ConfigRecord: RoundConfig
 SIMULATION_RECORD = "silotune.simulation"  # ConfigRecord: SimulationSettings (virtual organizations only)
 METRICS_RECORD = "metrics"                 # MetricRecord of an evaluate reply

@@ -33,6 +33,7 @@ from flwr.app import Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from protos.codec import HEADER_RECORD, INLINE_KEY
 from server.validation import network_text
 
 log = logging.getLogger("silotune.server")
@@ -62,8 +63,8 @@ class _Collector:
 
     Flower's Message objects sit in reference cycles, so a reply is freed only by
     the cyclic collector, which counts objects, not bytes: left alone, updates of
-    ~P bytes pile up. ``release`` empties a handled reply's arrays at once (their
-    bytes go by reference counting, whatever the cycle), so only the small shells
+    ~P bytes pile up. ``release`` empties a handled reply's arrays and inline
+    tensors at once (their bytes go by reference counting, whatever the cycle), so only the small shells
     wait for the collector — which then runs every GC_EVERY_BYTES of replies, not
     after every pull batch: a full collection walks the whole heap (torch,
     transformers, Flower, Ray: tens of ms), and in a fleet of small updates that,
@@ -83,6 +84,11 @@ class _Collector:
                 # one dict. A numpy view on_reply kept still holds the bytes it points at.
                 self.pending += len(array.data)
                 array.data = b""
+        header = reply.content.config_records.get(HEADER_RECORD)
+        inline = header.get(INLINE_KEY) if header is not None else None
+        if isinstance(inline, bytes):  # a small update's tensors, inline in its header record (protos/codec.py)
+            self.pending += len(inline)
+            header[INLINE_KEY] = b""
         if self.pending >= GC_EVERY_BYTES:
             self.pending = 0
             gc.collect()

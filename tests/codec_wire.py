@@ -1,9 +1,11 @@
 """Tests' access to a message's tensors on the wire, as a sender could set them.
 
-All tensors of a message travel in one packed Array (protos/codec.py); tests
-that tamper with one tensor's bytes read the per-tensor wire values here and
-pack them again the way ``codec.encode`` lays them out, with the header's
-segments rewritten to match, so only the change under test differs.
+All tensors of a message travel in one packed blob (protos/codec.py), inline in
+the header record or, above ``codec.INLINE_LIMIT``, as the one Array of the
+tensors record; tests that tamper with one tensor's bytes read the per-tensor
+wire values here and pack them again the way ``codec.encode`` lays them out,
+with the header's segments rewritten to match, so only the change under test
+differs. ``set_inline`` / ``set_array`` put a blob where a hostile sender likes.
 """
 
 from __future__ import annotations
@@ -28,24 +30,57 @@ def wires(content: RecordDict) -> dict[str, np.ndarray]:
 
 
 def packed_bytes(content: RecordDict) -> int:
-    """The packed Array's data length (its .npy header included); 0 without one."""
-    return sum(len(array.data) for array in content.array_records[codec.TENSORS_RECORD].values())
+    """The packed blob's length as sent: the inline bytes, or the Array's data (its .npy header
+    included); 0 without either."""
+    inline = content.config_records[codec.HEADER_RECORD].get(codec.INLINE_KEY)
+    arrays = content.array_records.get(codec.TENSORS_RECORD)
+    return (len(inline) if isinstance(inline, bytes) else 0) + (
+        sum(len(array.data) for array in arrays.values()) if arrays is not None else 0)
 
 
 def set_header(content: RecordDict, header: codec.UpdateHeader) -> RecordDict:
-    content[codec.HEADER_RECORD] = ConfigRecord({"bytes": header.SerializeToString()})
+    """The header record's serialized header replaced, an inline blob (or any other key) kept."""
+    fields = dict(content.config_records[codec.HEADER_RECORD].items())
+    fields[codec.HEADER_KEY] = header.SerializeToString()
+    content[codec.HEADER_RECORD] = ConfigRecord(fields)
+    return content
+
+
+def set_inline(content: RecordDict, value: object | None) -> RecordDict:
+    """The header record's inline value set to ``value`` as it is (removed when None)."""
+    fields = dict(content.config_records[codec.HEADER_RECORD].items())
+    fields.pop(codec.INLINE_KEY, None)
+    if value is not None:
+        fields[codec.INLINE_KEY] = value
+    content[codec.HEADER_RECORD] = ConfigRecord(fields)
+    return content
+
+
+def set_array(content: RecordDict, blob: np.ndarray | None) -> RecordDict:
+    """The TENSORS record holding ``blob`` as its one Array (no record when ``blob`` is None)."""
+    if blob is None:
+        if codec.TENSORS_RECORD in content:
+            del content[codec.TENSORS_RECORD]
+        return content
+    content[codec.TENSORS_RECORD] = ArrayRecord(
+        array_dict={codec.PACKED_ARRAY: Array(np.ascontiguousarray(blob))}, keep_input=True)
     return content
 
 
 def set_blob(content: RecordDict, blob: np.ndarray | None) -> RecordDict:
-    """The TENSORS record holding ``blob`` as its one Array (none when ``blob`` is None)."""
-    arrays = {} if blob is None else {codec.PACKED_ARRAY: Array(np.ascontiguousarray(blob))}
-    content[codec.TENSORS_RECORD] = ArrayRecord(array_dict=arrays, keep_input=True)
-    return content
+    """``blob`` in the canonical placement for its size (``codec.INLINE_LIMIT``), the other one
+    cleared; no blob at all when None. A blob that is not 1-D uint8 can only be an Array."""
+    blob = None if blob is None else np.ascontiguousarray(blob)
+    small = blob is not None and blob.dtype == np.uint8 and blob.ndim == 1 and blob.size <= codec.INLINE_LIMIT
+    set_inline(content, blob.tobytes() if small else None)
+    return set_array(content, None if small else blob)
 
 
 def blob_of(content: RecordDict) -> np.ndarray:
-    """A writable copy of the packed Array's bytes."""
+    """A writable copy of the packed blob's bytes, wherever it travels."""
+    inline = content.config_records[codec.HEADER_RECORD].get(codec.INLINE_KEY)
+    if inline is not None:
+        return np.frombuffer(inline, np.uint8).copy()
     return np.array(codec.wire_view(content.array_records[codec.TENSORS_RECORD][codec.PACKED_ARRAY]))
 
 

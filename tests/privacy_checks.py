@@ -41,7 +41,7 @@ from flwr.proto.message_pb2 import Message as ProtoMessage  # type: ignore[attr-
 from clients.formatting import encode_example
 from clients.silo import load_silo
 from protos import codec
-from protos.records import TENSORS_RECORD
+from protos.records import HEADER_RECORD, TENSORS_RECORD
 
 TEXT_WINDOW = 20       # bytes of record text that count as a leak
 ID_WINDOW = 8          # consecutive token ids that count as a leak
@@ -138,9 +138,9 @@ def array_sequence(array: Any) -> list[float] | None:
 
 
 def packed_tensor_sequences(content: RecordDict) -> list[tuple[str, list[float]]] | None:
-    """Each tensor of the codec's one packed Array as its wire values (protos/codec.py
-    ``wire_views``: float32 values for fp32, codes for the quantized encodings), or None
-    when the content is not a codec message."""
+    """Each tensor of the codec's one packed blob (inline in the header record or the tensors
+    record's Array) as its wire values (protos/codec.py ``wire_views``: float32 values for fp32,
+    codes for the quantized encodings), or None when the content is not a codec message."""
     try:
         views = codec.wire_views(content)
     except Exception:
@@ -152,13 +152,18 @@ def packed_tensor_sequences(content: RecordDict) -> list[tuple[str, list[float]]
 def content_record_leaks(content: RecordDict, secrets: Secrets) -> list[str]:
     """Token-id windows among the numbers of decoded records (config/metric lists, arrays)."""
     sequences: list[tuple[str, list[float]]] = []
+    tensors = packed_tensor_sequences(content)
     for name, record in content.config_records.items():
         sequences += record_sequences(name, record)
+        inline = record.get(codec.INLINE_KEY) if name == HEADER_RECORD else None
+        if isinstance(inline, bytes):
+            # the adapter's tensors inline: each as its values; bytes the codec refuses, as numbers
+            sequences += ([(f"{name}.{key}", values) for key, values in tensors] if tensors is not None else
+                          [(f"{name}.{codec.INLINE_KEY}", np.frombuffer(inline, np.uint8).astype(np.float64).tolist())])
     for name, record in content.metric_records.items():
         sequences += record_sequences(name, record)
     for name, record in content.array_records.items():
-        tensors = packed_tensor_sequences(content) if name == TENSORS_RECORD else None
-        if tensors is not None:   # the adapter's tensors, each as its values, not as the packed bytes
+        if name == TENSORS_RECORD and tensors is not None:   # the adapter's tensors, each as its values
             sequences += [(f"{name}.{key}", values) for key, values in tensors]
             continue
         for key, array in record.items():

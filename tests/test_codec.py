@@ -20,7 +20,7 @@ from protos.adapter import LoraSpec
 from protos.encodings import ENCODINGS, UpdateEncoding
 from protos.errors import RejectReason, UpdateRejected
 
-from codec_wire import header_of, repacked, set_header, wires
+from codec_wire import blob_of, header_of, repacked, set_header, set_inline, wires
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
@@ -156,13 +156,22 @@ def test_each_encoding_keeps_within_its_documented_error_bound(name: str) -> Non
         assert encoding.max_abs_error(np.array([7e4], np.float32)) == np.inf
 
 
-def test_fp32_decodes_to_a_read_only_view_over_the_received_bytes() -> None:
+@pytest.mark.parametrize("placement", ["inline", "array"])
+def test_fp32_decodes_to_a_read_only_view_over_the_received_bytes(placement: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    if placement == "array":
+        monkeypatch.setattr(codec, "INLINE_LIMIT", 0)  # this small adapter's blob goes in the Array
     content = encoded()
     _, values = codec.decode(content)
-    (array,) = content.array_records[codec.TENSORS_RECORD].values()
+    if placement == "inline":
+        assert codec.TENSORS_RECORD not in content
+        received = content.config_records[codec.HEADER_RECORD][codec.INLINE_KEY]
+    else:
+        (array,) = content.array_records[codec.TENSORS_RECORD].values()
+        received = array.data
     for name in LAYOUT:
         assert not values[name].flags.writeable
-        assert np.shares_memory(values[name], np.frombuffer(array.data, np.uint8))
+        assert np.shares_memory(values[name], np.frombuffer(received, np.uint8))
 
 
 def test_encoding_names_and_wire_ids() -> None:
@@ -177,7 +186,7 @@ def test_encoding_names_and_wire_ids() -> None:
         header = codec.UpdateHeader()
         header.ParseFromString(content.config_records[codec.HEADER_RECORD]["bytes"])
         header.tensors[1].encoding = unknown
-        content[codec.HEADER_RECORD] = ConfigRecord({"bytes": header.SerializeToString()})
+        set_header(content, header)
         assert reason_of(content) is RejectReason.TENSOR_DTYPE
 
 
@@ -339,7 +348,8 @@ def test_malformed_records() -> None:
     content[codec.HEADER_RECORD] = ConfigRecord({"bytes": b"\xff\x00not a protobuf"})
     assert reason_of(content) is RejectReason.MALFORMED
     content = encoded()
-    del content[codec.TENSORS_RECORD]
+    assert blob_of(content).size
+    set_inline(content, None)  # the tensors announced, their bytes not sent
     assert reason_of(content) is RejectReason.MALFORMED
 
 
@@ -446,7 +456,7 @@ def test_cached_headers_accept_and_reject_exactly_as_numpy_does() -> None:
     assert len(codec._header_cache) <= codec._HEADER_CACHE_MAX_ENTRIES
 
 
-def test_a_cached_header_still_checks_each_buffer_and_gives_read_only_views() -> None:
+def test_a_cached_header_still_checks_each_buffer_and_gives_read_only_views(monkeypatch: pytest.MonkeyPatch) -> None:
     data = _npy(np.arange(12, dtype="<f4").reshape(3, 4))
     first = codec.wire_view(SimpleNamespace(data=data))
     assert not first.flags.writeable and np.shares_memory(first, np.frombuffer(data, np.uint8))
@@ -454,6 +464,7 @@ def test_a_cached_header_still_checks_each_buffer_and_gives_read_only_views() ->
         codec.wire_view(SimpleNamespace(data=data[:-4]))
     with pytest.raises(ValueError):  # same header, a value too many
         codec.wire_view(SimpleNamespace(data=data + bytes(4)))
+    monkeypatch.setattr(codec, "INLINE_LIMIT", 0)  # the blob in the Array, whose .npy header is cached
     content = encoded()  # through decode: a truncated Array is MALFORMED, cached header or not
     codec.decode(content)
     arrays = content.array_records[codec.TENSORS_RECORD]

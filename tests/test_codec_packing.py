@@ -1,4 +1,5 @@
-"""Protocol version 2: all tensors of a message in one packed Array, and every bad layout refused by name."""
+"""Protocol version 3: all tensors of a message in one packed blob, inline in the header record up to
+codec.INLINE_LIMIT and in one Array above it, and every bad placement or layout refused by name."""
 
 from __future__ import annotations
 
@@ -6,14 +7,18 @@ import gc
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.supercore.inflatable.inflatable_object import get_object_tree, iterate_object_tree
+from flwr.supercore.task_identity import TaskIdentity
 
 from protos import codec
 from protos.adapter import LoraSpec
 from protos.encodings import ENCODINGS
 from protos.errors import RejectReason, UpdateRejected
 
-from codec_wire import blob_of, header_of, packed_bytes, repacked, set_blob, set_header, wires
+from server.exchange import _Collector
+from codec_wire import blob_of, header_of, packed_bytes, repacked, set_array, set_blob, set_header, set_inline, wires
 
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 UPDATE = codec.Kind.Value("UPDATE")
@@ -35,6 +40,12 @@ def send(values, encoding: str = "fp32", **overrides):  # type: ignore[no-untype
     return codec.encode(values, **kwargs)
 
 
+@pytest.fixture()
+def array_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every non-empty blob goes in the Array: the Array path's checks, on small test adapters."""
+    monkeypatch.setattr(codec, "INLINE_LIMIT", 0)
+
+
 def rejection(content) -> UpdateRejected:  # type: ignore[no-untyped-def]
     with pytest.raises(UpdateRejected) as info:
         codec.decode(content)
@@ -42,7 +53,7 @@ def rejection(content) -> UpdateRejected:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_every_encoding_round_trips_in_one_packed_array(name: str) -> None:
+def test_every_encoding_round_trips_in_one_packed_array(name: str, array_path: None) -> None:
     values = odd_adapter()
     content = send(values, name)
     arrays = content.array_records[codec.TENSORS_RECORD]
@@ -68,42 +79,74 @@ def test_every_encoding_round_trips_in_one_packed_array(name: str) -> None:
         assert np.shares_memory(wire, np.frombuffer(array.data, np.uint8)) or wire.size == 0
 
 
-def test_fp32_views_are_aligned_read_only_and_keep_their_buffer_alive() -> None:
+@pytest.mark.parametrize("placement", ["inline", "array"])
+def test_fp32_views_are_aligned_read_only_and_keep_their_buffer_alive(placement: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    if placement == "array":
+        monkeypatch.setattr(codec, "INLINE_LIMIT", 0)
     values = odd_adapter()
     content = send(values)
+    assert (codec.TENSORS_RECORD in content) == (placement == "array")
     _, decoded = codec.decode(content)
     for key, original in values.items():
         view = decoded[key]
         assert view.flags.aligned and not view.flags.writeable and np.array_equal(view, original)
-    # what server/exchange.py's _Collector does once a reply is handled: the Array's data emptied
-    content.array_records[codec.TENSORS_RECORD][codec.PACKED_ARRAY].data = b""
+    # what server/exchange.py's _Collector does once a reply is handled: the blob's bytes dropped
+    collector, sent = _Collector(), sum(len(blob) for blob in _sent_blobs(content))
+    collector.release(SimpleReply(content))
+    assert collector.pending == sent > 0
+    assert not any(_sent_blobs(content)), "release must empty the blob wherever it travels"
     del content
     gc.collect()
     for key, original in values.items():
         assert np.array_equal(decoded[key], original)
 
 
-def test_one_message_of_many_tensors_is_one_array() -> None:
+class SimpleReply:
+    """What _Collector.release reads of a Message: its error flag and content."""
+
+    def __init__(self, content: RecordDict) -> None:
+        self.content = content
+
+    def has_error(self) -> bool:
+        return False
+
+
+def _sent_blobs(content: RecordDict) -> list[bytes]:
+    inline = content.config_records[codec.HEADER_RECORD].get(codec.INLINE_KEY)
+    arrays = content.array_records.get(codec.TENSORS_RECORD)
+    return ([inline] if inline is not None else []) + [a.data for a in (arrays.values() if arrays else [])]
+
+
+def test_one_message_of_many_tensors_is_one_array(array_path: None) -> None:
     values = {f"layer.{i:02d}.lora_{ab}.weight": np.ones((4, 16), np.float32) for i in range(10) for ab in "AB"}
     content = send(values, "q8")
     assert len(content.array_records[codec.TENSORS_RECORD]) == 1
     assert set(codec.decode(content)[1]) == set(values)
 
 
-def test_no_tensors_means_no_array() -> None:
-    """global-delta's "the same global": EncodedTensors((), {}) sends an empty TENSORS record."""
+def test_no_tensors_means_the_header_record_alone() -> None:
+    """global-delta's "the same global": EncodedTensors((), {}) sends no blob and no TENSORS record."""
     content = codec.encode(None, kind=codec.Kind.Value("GLOBAL"), job_id="job", server_round=1, fingerprint="fp",
                            lora=SPEC, tensors=codec.EncodedTensors((), {}))
-    assert len(content.array_records[codec.TENSORS_RECORD]) == 0 and packed_bytes(content) == 0
+    assert set(content) == {codec.HEADER_RECORD} and packed_bytes(content) == 0
+    assert set(content.config_records[codec.HEADER_RECORD]) == {codec.HEADER_KEY}
     assert codec.decode(content)[1] == {}
     assert codec.encode_tensors({}) == codec.EncodedTensors((), {})
-    set_blob(content, np.zeros(0, np.uint8))  # an Array where no tensor is announced: one form only
-    assert rejection(content).reason is RejectReason.MALFORMED
+    def empty_record(c):  # type: ignore[no-untyped-def]
+        c[codec.TENSORS_RECORD] = ArrayRecord()   # what protocol 2 sent
+        return c
+    for sent in (lambda c: set_inline(c, b""), lambda c: set_array(c, np.zeros(0, np.uint8)), empty_record):
+        _refused(sent(codec.encode(None, kind=codec.Kind.Value("GLOBAL"), job_id="job", server_round=1,
+                                   fingerprint="fp", lora=SPEC, tensors=codec.EncodedTensors((), {}))),
+                 RejectReason.MALFORMED, "no tensor announced")
 
 
-def test_all_tensors_empty_still_send_the_array() -> None:
+def test_all_tensors_empty_still_send_an_inline_blob() -> None:
+    """Tensors announced always come with a blob: of 0 bytes inline when every tensor is empty."""
     content = send({"a": np.zeros((0, 3), np.float32), "b": np.zeros((2, 0), np.float32)})
-    assert tuple(content.array_records[codec.TENSORS_RECORD][codec.PACKED_ARRAY].shape) == (0,)
+    assert set(content) == {codec.HEADER_RECORD}
+    assert content.config_records[codec.HEADER_RECORD][codec.INLINE_KEY] == b""
     assert {k: v.shape for k, v in codec.decode(content)[1].items()} == {"a": (0, 3), "b": (2, 0)}
 
 
@@ -185,7 +228,7 @@ def test_trailing_bytes_and_non_zero_padding_are_refused() -> None:
     _refused(content, RejectReason.MALFORMED, "m.one", "padding")
 
 
-def test_the_packed_array_must_be_one_uint8_array() -> None:
+def test_the_packed_array_must_be_one_uint8_array(array_path: None) -> None:
     content = send(odd_adapter())
     set_blob(content, blob_of(content).view(np.int8))
     _refused(content, RejectReason.TENSOR_DTYPE, "int8")
@@ -220,12 +263,15 @@ def test_the_packed_array_must_be_one_uint8_array() -> None:
     _refused(content, RejectReason.MALFORMED, "one Array")
 
 
-def test_a_version_1_message_is_refused_with_what_to_do() -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_version_message_is_refused_with_what_to_do(version: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(codec, "INLINE_LIMIT", 0)  # laid out as version 2 did: the blob in the one Array
     content = send(odd_adapter())
     header = header_of(content)
-    header.protocol_version = 1
-    _refused(set_header(content, header), RejectReason.PROTOCOL_VERSION, "protocol 1", "speaks 2",
-             "same silotune release")
+    header.protocol_version = version
+    monkeypatch.undo()
+    _refused(set_header(content, header), RejectReason.PROTOCOL_VERSION, f"protocol {version}", "speaks 3",
+             "inline", "same silotune release")
 
 
 def test_a_tensor_announced_twice_is_refused() -> None:
@@ -251,3 +297,126 @@ def test_repacked_changes_only_the_tensor_it_is_given() -> None:
     after = wires(changed)
     assert all(np.array_equal(after[k], before[k]) for k in before if k != "m.one")
     assert after["m.one"].tolist() == [0x88] * 3
+
+
+# ---- protocol 3: where the blob travels --------------------------------------------------------
+
+@pytest.fixture()
+def task_identity():  # type: ignore[no-untyped-def]
+    """Flower's Message needs a run/task identity; set for the test, restored after it."""
+    saved = {name: getattr(TaskIdentity, name) for name in ("_task_id", "_run_id", "_node_id")}
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    for name, value in saved.items():
+        setattr(TaskIdentity, name, value)
+
+
+def flower_objects(content: RecordDict) -> int:
+    """The objects Flower moves for a Message of ``content`` (one request each at the SuperLink)."""
+    message = Message(content, dst_node_id=1, message_type="train")
+    return sum(1 for _ in iterate_object_tree(get_object_tree(message)))
+
+
+def through_flower(content: RecordDict) -> RecordDict:
+    """``content`` as the receiver gets it: through Flower's protobuf."""
+    return message_from_proto(message_to_proto(Message(content, dst_node_id=1, message_type="train"))).content
+
+
+def test_a_small_update_travels_inline_in_three_flower_objects(task_identity: None,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    content = send(odd_adapter())
+    assert set(content) == {codec.HEADER_RECORD}
+    assert set(content.config_records[codec.HEADER_RECORD]) == {codec.HEADER_KEY, codec.INLINE_KEY}
+    assert flower_objects(content) == 3   # Message, RecordDict, the header ConfigRecord
+    monkeypatch.setattr(codec, "INLINE_LIMIT", 0)
+    arrayed = send(odd_adapter())
+    assert set(arrayed) == {codec.HEADER_RECORD, codec.TENSORS_RECORD}
+    assert set(arrayed.config_records[codec.HEADER_RECORD]) == {codec.HEADER_KEY}
+    assert flower_objects(arrayed) == 6   # ... + ArrayRecord, its Array, the Array's chunk
+    assert blob_of(arrayed).tobytes() == blob_of(content).tobytes()
+
+
+def test_a_blob_above_the_limit_travels_in_the_array_in_flowers_chunks(task_identity: None) -> None:
+    big = {"big": np.arange(codec.INLINE_LIMIT // 4 + 1, dtype=np.float32)}   # 4 bytes over the limit
+    content = send(big)
+    assert set(content) == {codec.HEADER_RECORD, codec.TENSORS_RECORD}
+    assert packed_bytes(content) > codec.INLINE_LIMIT
+    received = through_flower(content)
+    assert np.array_equal(codec.decode(received)[1]["big"], big["big"])
+    just = {"big": big["big"][:-1]}   # exactly INLINE_LIMIT bytes: inline
+    assert set(send(just)) == {codec.HEADER_RECORD}
+    assert np.array_equal(codec.decode(through_flower(send(just)))[1]["big"], just["big"])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_both_placements_round_trip_bit_exact_through_flower(name: str, task_identity: None,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    values = odd_adapter()
+    inline = through_flower(send(values, name))
+    monkeypatch.setattr(codec, "INLINE_LIMIT", 0)
+    arrayed = through_flower(send(values, name))
+    assert codec.TENSORS_RECORD not in inline and codec.TENSORS_RECORD in arrayed
+    _, from_array = codec.decode(arrayed)   # under the limit it was sent with
+    monkeypatch.undo()
+    _, from_inline = codec.decode(inline)
+    assert sorted(from_inline) == sorted(from_array) == sorted(values)
+    for key in values:
+        assert from_inline[key].tobytes() == from_array[key].tobytes()
+        if name == "fp32":   # exact, and still read-only views into what was received
+            assert from_inline[key].tobytes() == values[key].tobytes() and not from_inline[key].flags.writeable
+
+
+def test_a_blob_in_both_places_is_refused() -> None:
+    content = send(odd_adapter())
+    _refused(set_array(content, blob_of(content)), RejectReason.MALFORMED, "both inline", "one placement")
+
+
+@pytest.mark.parametrize("value", ["text, not bytes", [b"a", b"b"], 7])
+def test_inline_tensors_that_are_not_bytes_are_refused(value: object) -> None:
+    _refused(set_inline(send(odd_adapter()), value), RejectReason.MALFORMED, "expected bytes")
+
+
+def test_an_inline_blob_above_the_limit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    content = send(odd_adapter())
+    monkeypatch.setattr(codec, "INLINE_LIMIT", len(blob_of(content)) - 1)
+    _refused(content, RejectReason.MALFORMED, "inline blob", "travels in the ArrayRecord")
+
+
+def test_a_small_blob_in_the_array_is_refused() -> None:
+    content = send(odd_adapter())
+    blob = blob_of(content)
+    set_inline(content, None)
+    _refused(set_array(content, blob), RejectReason.MALFORMED, "travels inline")
+
+
+def test_tensors_announced_without_a_blob_are_refused() -> None:
+    _refused(set_inline(send(odd_adapter()), None), RejectReason.MALFORMED, "tensors announced but no blob")
+
+
+def test_unexpected_keys_in_the_header_record_are_refused() -> None:
+    content = send(odd_adapter())
+    fields = dict(content.config_records[codec.HEADER_RECORD].items())
+    content[codec.HEADER_RECORD] = ConfigRecord({**fields, "tensors": b"\0" * 8})
+    _refused(content, RejectReason.MALFORMED, "unexpected key", "'tensors'")
+    del content[codec.HEADER_RECORD]
+    _refused(content, RejectReason.MALFORMED, "absent")
+
+
+def test_a_misaligned_buffer_is_copied_not_viewed_misaligned() -> None:
+    raw = np.zeros(64 * 3 + 1, np.uint8)
+    shifted = raw[1:] if raw.ctypes.data % 16 == 0 else raw[:-1]   # a start off the 16-byte grid
+    shifted.flags.writeable = False
+    aligned = codec._aligned_blob(shifted)
+    assert aligned.ctypes.data % 16 == 0 and not aligned.flags.writeable
+    assert aligned.tobytes() == shifted.tobytes()
+    fine = codec._aligned_blob(raw[: 64 * 3])
+    assert np.shares_memory(fine, raw)
+
+
+def test_encoded_tensors_in_both_placements_are_a_sender_bug() -> None:
+    packed = codec.encode_tensors(odd_adapter())
+    assert packed.inline is not None and not packed.arrays
+    both = codec.EncodedTensors(packed.specs, {codec.PACKED_ARRAY: Array(np.frombuffer(packed.inline, np.uint8))},
+                                packed.inline)
+    with pytest.raises(ValueError, match="both inline and in Arrays"):
+        send(None, tensors=both)

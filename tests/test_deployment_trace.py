@@ -32,9 +32,14 @@ def probe_functions(bench) -> dict:  # type: ignore[no-untyped-def]
     return namespace
 
 
-def test_a_message_moves_as_five_flower_objects_whatever_its_tensor_count() -> None:
-    """The codec packs every tensor in one Array (protocol 2): one Array and one chunk for the
-    message, not one of each per tensor, as the --pack-tensors experiment measured."""
+@pytest.mark.parametrize("placement", ["inline", "array"])
+def test_a_message_moves_as_few_flower_objects_whatever_its_tensor_count(placement: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The codec packs every tensor in one blob (protocol 3): inline in the header record for a small
+    message, else one Array and one chunk for the message; never one object per tensor, as the
+    --pack-tensors experiment measured."""
+    if placement == "array":
+        monkeypatch.setattr(codec, "INLINE_LIMIT", 0)  # what a blob above the limit takes
     rng = np.random.default_rng(0)
     names = [f"m.layers.{i}.{p}_proj.lora_{ab}.weight" for i in range(2) for p in "qv" for ab in "AB"]
     adapter = {name: rng.normal(size=(4, 16) if name.endswith("A.weight") else (16, 4)).astype(np.float32)
@@ -43,8 +48,8 @@ def test_a_message_moves_as_five_flower_objects_whatever_its_tensor_count() -> N
                   lora=LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")), num_examples=7)
     for some in (names[:1], names):
         content = codec.encode({name: adapter[name] for name in some}, **kwargs)
-        # RecordDict, header ConfigRecord, tensors ArrayRecord, the packed Array, its one chunk
-        assert len(get_all_nested_objects(content)) == 5
+        # RecordDict, header ConfigRecord (the blob inline); or + tensors ArrayRecord, the packed Array, its chunk
+        assert len(get_all_nested_objects(content)) == (2 if placement == "inline" else 5)
         header, back = codec.decode(content)
         assert header.num_examples == 7 and sorted(back) == sorted(some)
         assert all(np.array_equal(back[name], adapter[name]) for name in some)

@@ -173,13 +173,14 @@ def test_codes_the_encoder_never_writes_are_refused_as_malformed() -> None:
     assert decoded["t"][-1, -1] < 0
 
 
-def test_truncated_unpacked_or_retyped_payloads_are_refused_by_the_codec() -> None:
+def test_truncated_unpacked_or_retyped_payloads_are_refused_by_the_codec(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _reason(_tampered(lambda w: w[:-1])) is RejectReason.TENSOR_SHAPE          # one byte short
     assert _reason(_tampered(lambda w: np.append(w, np.uint8(8)))) is RejectReason.TENSOR_SHAPE
     assert _reason(_tampered(lambda w: np.zeros((3, 43), np.uint8))) is RejectReason.TENSOR_SHAPE  # not packed
     content = _send({"t": np.ones((3, 43), np.float32)})  # the packed Array retyped
     assert _reason(set_blob(content, blob_of(content).view(np.int8))) is RejectReason.TENSOR_DTYPE
 
+    monkeypatch.setattr(codec, "INLINE_LIMIT", 0)  # the blob in the Array, to cut its data short
     content = _send({"t": np.ones((3, 43), np.float32)})
     arrays = content.array_records[codec.TENSORS_RECORD]
     a = arrays[codec.PACKED_ARRAY]

@@ -22,11 +22,11 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from clients.global_cache import GlobalCache
 from protos import codec, global_delta
 from protos.encodings import ENCODINGS
-from protos.records import TENSORS_RECORD
 from protos.round_config import CONFIG_RECORD, RoundConfig
 from server.downlink import Downlink, on_grid
 from server.job import Job
 from test_round_loop import ScriptedGrid, config
+from codec_wire import packed_bytes
 
 GLOBAL = codec.Kind.Value("GLOBAL")
 UPDATE = codec.Kind.Value("UPDATE")
@@ -136,7 +136,7 @@ def test_the_cache_keeps_the_last_two_globals_read_only() -> None:
 
 
 def _tensor_bytes(content: RecordDict) -> int:
-    return sum(len(array.data) for array in content.array_records[TENSORS_RECORD].values())
+    return packed_bytes(content)   # inline or in the Array: wherever the blob's size puts it
 
 
 def _org(seed: int, cache: GlobalCache, seen: list[dict],  # type: ignore[no-untyped-def]

@@ -44,7 +44,7 @@ from clients.policy import (
 from clients.privacy import LEDGER_FILE, EpsilonLedger
 from protos import codec
 from protos.adapter import adapter_layout, init_adapter
-from protos.records import CONFIG_RECORD, HEADER_RECORD, METRICS_RECORD, ORG_RECORD, TENSORS_RECORD
+from protos.records import CONFIG_RECORD, HEADER_RECORD, METRICS_RECORD, ORG_RECORD
 from protos.secagg import MaskingClient, RingSpec, Session, wire
 from runtime import base_model
 from server.job_config import JobConfig
@@ -275,7 +275,8 @@ def test_under_local_dp_the_reply_carries_no_unnoised_metric(silo: Path, tmp_pat
     assert {"train_loss", "train_loss_last", "train_tokens", "train_seconds"}.isdisjoint(header.metrics)
     assert (header.metrics["dp_clip"], header.metrics["dp_noise"]) == (0.5, 1.0)
     assert header.num_examples == 1  # the train split's size is not sent either
-    assert set(reply.config_records) == {HEADER_RECORD, ORG_RECORD} and set(reply.array_records) == {TENSORS_RECORD}
+    assert set(reply.config_records) == {HEADER_RECORD, ORG_RECORD} and not reply.array_records
+    assert set(reply.config_records[HEADER_RECORD]) == {codec.HEADER_KEY, codec.INLINE_KEY}  # a small adapter: inline
     assert set(reply.config_records[ORG_RECORD]) == {"name"}
     # and the update was charged to the agent's own ledger before it left
     charges = EpsilonLedger(tmp_path / LEDGER_FILE).charges()

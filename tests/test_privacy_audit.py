@@ -42,13 +42,15 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # type: ignore[attr-defined]
-from privacy_checks import ID_WINDOW, Secrets, leaks, record_leaks, silo_secrets
+from privacy_checks import ID_WINDOW, Secrets, content_record_leaks, leaks, record_leaks, silo_secrets
 from test_round_loop import ScriptedGrid, config
 
 from clients.app import app as client_app
 from clients.silo.corpora import load_bbc_news, load_construction_faq
 from runtime.base_model import load_tokenizer
 from protos import codec
+from protos.adapter import LoraSpec
+from protos.errors import UpdateRejected
 from protos.records import HEADER_RECORD, TENSORS_RECORD
 from server.job import Job
 
@@ -159,7 +161,8 @@ def test_the_checker_catches_a_deliberate_leak(audited_run: Any) -> None:
         "token ids as float32 tensor values": leaky(extra=ArrayRecord(array_dict={"t": Array(ids[:9].astype("<f4"))},
                                                                       keep_input=True)),
     }
-    # the update's own tensors, which travel packed in one uint8 Array: read as their values
+    # the update's own tensors, which travel packed in one blob (inline in the header record for this
+    # small adapter, else one uint8 Array): read as their values
     header, update = codec.decode(base.content)
     planted = {name: np.array(values) for name, values in update.items()}
     target = max(planted, key=lambda name: planted[name].size)
@@ -167,15 +170,50 @@ def test_the_checker_catches_a_deliberate_leak(audited_run: Any) -> None:
     repacked = codec.encode(planted, kind=header.kind, job_id=header.job_id, server_round=header.round,
                             fingerprint=header.base_model_fingerprint, lora=codec.lora_spec_from_proto(header.adapter),
                             num_examples=header.num_examples, global_digest=header.global_digest)
-    cases["token ids among the update's own tensor values"] = leaky(
-        **{HEADER_RECORD: repacked[HEADER_RECORD], TENSORS_RECORD: repacked[TENSORS_RECORD]})
+    cases["token ids among the update's own tensor values"] = leaky(**{name: repacked[name] for name in repacked})
+    blob_record = TENSORS_RECORD if TENSORS_RECORD in repacked else HEADER_RECORD
     for what, raw in cases.items():
         assert leaks(raw, secrets), f"the checker missed: {what}"
     assert any("record text" in f for f in leaks(cases["text in a ConfigRecord"], secrets))
     assert any("token ids in stats.seen" in f for f in record_leaks(
         message_from_proto(ProtoMessage.FromString(cases["token ids in a MetricRecord list"])), secrets))
-    assert any(f"token ids in {TENSORS_RECORD}.{target}" in f for f in record_leaks(message_from_proto(
+    assert any(f"token ids in {blob_record}.{target}" in f for f in record_leaks(message_from_proto(
         ProtoMessage.FromString(cases["token ids among the update's own tensor values"])), secrets))
+
+
+@pytest.mark.parametrize("placement", ["inline", "array"])
+def test_the_update_tensors_are_audited_as_values_wherever_they_travel(placement: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control without a run: token ids planted in a tensor are reported from the record
+    that carries the blob, inline (the header record) or in the Array, read as tensor values."""
+    ids = [3012, 771, 15, 9088, 402, 402, 61, 2750, 19]
+    secrets = Secrets()
+    secrets.add_ids(ids)
+    if placement == "array":
+        monkeypatch.setattr(codec, "INLINE_LIMIT", 0)
+    planted = {"a.lora_A": np.zeros((4, 16), np.float32), "b.lora_B": np.zeros((16, 4), np.float32)}
+    planted["b.lora_B"].reshape(-1)[5:14] = ids
+    content = codec.encode(planted, kind=codec.Kind.Value("UPDATE"), job_id="j", server_round=1, fingerprint="f",
+                           lora=LoraSpec(), num_examples=1)
+    where = HEADER_RECORD if placement == "inline" else TENSORS_RECORD
+    assert (TENSORS_RECORD in content) == (placement == "array")
+    assert content_record_leaks(content, secrets) == [f"token ids in {where}.b.lora_B at 5"]
+    clean = codec.encode({k: np.zeros_like(v) for k, v in planted.items()}, kind=codec.Kind.Value("UPDATE"),
+                         job_id="j", server_round=1, fingerprint="f", lora=LoraSpec(), num_examples=1)
+    assert content_record_leaks(clean, secrets) == []
+
+
+def test_inline_bytes_the_codec_refuses_are_still_audited_as_numbers() -> None:
+    small = [12, 200, 7, 99, 54, 3, 250, 18]   # ids that fit a byte, sent as bytes the codec refuses
+    secrets = Secrets()
+    secrets.add_ids(small)
+    content = codec.encode(None, kind=codec.Kind.Value("GLOBAL"), job_id="j", server_round=1, fingerprint="f",
+                           lora=LoraSpec())
+    fields = dict(content.config_records[HEADER_RECORD].items())
+    content[HEADER_RECORD] = ConfigRecord({**fields, codec.INLINE_KEY: bytes([1, 2] + small)})
+    with pytest.raises(UpdateRejected):
+        codec.decode(content)
+    assert content_record_leaks(content, secrets) == [f"token ids in {HEADER_RECORD}.{codec.INLINE_KEY} at 2"]
 
 
 def _instruction_for(reply: Message) -> Message:

@@ -5,7 +5,8 @@ test_round_loop.py) answer round 2 of a tiny-llama job: nodes 1 and 2 are
 honest, node 3 sends a reply that hypothesis builds from a *valid* one by
 applying one to three mutations — header fields (protocol, kind, job, round,
 fingerprint, adapter config, num_examples), tensor specs and arrays (dropped,
-added, renamed, reshaped, other dtypes and encodings, truncated bytes),
+added, renamed, reshaped, other dtypes and encodings, truncated bytes, the
+packed blob in the wrong place or in both),
 values (NaN, Inf, huge norms, bad int8 scales), garbage or truncated header
 bytes, missing records, oversized replies, a second reply from node 1, a copy
 of node 1's update, a replay of node 1's round-1 update, an error reply,
@@ -74,7 +75,10 @@ class Draft:
     src: int | None = None
     error: bool = False
     original: dict[str, tuple[int, ...]] = field(default_factory=dict)   # the valid shapes
-    # the packed Array (protocol 2: every tensor's bytes in one Array), as the sender lies about it
+    # where the packed blob travels (protocol 3): None, the canonical place for its size (inline
+    # here: the tiny adapter is far below codec.INLINE_LIMIT); "array", "both", or "not-bytes" (inline as text)
+    placement: str | None = None
+    # the packed Array, as the sender lies about it (the blob then goes in the Array)
     packed_dtype: str | None = None     # its data in this dtype
     packed_shape: tuple[int, ...] | None = None   # its shape label, whatever its data
     cut: int = 0                        # its data this many bytes short
@@ -93,12 +97,23 @@ class Draft:
         if self.error:
             reply = Message(Error(code=1, reason="fuzz: the ClientApp failed"), reply_to=instruction)
         else:
-            header, packed = self.packed()
+            header, blob = self.packed()
             value = header.SerializeToString() if self.header_value is None else self.header_value
-            records: dict[str, Any] = {
-                codec.HEADER_RECORD: ConfigRecord({} if value is _ABSENT else {"bytes": value}),
-                codec.TENSORS_RECORD: ArrayRecord(array_dict=packed, keep_input=True),
-            }
+            fields: dict[str, Any] = {} if value is _ABSENT else {codec.HEADER_KEY: value}
+            records: dict[str, Any] = {codec.HEADER_RECORD: ConfigRecord(fields)}
+            if blob is not None:
+                lies = self.packed_dtype is not None or self.packed_shape is not None or self.cut
+                to_array = lies or self.placement in ("array", "both") or blob.size > codec.INLINE_LIMIT
+                if self.placement == "not-bytes":
+                    fields[codec.INLINE_KEY] = blob.tobytes().hex()
+                elif self.placement == "both" or not to_array:
+                    fields[codec.INLINE_KEY] = blob.tobytes()
+                if to_array and self.placement != "not-bytes":
+                    records[codec.TENSORS_RECORD] = ArrayRecord(
+                        array_dict={codec.PACKED_ARRAY: self.lied_array(blob)}, keep_input=True)
+                if codec.TENSORS_RECORD in self.drop_records:   # the tensors dropped, wherever they travel
+                    fields.pop(codec.INLINE_KEY, None)
+                records[codec.HEADER_RECORD] = ConfigRecord(fields)
             if self.org is not None:
                 records["organization"] = self.org
             records.update(self.extra)
@@ -110,10 +125,10 @@ class Draft:
         return reply
 
 
-    def packed(self) -> tuple[codec.UpdateHeader, dict[str, Array]]:
+    def packed(self) -> tuple[codec.UpdateHeader, np.ndarray | None]:
         """The tensors as a sender packs them: the announced ones' bytes in name order, each at the
         next multiple of 64 (an announced tensor without bytes: an empty segment), then the bytes
-        of arrays no spec announces; the header's segments set to match; then the packed Array's lies."""
+        of arrays no spec announces; the header's segments set to match. None: no bytes at all."""
         header = codec.UpdateHeader()
         header.CopyFrom(self.header)
         raw = {name: np.ascontiguousarray(array.numpy()).reshape(-1).view(np.uint8)
@@ -130,10 +145,14 @@ class Draft:
             parts.append((offset, raw[name]))
             at = offset + raw[name].size
         if not parts:
-            return header, {}
+            return header, None
         blob = np.zeros(at, np.uint8)
         for offset, data in parts:
             blob[offset : offset + data.size] = data
+        return header, blob
+
+    def lied_array(self, blob: np.ndarray) -> Array:
+        """``blob`` as the packed Array, with the lies told about it."""
         array = Array(blob)
         if self.packed_dtype is not None:
             dtype = np.dtype(self.packed_dtype)
@@ -145,7 +164,7 @@ class Draft:
         if self.cut:
             array = Array(dtype=array.dtype, shape=array.shape, stype=array.stype,
                           data=array.data[: max(0, len(array.data) - self.cut)])
-        return header, {codec.PACKED_ARRAY: array}
+        return array
 
 
 _ABSENT = object()
@@ -294,7 +313,9 @@ def m_spec_shape(d: Draft, index: int, shape: list[int]) -> set[R]:
 def m_array_shape_label(d: Draft, index: int, shape: tuple[int, ...]) -> set[R]:
     """The packed Array's own shape metadata lies about its bytes."""
     d.packed_shape = shape
-    return {R.TENSOR_SHAPE}
+    # in the Array, where a blob this small is not canonical: refused as MALFORMED unless the label
+    # is refused first (not 1-D)
+    return {R.TENSOR_SHAPE, R.MALFORMED}
 
 
 def m_logical_dtype(d: Draft, index: int, dtype: str) -> set[R]:
@@ -316,11 +337,19 @@ def m_encoding(d: Draft, index: int, encoding: int) -> set[R]:
 
 
 def m_wire_dtype(d: Draft, index: int, dtype: str) -> set[R]:
-    """The packed Array's data in another dtype than uint8."""
+    """The packed Array's data in another dtype than uint8 (its label is checked first)."""
     if np.dtype(dtype) == np.uint8:
         return set()
     d.packed_dtype = dtype
     return {R.TENSOR_DTYPE}
+
+
+def m_placement(d: Draft, placement: str) -> set[R]:
+    """The packed blob in the Array although it is small, in both places, or inline as text."""
+    if not d.arrays:
+        return set()
+    d.placement = placement
+    return {R.MALFORMED}
 
 
 def m_truncate(d: Draft, index: int, cut: int) -> set[R]:
@@ -463,6 +492,7 @@ MUTATIONS = st.one_of(
     st.tuples(st.just(m_encoding), idx, st.sampled_from([0, 2, 3, 4, 5, 99, 2**31 - 1])),
     st.tuples(st.just(m_wire_dtype), idx, st.sampled_from(["<f8", "<i4", "<i8", "u1", ">f4", "<u2"])),
     st.tuples(st.just(m_truncate), idx, st.integers(1, 1200)),
+    st.tuples(st.just(m_placement), st.sampled_from(["array", "both", "not-bytes"])),
     st.tuples(st.just(m_non_finite), idx, st.integers(0, 10**6), st.sampled_from([np.nan, np.inf, -np.inf])),
     st.tuples(st.just(m_huge), idx, st.integers(0, 10**6),
               st.floats(100, 1e30) | st.floats(-1e30, -100)),
