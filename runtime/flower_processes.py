@@ -331,8 +331,8 @@ def render_flwr_config(config: Mapping[str, object]) -> str:
 
 # ---------------------------------------------------------- local simulation
 #: what a SuperLink's command line contains: Flower's script, or the paced entry point in front of it
-#: (server/linkstate_pacing.py) that the coordinator starts
-SUPERLINK_COMMANDS = ("flower-superlink", "server.linkstate_pacing")
+#: (server/superlink_main.py) that the coordinator starts
+SUPERLINK_COMMANDS = ("flower-superlink", "server.superlink_main")
 
 
 def find_local_superlink_pid(http_port: int) -> int | None:

@@ -13,8 +13,7 @@ lock frees. Measured on a localhost deployment (benchmarks/deployment.py
 (push) at the median, p90 140–200 ms, against ~2 ms each alone; a message's
 few objects cost the SuperNode 0.3–0.7 s each way.
 
-Two changes, applied by this module's entry point (`python -m
-server.linkstate_pacing -- <flower-superlink arguments>`, what
+Two changes, applied by server/superlink_main.py (the SuperLink that
 server/superlink.py starts) before Flower's own `flower-superlink` main runs:
 
 - `serialize_sessions`: one lock for the process around each outermost
@@ -37,17 +36,15 @@ server/superlink.py starts) before Flower's own `flower-superlink` main runs:
 Both check first that the installed Flower has what they replace and refuse
 to start otherwise (`FlowerPacingUnsupported`, naming it), as the SuperNode's
 pacing does (clients/supernode.py). Figures: benchmarks/RESULTS.md,
-"Deployment overhead, the SuperLink's database paced".
+"Deployment overhead, the SuperLink paced" (and benchmarks/linkstate_requests.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from runtime.flower_backoff import FlowerPacingUnsupported
 
@@ -127,25 +124,3 @@ def throttle_status_cleanup(min_interval: float = STATUS_CLEANUP_INTERVAL) -> No
     SqlCoreState._cleanup_expired_task_tokens = cleanup  # type: ignore[method-assign]
     SqlLinkState.get_run_status = read("get_run_status")  # type: ignore[method-assign]
     SqlLinkState.get_run_info = read("get_run_info")  # type: ignore[method-assign]
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`flower-superlink` with its database paced (module doc): our options, `--`, then Flower's."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    ours, flower_args = (args[:args.index("--")], args[args.index("--") + 1:]) if "--" in args else ([], args)
-    parser = argparse.ArgumentParser(prog="python -m server.linkstate_pacing",
-                                     description="flower-superlink, its database sessions serialized and "
-                                                 "its status reads' token cleanup throttled")
-    parser.add_argument("--status-cleanup-interval", type=float, default=STATUS_CLEANUP_INTERVAL,
-                        help="seconds between two expired-token cleanups run by status reads")
-    options = parser.parse_args(ours)
-    serialize_sessions()
-    throttle_status_cleanup(options.status_cleanup_interval)
-    from flwr.superlink.cli.flower_superlink import flower_superlink  # pylint: disable=import-outside-toplevel
-
-    sys.argv = ["flower-superlink", *flower_args]  # Flower parses sys.argv and names itself by argv[0]
-    flower_superlink()
-
-
-if __name__ == "__main__":
-    main()

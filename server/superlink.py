@@ -17,11 +17,11 @@ The SuperExec asks the SuperLink for a run to launch every
 of what an idle coordinator's process tree cost (benchmarks/idle_coordinator.py);
 a submitted run starts at most that much later.
 
-The SuperLink runs through server/linkstate_pacing.py, which serializes its
-database sessions and throttles the token cleanup its run-status reads
-trigger before handing over to Flower's own `flower-superlink` main: every
-object a message consists of costs it one request and several SQL
-transactions (`SuperLinkProcess.start(paced=False)` runs Flower's unchanged).
+The SuperLink runs through server/superlink_main.py, which paces its
+database sessions and scopes its middleware before handing over to Flower's
+own `flower-superlink` main: every object a message consists of costs it one
+request and several SQL transactions (`SuperLinkProcess.start(paced=False)`
+runs Flower's unchanged).
 
 Loopback only: because that one port also carries the Control API, which
 has no account login in flwr 1.41, the SuperLink listens on 127.0.0.1 only
@@ -212,10 +212,10 @@ class SuperLinkProcess(ManagedProcess):
         Control API without a login. Remote agents reach the Fleet API
         through server/gateway.py. The certificate must name the loopback
         address the CLI dials (pki adds 127.0.0.1 and localhost).
-        `paced=True` starts it through server/linkstate_pacing.py (database
-        sessions one at a time, status reads' token cleanup throttled: the cost
-        of its many small object requests); False runs Flower's
-        `flower-superlink` unchanged.
+        `paced=True` starts it through server/superlink_main.py (database
+        sessions one at a time, status reads' token cleanup throttled, API-only
+        middleware skipped by the other APIs' requests: the cost of its many
+        small object requests); False runs Flower's `flower-superlink` unchanged.
         """
         if self.proc is not None:
             raise RuntimeError("SuperLink already started")
@@ -250,7 +250,7 @@ class SuperLinkProcess(ManagedProcess):
                         "--ssl-certfile", str(Path(tls.cert).resolve()),
                         "--ssl-keyfile", str(Path(tls.key).resolve())]
         cmd = [
-            *([sys.executable, "-P", "-m", "server.linkstate_pacing", "--"] if paced
+            *([sys.executable, "-P", "-m", "server.superlink_main", "--"] if paced
               else [flower_executable("flower-superlink")]),
             "--isolation", "subprocess",
             "--host", host,

@@ -1,14 +1,11 @@
 """The SuperLink's database pacing (server/linkstate_pacing.py), on Flower's own SQL LinkState over a
-file database: sessions one at a time, status reads' token cleanup throttled and nothing else's, a
-refusal where the installed Flower lacks what is replaced, and the entry point in front of Flower's."""
+file database: sessions one at a time, status reads' token cleanup throttled and nothing else's, and a
+refusal where the installed Flower lacks what is replaced."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,8 +16,6 @@ from flwr.superlink.config_loader import get_federation_manager, get_objectstore
 
 from server import linkstate_pacing
 from server.linkstate_pacing import FlowerPacingUnsupported
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -143,27 +138,3 @@ def test_a_flower_without_what_is_replaced_is_refused(owner: type, name: str, re
     monkeypatch.delattr(owner, name)
     with pytest.raises(FlowerPacingUnsupported, match=name):
         linkstate_pacing.serialize_sessions() if owner is SqlMixin else linkstate_pacing.throttle_status_cleanup()
-
-
-def test_entry_point_hands_flowers_arguments_to_flower_superlink() -> None:
-    result = subprocess.run([sys.executable, "-P", "-m", "server.linkstate_pacing",
-                             "--status-cleanup-interval", "2", "--", "--help"],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("usage: flower-superlink") and "--database" in result.stdout
-
-
-def test_the_coordinators_superlink_runs_paced_and_serves(tmp_path: Path) -> None:
-    from runtime.flower_processes import alive, tagged
-    from server.superlink import SuperLinkProcess
-
-    link = SuperLinkProcess().start(tmp_path / "link")
-    pids: list[int] = []
-    try:
-        cmdline = Path(f"/proc/{link.pid}/cmdline").read_bytes().split(b"\0")
-        assert b"server.linkstate_pacing" in cmdline and b"--database" in cmdline
-        with urllib.request.urlopen(f"http://{link.address}/health", timeout=30) as answer:
-            assert answer.status == 200
-    finally:
-        pids = link.stop()
-    assert pids and alive(pids) == [] and not tagged(link.tag)
