@@ -29,6 +29,8 @@ import os
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
+from starlette.datastructures import URL
+
 from runtime.flower_backoff import FlowerPacingUnsupported
 
 Scope = MutableMapping[str, Any]
@@ -36,14 +38,24 @@ ASGIApp = Callable[..., Any]
 
 CONTROL_PREFIX = "/v1/control/"
 FLEET_PREFIX = "/v1/fleet/"
+_PATH_KEY = "silotune.url_path"
+
+
+def _url_path(scope: Scope) -> str:
+    """The path Flower's middleware tests (`request.url.path`), parsed as Starlette parses it, once
+    per request (kept in the scope, which every layer shares)."""
+    path = scope.get(_PATH_KEY)
+    if path is None:
+        path = scope[_PATH_KEY] = URL(scope=scope).path
+    return path
 
 
 def _control(scope: Scope) -> bool:
-    return scope["path"].startswith(CONTROL_PREFIX)
+    return _url_path(scope).startswith(CONTROL_PREFIX)
 
 
 def _fleet(scope: Scope) -> bool:
-    return scope["path"].startswith(FLEET_PREFIX)
+    return _url_path(scope).startswith(FLEET_PREFIX)
 
 
 def _fleet_event_log(scope: Scope) -> bool:

@@ -125,3 +125,15 @@ def test_the_coordinators_superlink_runs_paced_serves_and_still_authenticates_no
     finally:
         pids = link.stop()
     assert pids and alive(pids) == [] and not tagged(link.tag)
+
+
+@pytest.mark.parametrize("path", ["/v1/control/list-runs", "/v1/fleet/pull-object", "/v1/fleet/x?y#z",
+                                  "//v1/control/list-runs", "/v1/fleetx", "/health"])
+def test_a_scope_is_decided_on_the_path_flowers_middleware_reads(path: str) -> None:
+    from starlette.requests import Request
+
+    scope = {"type": "http", "method": "POST", "path": path, "query_string": b"", "scheme": "http",
+             "server": ("127.0.0.1", 9093), "headers": [(b"host", b"127.0.0.1:9093")]}
+    flower_path = Request(scope).url.path
+    assert superlink_middleware._control(dict(scope)) == flower_path.startswith("/v1/control/")
+    assert superlink_middleware._fleet(dict(scope)) == flower_path.startswith("/v1/fleet/")
