@@ -59,7 +59,7 @@ PROTOCOL_VERSION = 3
 PACKED_ARRAY = "packed"
 #: the header record's key of the serialized UpdateHeader
 HEADER_KEY = "bytes"
-#: the header record's key of an inline blob
+#: the header record's key of an inline blob (the same name as the Array's: it is the same blob)
 INLINE_KEY = "packed"
 #: the largest blob that travels inline, in bytes. Flower 1.41 cuts an Array into objects of at
 #: most 5 MiB (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE), so an inline header record is never a bigger
@@ -136,8 +136,8 @@ def encode_tensors(adapter: Adapter, encoding: int = pb.FP32) -> EncodedTensors:
 
 
 def pack_tensors(parts: Iterable[tuple[pb.TensorSpec, np.ndarray]]) -> EncodedTensors:
-    """Encoded tensors (spec, wire values) laid out in one Array: sorted by name, each spec given
-    its segment. ValueError if a name repeats or a wire is not what its encoding's decode checks
+    """Encoded tensors (spec, wire values) laid out in one packed blob, inline or in one Array by
+    its size (module docstring): sorted by name, each spec given its segment. ValueError if a name repeats or a wire is not what its encoding's decode checks
     for (an encoding module's bug, caught where it is sent rather than where it is refused)."""
     table = _decoders()
     laid: list[tuple[pb.TensorSpec, np.ndarray]] = []

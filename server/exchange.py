@@ -33,7 +33,8 @@ from flwr.app import Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from protos.codec import HEADER_RECORD, INLINE_KEY
+from protos.codec import INLINE_KEY
+from protos.records import HEADER_RECORD
 from server.validation import network_text
 
 log = logging.getLogger("silotune.server")

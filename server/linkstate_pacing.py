@@ -8,10 +8,9 @@ the object's read or insert; then `store_traffic`, another UPDATE. Each
 request runs on its own thread with its own pooled connection, and SQLite
 takes one writer at a time: a writer that finds the lock taken sleeps in
 SQLite's busy handler, 1, 2, 5, 10, 15, 20, 25 ... 100 ms, however soon the
-lock frees. Measured on a localhost deployment (benchmarks/deployment.py
---trace, three agents): Fleet object requests took 37 ms (pull) and 55 ms
-(push) at the median, p90 140–200 ms, against ~2 ms each alone; a message's
-few objects cost the SuperNode 0.3–0.7 s each way.
+lock frees. On a localhost deployment that made each object request several
+times its cost alone (benchmarks/RESULTS.md, "Deployment overhead, the
+SuperLink paced and small messages inline").
 
 Two changes, applied by server/superlink_main.py (the SuperLink that
 server/superlink.py starts) before Flower's own `flower-superlink` main runs:
@@ -22,26 +21,34 @@ server/superlink.py starts) before Flower's own `flower-superlink` main runs:
   one starts when the lock is handed over instead of after a busy-handler
   sleep, and the pool reuses one connection instead of opening overflow
   connections (each with its pragmas). Reads in WAL mode could have run
-  beside a writer; they take 0.2 ms, less than the sleeps they now avoid.
+  beside a writer; they are shorter than the sleeps they now avoid. The lock
+  is per thread where Flower's session re-entry is per context (a
+  ContextVar): a session opened in one thread and continued in another would
+  wait on itself. Flower 1.41 has no such path (every session opens and
+  closes within one call on one thread); keep it that way here.
   Only the SuperLink's process uses `state.db` (the ServerApp, SuperExec and
   `flwr` CLI go through its APIs), so no other writer is slowed.
 - `throttle_status_cleanup`: Flower cleans up expired task tokens (a write)
   before every read of a run's status or info, so every object request
   writes twice. Here a status or info read runs that cleanup at most once per
-  `min_interval` (1 s); every call that changes a task (acquire, activate,
-  finish, heartbeat, store a task message) still runs it first, as Flower
-  does. The cost: a run whose ServerApp stopped sending heartbeats (Flower's
-  30 s interval, patience 2) may read as running up to 1 s longer.
+  `min_interval` (1 s); every other caller (`get_tasks`, `activate_task`,
+  `finish_task`, `acknowledge_task_heartbeat`, `store_task_message`,
+  `get_task_message`) still runs it first, as Flower does. The cost: a run
+  whose ServerApp stopped sending heartbeats (Flower's 30 s interval,
+  patience 2) may read as running up to 1 s longer, so for that second its
+  messages may still be accepted (`check_abort`) where Flower would already
+  refuse them.
 
 Both check first that the installed Flower has what they replace and refuse
 to start otherwise (`FlowerPacingUnsupported`, naming it), as the SuperNode's
-pacing does (clients/supernode.py). Figures: benchmarks/RESULTS.md,
-"Deployment overhead, the SuperLink paced" (and benchmarks/linkstate_requests.py).
+pacing does (clients/supernode.py). benchmarks/linkstate_requests.py measures
+them against Flower as is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -83,8 +90,8 @@ def throttle_status_cleanup(min_interval: float = STATUS_CLEANUP_INTERVAL) -> No
     from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState  # pylint: disable=import-outside-toplevel
     from flwr.supercore.corestate.sql_corestate import SqlCoreState  # pylint: disable=import-outside-toplevel
 
-    if min_interval <= 0:
-        raise ValueError(f"min_interval must be > 0 seconds, got {min_interval}")
+    if not (math.isfinite(min_interval) and min_interval > 0):  # nan or inf would switch it off
+        raise ValueError(f"min_interval must be a finite number of seconds > 0, got {min_interval}")
     for owner, name in ((SqlCoreState, "_cleanup_expired_task_tokens"), (SqlLinkState, "get_run_status"),
                         (SqlLinkState, "get_run_info")):
         _require(owner, name)
@@ -96,13 +103,19 @@ def throttle_status_cleanup(min_interval: float = STATUS_CLEANUP_INTERVAL) -> No
     last_lock = threading.Lock()
 
     def cleanup(self) -> None:
-        if getattr(reading, "active", False):
-            with last_lock:
-                now = time.monotonic()
-                if now - last["at"] < min_interval:
-                    return
-                last["at"] = now
-        originals["_cleanup_expired_task_tokens"](self)
+        if not getattr(reading, "active", False):
+            originals["_cleanup_expired_task_tokens"](self)
+            return
+        with last_lock:
+            began = time.monotonic()
+            if began - last["at"] < min_interval:
+                return
+            last["at"] = began  # stamped first: concurrent status reads do not all clean up at once
+        try:
+            originals["_cleanup_expired_task_tokens"](self)
+        except BaseException:
+            last["at"] = float("-inf")  # a cleanup that failed does not count: the next read tries again
+            raise
 
     def read(name: str):
         original = originals[name]

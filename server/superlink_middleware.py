@@ -8,10 +8,9 @@ authentication, license, event log), node authentication on the Fleet API
 (`/v1/fleet/`), the Fleet event log only with an event-log plugin, and the
 Runtime tracing only with `FLWR_TRACING_ENABLED=1`. Handing on is not free:
 each layer runs the request in a task of its own and relays the response's
-messages through memory streams, ~0.14 ms of CPU a layer and request
-(measured with a pass-through layer), and a deployed round is hundreds of
-small object requests. In a trace of the SuperLink (py-spy, GIL samples,
-benchmarks/deployment.py) these layers took about a quarter of its Python time.
+messages through memory streams, and a deployed round is hundreds of
+small object requests (benchmarks/RESULTS.md, "Deployment overhead, the SuperLink
+paced and small messages inline").
 
 `scope_middleware` keeps Flower's list and order and wraps each of those six
 in `Scoped`, a plain ASGI layer that sends a request outside the middleware's
@@ -20,7 +19,6 @@ middleware, unchanged. The scopes are read off Flower's code (each one's
 `dispatch` starts with the same test and calls `call_next` when it fails), and
 `scope_middleware` refuses to start (`FlowerPacingUnsupported`) unless the
 installed Flower's list is exactly the one they were read from.
-Figures: benchmarks/RESULTS.md, "Deployment overhead, the SuperLink paced".
 """
 
 from __future__ import annotations
@@ -124,7 +122,10 @@ def scope_middleware() -> None:
 
     def scoped_list() -> list:
         out = []
-        for item, (_, applies) in zip(flower_list(), FLOWER_MIDDLEWARE):
+        current = flower_list()  # asked again when the app is built: the same list, checked again
+        if tuple(getattr(item.cls, "__name__", repr(item.cls)) for item in current) != names:
+            raise FlowerPacingUnsupported(f"the SuperLink's middleware changed to {current} after it was checked")
+        for item, (_, applies) in zip(current, FLOWER_MIDDLEWARE, strict=True):
             out.append(item if applies is None else
                        Middleware(Scoped, middleware=item.cls, applies=applies, args=tuple(item.args),
                                   kwargs=dict(item.kwargs)))

@@ -126,11 +126,6 @@ def test_calls_that_change_a_task_still_clean_up_every_time(tmp_path: Path, rest
     assert len(calls) == 4
 
 
-def test_an_interval_that_is_not_positive_is_refused(restore_flower: None) -> None:
-    with pytest.raises(ValueError, match="min_interval"):
-        linkstate_pacing.throttle_status_cleanup(min_interval=0)
-
-
 @pytest.mark.parametrize("owner, name", [(SqlMixin, "session"), (SqlLinkState, "get_run_status"),
                                          (SqlCoreState, "_cleanup_expired_task_tokens")])
 def test_a_flower_without_what_is_replaced_is_refused(owner: type, name: str, restore_flower: None,
@@ -138,3 +133,30 @@ def test_a_flower_without_what_is_replaced_is_refused(owner: type, name: str, re
     monkeypatch.delattr(owner, name)
     with pytest.raises(FlowerPacingUnsupported, match=name):
         linkstate_pacing.serialize_sessions() if owner is SqlMixin else linkstate_pacing.throttle_status_cleanup()
+
+
+@pytest.mark.parametrize("interval", [0.0, -1.0, float("nan"), float("inf")])
+def test_an_interval_that_would_switch_the_cleanup_off_is_refused(interval: float, restore_flower: None) -> None:
+    with pytest.raises(ValueError, match="min_interval"):
+        linkstate_pacing.throttle_status_cleanup(min_interval=interval)
+
+
+def test_a_cleanup_that_failed_is_tried_again_by_the_next_status_read(tmp_path: Path, restore_flower: None,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    state, run_id = link_state(tmp_path / "state.db")
+    calls = count_cleanups(monkeypatch)
+    failing = [True]
+    counted = SqlCoreState._cleanup_expired_task_tokens
+
+    def flaky(self) -> None:
+        counted(self)
+        if failing.pop() if failing else False:
+            raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(SqlCoreState, "_cleanup_expired_task_tokens", flaky)
+    linkstate_pacing.throttle_status_cleanup(min_interval=60)
+    with pytest.raises(RuntimeError, match="locked"):
+        state.get_run_status({run_id})
+    state.get_run_status({run_id})  # within the interval, yet the failed one did not count
+    state.get_run_status({run_id})
+    assert len(calls) == 2

@@ -137,3 +137,13 @@ def test_a_scope_is_decided_on_the_path_flowers_middleware_reads(path: str) -> N
     flower_path = Request(scope).url.path
     assert superlink_middleware._control(dict(scope)) == flower_path.startswith("/v1/control/")
     assert superlink_middleware._fleet(dict(scope)) == flower_path.startswith("/v1/fleet/")
+
+
+def test_a_list_that_changes_after_the_check_is_refused_when_the_app_is_built(restore_flower: None,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    listed = list(flower_superlink_main._get_middleware())
+    monkeypatch.setattr(flower_superlink_main, "_get_middleware", lambda: list(listed))
+    superlink_middleware.scope_middleware()
+    listed.insert(0, Middleware(BaseHTTPMiddleware))  # a scope would shift onto the wrong layer
+    with pytest.raises(FlowerPacingUnsupported, match="changed"):
+        flower_superlink_main._get_middleware()
