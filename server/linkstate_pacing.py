@@ -56,6 +56,15 @@ from collections.abc import Iterator
 from runtime.flower_backoff import FlowerPacingUnsupported
 
 STATUS_CLEANUP_INTERVAL = 1.0  # seconds between two token cleanups that a status read triggers
+#: set on each replacement: the Flower function it replaced, so applying a change twice wraps
+#: Flower's function again rather than our own replacement (not `__wrapped__`: Flower's
+#: `@contextmanager` session already carries one, pointing at its bare generator)
+FLOWER_ORIGINAL = "__flower_original__"
+
+
+def flower_original(function):  # type: ignore[no-untyped-def]
+    """The Flower function behind ``function`` (itself when it is Flower's own)."""
+    return getattr(function, FLOWER_ORIGINAL, function)
 
 
 def _require(owner: type, name: str) -> None:
@@ -70,7 +79,7 @@ def serialize_sessions() -> threading.RLock:
     from flwr.supercore.sql_mixin import SqlMixin  # pylint: disable=import-outside-toplevel
 
     _require(SqlMixin, "session")
-    original = getattr(SqlMixin.session, "__wrapped_session__", SqlMixin.session)
+    original = flower_original(SqlMixin.session)
     lock = threading.RLock()
 
     @contextlib.contextmanager
@@ -78,7 +87,7 @@ def serialize_sessions() -> threading.RLock:
         with lock, original(self) as sql_session:
             yield sql_session
 
-    session.__wrapped_session__ = original  # type: ignore[attr-defined]
+    setattr(session, FLOWER_ORIGINAL, original)
     session.__doc__ = original.__doc__
     SqlMixin.session = session  # type: ignore[method-assign]
     return lock
@@ -92,12 +101,11 @@ def throttle_status_cleanup(min_interval: float = STATUS_CLEANUP_INTERVAL) -> No
 
     if not (math.isfinite(min_interval) and min_interval > 0):  # nan or inf would switch it off
         raise ValueError(f"min_interval must be a finite number of seconds > 0, got {min_interval}")
-    for owner, name in ((SqlCoreState, "_cleanup_expired_task_tokens"), (SqlLinkState, "get_run_status"),
-                        (SqlLinkState, "get_run_info")):
+    replaced = ((SqlCoreState, "_cleanup_expired_task_tokens"), (SqlLinkState, "get_run_status"),
+                (SqlLinkState, "get_run_info"))
+    for owner, name in replaced:
         _require(owner, name)
-    originals = {name: getattr(getattr(owner, name), "__throttled__", getattr(owner, name))
-                 for owner, name in ((SqlCoreState, "_cleanup_expired_task_tokens"),
-                                     (SqlLinkState, "get_run_status"), (SqlLinkState, "get_run_info"))}
+    originals = {name: flower_original(getattr(owner, name)) for owner, name in replaced}
     reading = threading.local()  # set while this thread reads a run's status or info
     last = {"at": float("-inf")}
     last_lock = threading.Lock()
@@ -128,12 +136,12 @@ def throttle_status_cleanup(min_interval: float = STATUS_CLEANUP_INTERVAL) -> No
             finally:
                 reading.active = outer
 
-        wrapper.__throttled__ = original  # type: ignore[attr-defined]
+        setattr(wrapper, FLOWER_ORIGINAL, original)
         wrapper.__doc__ = original.__doc__
         wrapper.__name__ = name
         return wrapper
 
-    cleanup.__throttled__ = originals["_cleanup_expired_task_tokens"]  # type: ignore[attr-defined]
+    setattr(cleanup, FLOWER_ORIGINAL, originals["_cleanup_expired_task_tokens"])
     SqlCoreState._cleanup_expired_task_tokens = cleanup  # type: ignore[method-assign]
-    SqlLinkState.get_run_status = read("get_run_status")  # type: ignore[method-assign]
-    SqlLinkState.get_run_info = read("get_run_info")  # type: ignore[method-assign]
+    for owner, name in replaced[1:]:
+        setattr(owner, name, read(name))

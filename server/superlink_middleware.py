@@ -30,6 +30,7 @@ from typing import Any
 from starlette.datastructures import URL
 
 from runtime.flower_backoff import FlowerPacingUnsupported
+from server.linkstate_pacing import FLOWER_ORIGINAL, flower_original
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[..., Any]
@@ -106,15 +107,18 @@ def _check_sensitive_routes() -> None:
                                       "check the installed Flower (server/superlink_middleware.py)")
 
 
+def _names(listed: list) -> tuple[str, ...]:
+    return tuple(getattr(item.cls, "__name__", repr(item.cls)) for item in listed)
+
+
 def scope_middleware() -> None:
     """Flower's SuperLink app, built after this call in this process, runs each Control-, Fleet- or
     tracing-only middleware for its requests only (module doc)."""
     from starlette.middleware import Middleware  # pylint: disable=import-outside-toplevel
     from flwr.superlink import main as superlink_main  # pylint: disable=import-outside-toplevel
 
-    flower_list = getattr(superlink_main._get_middleware, "__flower_original__", superlink_main._get_middleware)
-    listed = flower_list()
-    names = tuple(getattr(item.cls, "__name__", repr(item.cls)) for item in listed)
+    flower_list = flower_original(superlink_main._get_middleware)
+    names = _names(flower_list())
     if names != tuple(name for name, _ in FLOWER_MIDDLEWARE):
         raise FlowerPacingUnsupported(f"the SuperLink's middleware is {names}, not the Flower 1.41 list this "
                                       "scoping was written for (server/superlink_middleware.py)")
@@ -123,7 +127,7 @@ def scope_middleware() -> None:
     def scoped_list() -> list:
         out = []
         current = flower_list()  # asked again when the app is built: the same list, checked again
-        if tuple(getattr(item.cls, "__name__", repr(item.cls)) for item in current) != names:
+        if _names(current) != names:
             raise FlowerPacingUnsupported(f"the SuperLink's middleware changed to {current} after it was checked")
         for item, (_, applies) in zip(current, FLOWER_MIDDLEWARE, strict=True):
             out.append(item if applies is None else
@@ -131,5 +135,5 @@ def scope_middleware() -> None:
                                   kwargs=dict(item.kwargs)))
         return out
 
-    scoped_list.__flower_original__ = flower_list  # type: ignore[attr-defined]
+    setattr(scoped_list, FLOWER_ORIGINAL, flower_list)
     superlink_main._get_middleware = scoped_list

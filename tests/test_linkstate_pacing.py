@@ -66,7 +66,7 @@ def test_sessions_run_one_at_a_time_and_nest(tmp_path: Path, restore_flower: Non
     assert not overlapping(spans)
     assert not lock._is_owned()  # type: ignore[attr-defined]  # released after every session
     linkstate_pacing.serialize_sessions()  # applied twice: still one lock, not two nested wrappers
-    assert SqlMixin.session.__wrapped_session__.__qualname__ == "SqlMixin.session"
+    assert linkstate_pacing.flower_original(SqlMixin.session).__qualname__ == "SqlMixin.session"
 
 
 def test_a_failed_transaction_releases_the_lock_and_rolls_back(tmp_path: Path, restore_flower: None) -> None:
